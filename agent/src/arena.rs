@@ -1,0 +1,741 @@
+//! The arena: every discovered database in a few flat arrays, tens of bytes each.
+//!
+//! A host may hold a million databases and write to a handful, so the cold side must cost
+//! almost nothing. Paths are not stored per database: directories form a tree of interned
+//! names (one copy of `acme` and of `/data/p1/databases/userdb` however many databases sit
+//! below them), file names are interned once per distinct name, and each database is a fixed
+//! set of array slots (struct of arrays, so no padding) addressed by a stable `u32` id.
+//! Nothing here allocates per database: no `String`, `PathBuf` or `Box`.
+
+use std::hash::BuildHasher;
+
+use hashbrown::hash_table::HashTable;
+use hashbrown::DefaultHashBuilder;
+
+/// A database's stable handle inside the arena.
+pub type DbId = u32;
+
+/// Whether a database is merely known (cold) or being replicated (hot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Cold,
+    Hot,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Cold => "cold",
+            Tier::Hot => "hot",
+        }
+    }
+}
+
+/// The last seen state of a database's `-wal` file, packed into eight bytes.
+///
+/// In WAL mode a commit changes only the `-wal`, never the main file, so this is how a scan
+/// notices writes by applications that do not load the extension. The size saturates at
+/// 4 GiB and the modification time keeps its low 32 bits of nanoseconds: together they change
+/// on every append; an equal stamp after a change needs the same size and an mtime exactly a
+/// multiple of 4.29 s later, and is caught by the next write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WalStamp(u64);
+
+impl WalStamp {
+    /// No `-wal` file.
+    pub const NONE: WalStamp = WalStamp(0);
+
+    pub fn new(size: u64, mtime_ns: i64) -> WalStamp {
+        let size = size.min(u64::from(u32::MAX) - 1) + 1; // +1 so an empty WAL is not NONE
+        WalStamp((size << 32) | (mtime_ns as u64 & 0xffff_ffff))
+    }
+
+    /// The WAL size in bytes (saturated at 4 GiB), or `None` if there was no WAL.
+    pub fn size(self) -> Option<u64> {
+        (self.0 != 0).then(|| (self.0 >> 32) - 1)
+    }
+}
+
+/// One database found by a scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundFile {
+    pub name: String,
+    pub ino: u64,
+    pub wal: WalStamp,
+}
+
+/// What a scan changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Diff {
+    pub added: Vec<DbId>,
+    /// Paths of databases that disappeared; their ids are free for reuse.
+    pub removed: Vec<String>,
+    /// Databases whose `-wal` (or inode) changed since the previous scan.
+    pub changed: Vec<DbId>,
+}
+
+const FLAG_LIVE: u8 = 1;
+const FLAG_SEEN: u8 = 2;
+const FLAG_HOT: u8 = 4;
+/// Sentinel for "no parent" / "the root's name".
+const NONE: u32 = u32::MAX;
+
+/// Interned names: `[len: u8][bytes]` back to back, addressed by offset. File and directory
+/// names are at most 255 bytes (NAME_MAX), so one length byte is enough.
+///
+/// The dedup index of file names is only needed while a scan inserts new databases (lookups
+/// go through the arena's path index), so [`Pool::drop_index`] frees it between scans and
+/// [`Pool::intern`] rebuilds it when needed: 6.5 bytes per database saved on a quiet host.
+#[derive(Default)]
+struct Pool {
+    bytes: Vec<u8>,
+    index: HashTable<u32>,
+    indexed_up_to: usize,
+    hasher: DefaultHashBuilder,
+}
+
+impl Pool {
+    fn get(&self, offset: u32) -> &[u8] {
+        let start = offset as usize;
+        let len = usize::from(self.bytes[start]);
+        &self.bytes[start + 1..start + 1 + len]
+    }
+
+    /// Finds an interned name; only valid while the index is complete (directory names).
+    fn find(&self, name: &[u8]) -> Option<u32> {
+        debug_assert_eq!(self.indexed_up_to, self.bytes.len());
+        let hash = self.hasher.hash_one(name);
+        self.index.find(hash, |&off| self.get(off) == name).copied()
+    }
+
+    fn hash_at(bytes: &[u8], hasher: &DefaultHashBuilder, off: u32) -> u64 {
+        let start = off as usize;
+        hasher.hash_one(&bytes[start + 1..start + 1 + usize::from(bytes[start])])
+    }
+
+    /// Indexes names appended since the index was dropped.
+    fn complete_index(&mut self) {
+        let Pool {
+            bytes,
+            index,
+            indexed_up_to,
+            hasher,
+        } = self;
+        while *indexed_up_to < bytes.len() {
+            let off = *indexed_up_to as u32;
+            let hash = Self::hash_at(bytes, hasher, off);
+            index.insert_unique(hash, off, |&o| Self::hash_at(bytes, hasher, o));
+            *indexed_up_to += 1 + usize::from(bytes[off as usize]);
+        }
+    }
+
+    fn drop_index(&mut self) {
+        self.index = HashTable::new();
+        self.indexed_up_to = 0;
+    }
+
+    /// The offset of `name`, adding it if new; `None` if the name is too long to be a
+    /// path component or the pool outgrew `u32` offsets.
+    fn intern(&mut self, name: &[u8]) -> Option<u32> {
+        self.complete_index();
+        if let Some(offset) = self.find(name) {
+            return Some(offset);
+        }
+        let len = u8::try_from(name.len()).ok()?;
+        let offset = u32::try_from(self.bytes.len())
+            .ok()
+            .filter(|&o| o != NONE)?;
+        self.bytes.push(len);
+        self.bytes.extend_from_slice(name);
+        let Pool {
+            bytes,
+            index,
+            indexed_up_to,
+            hasher,
+        } = self;
+        let hash = hasher.hash_one(name);
+        index.insert_unique(hash, offset, |&o| Self::hash_at(bytes, hasher, o));
+        *indexed_up_to = bytes.len();
+        Some(offset)
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.bytes.capacity() + self.index.allocation_size()
+    }
+
+    fn shrink(&mut self) {
+        self.bytes.shrink_to_fit();
+        let Pool {
+            bytes,
+            index,
+            hasher,
+            ..
+        } = self;
+        index.shrink_to_fit(|&o| Self::hash_at(bytes, hasher, o));
+    }
+}
+
+/// A directory on the way from the pattern root to databases.
+#[derive(Clone, Copy)]
+struct Dir {
+    parent: u32,
+    name: u32,
+    dev: u64,
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    // A multiply-xorshift mix; keys are small integers we produced ourselves.
+    let x = (a ^ b.rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^ (x >> 29)
+}
+
+/// All databases the pattern discovered.
+pub struct Arena {
+    root: String,
+    dirs: Vec<Dir>,
+    dir_names: Pool,
+    dir_index: HashTable<u32>,
+    leaves: Pool,
+    // One slot per database id (struct of arrays: 33 bytes, no padding).
+    rec_dir: Vec<u32>,
+    rec_leaf: Vec<u32>,
+    rec_ino: Vec<u64>,
+    rec_wal: Vec<WalStamp>,
+    rec_txid: Vec<u64>,
+    rec_flags: Vec<u8>,
+    by_path: HashTable<DbId>,
+    /// Live ids sorted by (device, inode); rebuilt when a scan changes inodes.
+    by_inode: Vec<DbId>,
+    free: Vec<DbId>,
+    live: usize,
+    scan_dirty: bool,
+}
+
+impl Arena {
+    /// An empty arena for databases below `root` (the pattern's literal prefix).
+    pub fn new(root: &str) -> Arena {
+        let mut arena = Arena {
+            root: root.to_string(),
+            dirs: Vec::new(),
+            dir_names: Pool::default(),
+            dir_index: HashTable::new(),
+            leaves: Pool::default(),
+            rec_dir: Vec::new(),
+            rec_leaf: Vec::new(),
+            rec_ino: Vec::new(),
+            rec_wal: Vec::new(),
+            rec_txid: Vec::new(),
+            rec_flags: Vec::new(),
+            by_path: HashTable::new(),
+            by_inode: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            scan_dirty: false,
+        };
+        arena.dirs.push(Dir {
+            parent: NONE,
+            name: NONE,
+            dev: 0,
+        });
+        arena
+    }
+
+    /// Number of live databases.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Every live id, in id order.
+    pub fn ids(&self) -> impl Iterator<Item = DbId> + '_ {
+        (0..self.rec_flags.len() as u32).filter(|&id| self.is_live(id))
+    }
+
+    fn is_live(&self, id: DbId) -> bool {
+        self.rec_flags
+            .get(id as usize)
+            .is_some_and(|f| f & FLAG_LIVE != 0)
+    }
+
+    fn path_hash(hasher: &DefaultHashBuilder, dir: u32, name: &[u8]) -> u64 {
+        hasher.hash_one((dir, name))
+    }
+
+    /// Rehash callback for `by_path`: the key of record `id` as stored.
+    fn record_hash(&self, id: DbId) -> u64 {
+        let i = id as usize;
+        Self::path_hash(
+            &self.leaves.hasher,
+            self.rec_dir[i],
+            self.leaves.get(self.rec_leaf[i]),
+        )
+    }
+
+    fn dir_hash(parent: u32, name: u32) -> u64 {
+        mix(u64::from(parent) | 1 << 40, u64::from(name))
+    }
+
+    /// The id of the directory `components` below the root, creating the chain as needed.
+    fn intern_dir(&mut self, components: &[&str], dev: u64) -> Option<u32> {
+        let mut dir = 0u32;
+        for component in components {
+            let name = self.dir_names.intern(component.as_bytes())?;
+            let hash = Self::dir_hash(dir, name);
+            let dirs = &self.dirs;
+            let found = self
+                .dir_index
+                .find(hash, |&d| {
+                    dirs[d as usize].parent == dir && dirs[d as usize].name == name
+                })
+                .copied();
+            dir = match found {
+                Some(d) => d,
+                None => {
+                    let id = u32::try_from(self.dirs.len()).ok()?;
+                    self.dirs.push(Dir {
+                        parent: dir,
+                        name,
+                        dev: 0,
+                    });
+                    let dirs = &self.dirs;
+                    self.dir_index.insert_unique(hash, id, |&d| {
+                        Self::dir_hash(dirs[d as usize].parent, dirs[d as usize].name)
+                    });
+                    id
+                }
+            };
+        }
+        self.dirs[dir as usize].dev = dev;
+        Some(dir)
+    }
+
+    fn find_dir(&self, components: &[&str]) -> Option<u32> {
+        let mut dir = 0u32;
+        for component in components {
+            let name = self.dir_names.find(component.as_bytes())?;
+            let hash = Self::dir_hash(dir, name);
+            dir = *self.dir_index.find(hash, |&d| {
+                self.dirs[d as usize].parent == dir && self.dirs[d as usize].name == name
+            })?;
+        }
+        Some(dir)
+    }
+
+    fn find_record(&self, dir: u32, name: &[u8]) -> Option<DbId> {
+        let hash = Self::path_hash(&self.leaves.hasher, dir, name);
+        self.by_path
+            .find(hash, |&id| {
+                let i = id as usize;
+                self.rec_dir[i] == dir && self.leaves.get(self.rec_leaf[i]) == name
+            })
+            .copied()
+    }
+
+    /// Marks every database unseen; the scan that follows marks what it finds.
+    pub fn begin_scan(&mut self) {
+        for flags in &mut self.rec_flags {
+            *flags &= !FLAG_SEEN;
+        }
+    }
+
+    /// Records the databases found in one directory (`components` below the root).
+    /// Returns how many could not be stored (names longer than 255 bytes).
+    pub fn visit_dir(
+        &mut self,
+        components: &[&str],
+        dev: u64,
+        files: &[FoundFile],
+        diff: &mut Diff,
+    ) -> usize {
+        let Some(dir) = self.intern_dir(components, dev) else {
+            return files.len();
+        };
+        let mut refused = 0;
+        for file in files {
+            match self.find_record(dir, file.name.as_bytes()) {
+                Some(id) => {
+                    let i = id as usize;
+                    self.rec_flags[i] |= FLAG_SEEN;
+                    if self.rec_wal[i] != file.wal || self.rec_ino[i] != file.ino {
+                        if self.rec_ino[i] != file.ino {
+                            self.scan_dirty = true;
+                        }
+                        self.rec_wal[i] = file.wal;
+                        self.rec_ino[i] = file.ino;
+                        diff.changed.push(id);
+                    }
+                }
+                None => match self.insert(dir, file) {
+                    Some(id) => diff.added.push(id),
+                    None => refused += 1,
+                },
+            }
+        }
+        refused
+    }
+
+    fn insert(&mut self, dir: u32, file: &FoundFile) -> Option<DbId> {
+        let leaf = self.leaves.intern(file.name.as_bytes())?;
+        let flags = FLAG_LIVE | FLAG_SEEN;
+        let id = match self.free.pop() {
+            Some(id) => {
+                let i = id as usize;
+                self.rec_dir[i] = dir;
+                self.rec_leaf[i] = leaf;
+                self.rec_ino[i] = file.ino;
+                self.rec_wal[i] = file.wal;
+                self.rec_txid[i] = 0;
+                self.rec_flags[i] = flags;
+                id
+            }
+            None => {
+                let id = u32::try_from(self.rec_flags.len())
+                    .ok()
+                    .filter(|&id| id != NONE)?;
+                self.rec_dir.push(dir);
+                self.rec_leaf.push(leaf);
+                self.rec_ino.push(file.ino);
+                self.rec_wal.push(file.wal);
+                self.rec_txid.push(0);
+                self.rec_flags.push(flags);
+                id
+            }
+        };
+        let hash = Self::path_hash(&self.leaves.hasher, dir, file.name.as_bytes());
+        let mut by_path = std::mem::take(&mut self.by_path);
+        by_path.insert_unique(hash, id, |&r| self.record_hash(r));
+        self.by_path = by_path;
+        self.live += 1;
+        self.scan_dirty = true;
+        Some(id)
+    }
+
+    /// Ends a scan: databases not seen are removed, except those below a directory the scan
+    /// could not read (`unreadable`, full paths), which are kept as they were.
+    pub fn end_scan(&mut self, unreadable: &[String], diff: &mut Diff) {
+        let unseen: Vec<DbId> = (0..self.rec_flags.len() as u32)
+            .filter(|&id| self.rec_flags[id as usize] & (FLAG_LIVE | FLAG_SEEN) == FLAG_LIVE)
+            .collect();
+        for id in unseen {
+            let path = self.path(id);
+            let below = |dir: &String| {
+                path.strip_prefix(dir.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+            };
+            if unreadable.iter().any(below) {
+                continue;
+            }
+            self.remove(id);
+            diff.removed.push(path);
+        }
+        self.leaves.drop_index();
+        if self.scan_dirty {
+            self.rebuild_inode_index();
+            self.shrink();
+            self.scan_dirty = false;
+        }
+    }
+
+    fn remove(&mut self, id: DbId) {
+        let i = id as usize;
+        let hash = self.record_hash(id);
+        if let Ok(entry) = self.by_path.find_entry(hash, |&r| r == id) {
+            entry.remove();
+        }
+        self.rec_flags[i] = 0;
+        self.free.push(id);
+        self.live -= 1;
+        self.scan_dirty = true;
+    }
+
+    fn rebuild_inode_index(&mut self) {
+        let mut index: Vec<DbId> = std::mem::take(&mut self.by_inode);
+        index.clear();
+        index.extend(self.ids());
+        index.sort_unstable_by_key(|&id| (self.dev(id), self.rec_ino[id as usize]));
+        self.by_inode = index;
+    }
+
+    /// Gives slack from growth back: a cold host should hold only what it needs.
+    fn shrink(&mut self) {
+        fn fit<T>(v: &mut Vec<T>) {
+            if v.capacity() > v.len() + v.len() / 8 + 16 {
+                v.shrink_to_fit();
+            }
+        }
+        fit(&mut self.rec_dir);
+        fit(&mut self.rec_leaf);
+        fit(&mut self.rec_ino);
+        fit(&mut self.rec_wal);
+        fit(&mut self.rec_txid);
+        fit(&mut self.rec_flags);
+        fit(&mut self.by_inode);
+        fit(&mut self.dirs);
+        self.leaves.shrink();
+        self.dir_names.shrink();
+        let mut by_path = std::mem::take(&mut self.by_path);
+        by_path.shrink_to_fit(|&r| self.record_hash(r));
+        self.by_path = by_path;
+    }
+
+    fn dev(&self, id: DbId) -> u64 {
+        self.dirs[self.rec_dir[id as usize] as usize].dev
+    }
+
+    /// The database at `path`, if discovered.
+    pub fn lookup_path(&self, path: &str) -> Option<DbId> {
+        let rest = if self.root.is_empty() {
+            path.trim_start_matches("./")
+        } else {
+            path.strip_prefix(self.root.as_str())?.strip_prefix('/')?
+        };
+        let (dir_part, leaf) = match rest.rsplit_once('/') {
+            Some((d, l)) => (Some(d), l),
+            None => (None, rest),
+        };
+        let components: Vec<&str> = dir_part.map(|d| d.split('/').collect()).unwrap_or_default();
+        let dir = self.find_dir(&components)?;
+        self.find_record(dir, leaf.as_bytes())
+    }
+
+    /// The database with this device and inode, as the extension names databases.
+    pub fn lookup_inode(&self, dev: u64, ino: u64) -> Option<DbId> {
+        let key = (dev, ino);
+        let at = self
+            .by_inode
+            .binary_search_by_key(&key, |&id| (self.dev(id), self.rec_ino[id as usize]))
+            .ok()?;
+        self.by_inode
+            .get(at)
+            .copied()
+            .filter(|&id| self.is_live(id))
+    }
+
+    /// The path components of `id` below the root, outermost first.
+    pub fn components(&self, id: DbId) -> Vec<&str> {
+        let mut out = Vec::new();
+        let leaf = self.leaves.get(self.rec_leaf[id as usize]);
+        out.push(std::str::from_utf8(leaf).unwrap_or(""));
+        let mut dir = self.rec_dir[id as usize];
+        while dir != 0 {
+            let node = self.dirs[dir as usize];
+            out.push(std::str::from_utf8(self.dir_names.get(node.name)).unwrap_or(""));
+            dir = node.parent;
+        }
+        out.reverse();
+        out
+    }
+
+    /// The full path of `id`, rebuilt from the interned names.
+    pub fn path(&self, id: DbId) -> String {
+        let components = self.components(id);
+        let mut path = String::with_capacity(self.root.len() + 64);
+        path.push_str(&self.root);
+        for component in components {
+            if !path.is_empty() {
+                path.push('/');
+            }
+            path.push_str(component);
+        }
+        path
+    }
+
+    pub fn inode(&self, id: DbId) -> (u64, u64) {
+        (self.dev(id), self.rec_ino[id as usize])
+    }
+
+    pub fn wal(&self, id: DbId) -> WalStamp {
+        self.rec_wal[id as usize]
+    }
+
+    pub fn tier(&self, id: DbId) -> Tier {
+        if self.rec_flags[id as usize] & FLAG_HOT != 0 {
+            Tier::Hot
+        } else {
+            Tier::Cold
+        }
+    }
+
+    pub fn set_tier(&mut self, id: DbId, tier: Tier) {
+        let flags = &mut self.rec_flags[id as usize];
+        match tier {
+            Tier::Hot => *flags |= FLAG_HOT,
+            Tier::Cold => *flags &= !FLAG_HOT,
+        }
+    }
+
+    /// The last TXID replicated for `id` (0: nothing yet).
+    pub fn txid(&self, id: DbId) -> u64 {
+        self.rec_txid[id as usize]
+    }
+
+    pub fn set_txid(&mut self, id: DbId, txid: u64) {
+        self.rec_txid[id as usize] = txid;
+    }
+
+    /// Heap bytes the arena holds, counted from capacities (what the allocator gave us).
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        self.root.capacity()
+            + self.dirs.capacity() * size_of::<Dir>()
+            + self.dir_names.heap_bytes()
+            + self.dir_index.allocation_size()
+            + self.leaves.heap_bytes()
+            + self.rec_dir.capacity() * 4
+            + self.rec_leaf.capacity() * 4
+            + self.rec_ino.capacity() * 8
+            + self.rec_wal.capacity() * size_of::<WalStamp>()
+            + self.rec_txid.capacity() * 8
+            + self.rec_flags.capacity()
+            + self.by_path.allocation_size()
+            + self.by_inode.capacity() * 4
+            + self.free.capacity() * 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn file(name: &str, ino: u64) -> FoundFile {
+        FoundFile {
+            name: name.to_string(),
+            ino,
+            wal: WalStamp::NONE,
+        }
+    }
+
+    fn scan(arena: &mut Arena, dirs: &[(&[&str], Vec<FoundFile>)], unreadable: &[String]) -> Diff {
+        let mut diff = Diff::default();
+        arena.begin_scan();
+        for (components, files) in dirs {
+            arena.visit_dir(components, 7, files, &mut diff);
+        }
+        arena.end_scan(unreadable, &mut diff);
+        diff
+    }
+
+    #[test]
+    fn rescan_reports_added_removed_changed() {
+        let mut a = Arena::new("/data");
+        let d = scan(
+            &mut a,
+            &[(&["p", "t"], vec![file("a.db", 1), file("b.db", 2)])],
+            &[],
+        );
+        assert_eq!(d.added.len(), 2);
+        assert_eq!(a.path(d.added[1]), "/data/p/t/b.db");
+        let b = a.lookup_path("/data/p/t/b.db").unwrap();
+        let mut changed = file("b.db", 2);
+        changed.wal = WalStamp::new(4152, 99);
+        let d = scan(
+            &mut a,
+            &[(&["p", "t"], vec![changed, file("c.db", 3)])],
+            &[],
+        );
+        assert_eq!(d.changed, vec![b]);
+        assert_eq!(d.removed, vec!["/data/p/t/a.db".to_string()]);
+        assert_eq!(d.added.len(), 1);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a.lookup_path("/data/p/t/a.db"), None);
+        assert_eq!(a.lookup_inode(7, 3), a.lookup_path("/data/p/t/c.db"));
+        assert_eq!(a.wal(b).size(), Some(4152));
+        // Unchanged rescan: empty diff.
+        let mut same = file("b.db", 2);
+        same.wal = WalStamp::new(4152, 99);
+        let d = scan(&mut a, &[(&["p", "t"], vec![same, file("c.db", 3)])], &[]);
+        assert_eq!(d, Diff::default());
+    }
+
+    #[test]
+    fn unreadable_directory_keeps_its_databases() {
+        let mut a = Arena::new("/data");
+        scan(
+            &mut a,
+            &[
+                (&["p", "t"], vec![file("a.db", 1)]),
+                (&["q", "t"], vec![file("b.db", 2)]),
+            ],
+            &[],
+        );
+        let d = scan(
+            &mut a,
+            &[(&["p", "t"], vec![file("a.db", 1)])],
+            &["/data/q".to_string()],
+        );
+        assert!(d.removed.is_empty());
+        assert_eq!(a.len(), 2);
+    }
+
+    #[test]
+    fn names_are_stored_once() {
+        let mut a = Arena::new("/data");
+        let dirs: Vec<(Vec<String>, Vec<FoundFile>)> = (0..50)
+            .map(|b| {
+                (
+                    vec!["proj".to_string(), format!("b{b}")],
+                    vec![file("acme.db", b), file("globex.db", 100 + b)],
+                )
+            })
+            .collect();
+        let mut diff = Diff::default();
+        a.begin_scan();
+        for (c, f) in &dirs {
+            let c: Vec<&str> = c.iter().map(String::as_str).collect();
+            a.visit_dir(&c, 1, f, &mut diff);
+        }
+        a.end_scan(&[], &mut diff);
+        assert_eq!(a.len(), 100);
+        // "acme.db" and "globex.db" once each: 2 + 7 + 9 bytes.
+        assert_eq!(a.leaves.bytes.len(), 18);
+    }
+
+    #[test]
+    fn ids_are_reused_and_tier_is_kept_per_record() {
+        let mut a = Arena::new("");
+        scan(
+            &mut a,
+            &[(&[], vec![file("a.db", 1), file("b.db", 2)])],
+            &[],
+        );
+        let b = a.lookup_path("b.db").unwrap();
+        a.set_tier(b, Tier::Hot);
+        a.set_txid(b, 42);
+        scan(&mut a, &[(&[], vec![file("b.db", 2)])], &[]);
+        assert_eq!((a.tier(b), a.txid(b)), (Tier::Hot, 42));
+        let d = scan(
+            &mut a,
+            &[(&[], vec![file("b.db", 2), file("c.db", 3)])],
+            &[],
+        );
+        assert_eq!(d.added, vec![0], "the freed id 0 is reused");
+        assert_eq!(a.tier(0), Tier::Cold);
+        assert_eq!(a.path(0), "c.db");
+    }
+
+    proptest! {
+        #[test]
+        fn paths_round_trip(names in proptest::collection::btree_set("[a-z]{1,3}/[a-z]{1,3}/[a-z]{1,4}\\.db", 1..60)) {
+            let mut a = Arena::new("/r");
+            let mut diff = Diff::default();
+            a.begin_scan();
+            for (i, n) in names.iter().enumerate() {
+                let parts: Vec<&str> = n.split('/').collect();
+                a.visit_dir(&parts[..2], 3, &[file(parts[2], i as u64)], &mut diff);
+            }
+            a.end_scan(&[], &mut diff);
+            prop_assert_eq!(a.len(), names.len());
+            for (i, n) in names.iter().enumerate() {
+                let path = format!("/r/{n}");
+                let id = a.lookup_path(&path).unwrap();
+                prop_assert_eq!(a.path(id), path);
+                prop_assert_eq!(a.lookup_inode(3, i as u64), Some(id));
+            }
+        }
+    }
+}

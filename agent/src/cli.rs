@@ -1,0 +1,283 @@
+//! The `multidb` command line: raw arguments (clap) first, then a validated configuration,
+//! then one small function per command.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::arena::Arena;
+use crate::config::{Config, ReplicaKind};
+use crate::discovery::{self, ScanReport};
+use crate::generate::{self, Layout};
+use crate::pattern::Fields;
+
+/// `multidb --version`: the agent's version and the extension protocol it speaks.
+const VERSION_TEXT: &str = concat!(env!("CARGO_PKG_VERSION"), " (libmultidb ", env!("CARGO_PKG_VERSION"), ")");
+
+/// The configuration file used when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "multidb.yml";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "multidb",
+    version,
+    about = "Continuous backup for hosts with thousands to a million SQLite databases"
+)]
+pub struct Cli {
+    /// Configuration file [default: ./multidb.yml]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Discovery pattern; replaces the configuration's `discovery_pattern`
+    #[arg(long, global = true, value_name = "PATTERN")]
+    pub pattern: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the databases the pattern discovers, with their fields, tier and replica path
+    Databases {
+        /// One JSON array instead of lines for people
+        #[arg(long)]
+        json: bool,
+        /// Print only the number of databases
+        #[arg(long, conflicts_with = "json")]
+        count: bool,
+    },
+    /// Show the fields the pattern captures from PATH, or why it does not match
+    Parse {
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a synthetic tree of databases in the seed's layout, for demos and scale runs
+    Generate(GenerateArgs),
+    /// Measure multidb against a baseline and print the figures
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Directory to create the tree in
+    #[arg(long)]
+    pub root: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    pub projects: usize,
+    #[arg(long, default_value_t = 2)]
+    pub databases: usize,
+    #[arg(long, default_value_t = 2)]
+    pub branches: usize,
+    #[arg(long, default_value_t = 3)]
+    pub tenants: usize,
+    /// Real WAL-mode SQLite databases with a small table instead of empty files
+    #[arg(long)]
+    pub sqlite: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Discovery time, arena bytes per database and peak RSS, beside `find` on the same tree
+    Discovery(crate::bench::DiscoveryArgs),
+}
+
+/// How a command failed: the exit code follows from it.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad usage or configuration: exit 2.
+    Usage(anyhow::Error),
+    /// The command ran and failed: exit 1.
+    Runtime(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Failure {
+        Failure::Runtime(e)
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Databases { json, count } => {
+            let config = load_config(&cli)?;
+            databases(&config, *json, *count)?;
+        }
+        Command::Parse { path, json } => {
+            let config = load_config(&cli)?;
+            parse(&config, path, *json)?;
+        }
+        Command::Generate(args) => {
+            let layout = Layout {
+                projects: args.projects,
+                databases: args.databases,
+                branches: args.branches,
+                tenants: args.tenants,
+            };
+            let stats = generate::generate(&args.root, &layout, args.sqlite)
+                .with_context(|| format!("generating databases under {}", args.root.display()))?;
+            println!(
+                "created {} databases under {} in {:.1} s; pattern: {}",
+                stats.created,
+                args.root.display(),
+                stats.elapsed.as_secs_f64(),
+                generate::pattern_for(&args.root)
+            );
+        }
+        Command::Bench(BenchCommand::Discovery(args)) => crate::bench::discovery(args)?,
+    }
+    Ok(())
+}
+
+/// The configuration: `--config FILE`, else `./multidb.yml` if it exists, else `--pattern` alone.
+pub fn load_config(cli: &Cli) -> Result<Config, Failure> {
+    let pattern = cli.pattern.as_deref();
+    let path = match &cli.config {
+        Some(path) => path.clone(),
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() || pattern.is_none() => {
+            PathBuf::from(DEFAULT_CONFIG)
+        }
+        None => {
+            let pattern = crate::pattern::Pattern::new(pattern.unwrap_or_default())
+                .map_err(|e| Failure::Usage(anyhow::anyhow!("--pattern: {e}")))?;
+            return Ok(Config::with_pattern(pattern));
+        }
+    };
+    if cli.config.is_none() && !path.exists() {
+        return Err(Failure::Usage(anyhow::anyhow!(
+            "no configuration: ./{DEFAULT_CONFIG} does not exist; pass --config FILE or --pattern PATTERN"
+        )));
+    }
+    Config::load(&path, pattern).map_err(|e| Failure::Usage(e.into()))
+}
+
+/// Where `fields`' database is replicated, as a path or URL.
+pub fn replica_location(config: &Config, fields: &Fields) -> Option<Result<String, String>> {
+    let replica = config.multi_db.replica.as_ref()?;
+    Some(match replica.path.expand(fields) {
+        Ok(path) => Ok(match replica.kind {
+            ReplicaKind::File => path,
+            ReplicaKind::S3 => format!(
+                "s3://{}/{path}",
+                replica.bucket.as_deref().unwrap_or_default()
+            ),
+        }),
+        Err(e) => Err(e.to_string()),
+    })
+}
+
+/// Discovers with a fresh arena and logs what the scan could not read.
+pub fn discover(config: &Config) -> anyhow::Result<(Arena, ScanReport)> {
+    let pattern = &config.multi_db.pattern;
+    let mut arena = Arena::new(pattern.root());
+    let report = discovery::scan(pattern, &mut arena)?;
+    for (dir, why) in &report.unreadable {
+        tracing::warn!(dir = %dir, error = %why, "directory not readable; its databases keep their last state");
+    }
+    for (path, why) in &report.skipped {
+        tracing::warn!(path = %path, reason = %why, "skipped");
+    }
+    Ok((arena, report))
+}
+
+fn databases(config: &Config, json: bool, count: bool) -> anyhow::Result<()> {
+    let (arena, report) = discover(config)?;
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    if count {
+        writeln!(out, "{}", arena.len())?;
+    } else {
+        let pattern = &config.multi_db.pattern;
+        let mut rows: Vec<(String, u32)> = arena.ids().map(|id| (arena.path(id), id)).collect();
+        rows.sort_unstable();
+        if json {
+            let list: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(path, id)| {
+                    let fields = pattern
+                        .fields_of(&arena.components(*id))
+                        .unwrap_or_default();
+                    database_json(config, path, Some(arena.tier(*id).as_str()), &fields)
+                })
+                .collect();
+            serde_json::to_writer_pretty(&mut out, &list)?;
+            writeln!(out)?;
+        } else {
+            for (path, id) in &rows {
+                let components = arena.components(*id);
+                let fields = pattern.fields_of(&components).unwrap_or_default();
+                let replica = match replica_location(config, &fields) {
+                    None => "-".to_string(),
+                    Some(Ok(r)) => r,
+                    Some(Err(e)) => format!("(not replicated: {e})"),
+                };
+                writeln!(
+                    out,
+                    "{path}\t{}\t{fields}\t{replica}",
+                    arena.tier(*id).as_str()
+                )?;
+            }
+        }
+    }
+    out.flush()?;
+    let bytes = arena.heap_bytes();
+    eprintln!(
+        "{} databases discovered in {:.1} ms ({} directories read, arena {} bytes = {:.1} B per database)",
+        arena.len(),
+        report.elapsed.as_secs_f64() * 1e3,
+        report.dirs_read,
+        bytes,
+        bytes as f64 / arena.len().max(1) as f64
+    );
+    Ok(())
+}
+
+fn parse(config: &Config, path: &str, json: bool) -> anyhow::Result<()> {
+    let pattern = &config.multi_db.pattern;
+    let fields = pattern
+        .parse(path)
+        .map_err(|why| anyhow::anyhow!("{path} does not match {}: it {why}", pattern.as_str()))?;
+    if json {
+        println!("{}", database_json(config, path, None, &fields));
+        return Ok(());
+    }
+    let replica = replica_location(config, &fields);
+    for (name, value) in &fields.0 {
+        println!("{name}: {value}");
+    }
+    match replica {
+        None => {}
+        Some(Ok(r)) => println!("replica: {r}"),
+        Some(Err(e)) => println!("replica: not replicated: {e}"),
+    }
+    Ok(())
+}
+
+/// One database as JSON: `path`, `tier` (when known), `fields`, and `replica` or `replica_error`.
+fn database_json(
+    config: &Config,
+    path: &str,
+    tier: Option<&str>,
+    fields: &Fields,
+) -> serde_json::Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert("path".into(), path.into());
+    if let Some(tier) = tier {
+        obj.insert("tier".into(), tier.into());
+    }
+    let f: serde_json::Map<String, serde_json::Value> = fields
+        .0
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone().into()))
+        .collect();
+    obj.insert("fields".into(), f.into());
+    match replica_location(config, fields) {
+        None => obj.insert("replica".into(), serde_json::Value::Null),
+        Some(Ok(r)) => obj.insert("replica".into(), r.into()),
+        Some(Err(e)) => obj.insert("replica_error".into(), e.into()),
+    };
+    serde_json::Value::Object(obj)
+}

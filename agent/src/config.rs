@@ -1,0 +1,436 @@
+//! The YAML configuration, in two layers: a raw `serde` shape that refuses unknown keys, then a
+//! validated [`Config`] whose every field has been checked.
+//!
+//! Every error names the file, the line and column, and the field path, as
+//! `multidb.yml:7:3: multi_db.max_active: expected a positive integer`, so an operator can go
+//! straight to the mistake. Type errors come located from the YAML parser; checks of values are
+//! done on the raw layer and located by [`locate`], which follows the block structure of the
+//! document to the key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use crate::pattern::{Pattern, Template};
+
+/// `max_active` when the file does not say: enough hot databases for a busy host, few enough
+/// that their file handles (3 each) fit the usual 4096-descriptor limit.
+pub const DEFAULT_MAX_ACTIVE: u32 = 1000;
+
+/// `scan_interval` when the file does not say, as in the seed: a rescan finds databases
+/// created, deleted, or written by applications without the extension.
+pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A configuration error, already formatted as `file:line:col: field.path: what is wrong`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    multi_db: RawMultiDb,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMultiDb {
+    discovery_pattern: Option<String>,
+    max_active: Option<Value>,
+    scan_interval: Option<Value>,
+    replica_template: Option<RawReplica>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplica {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    path: Option<String>,
+    bucket: Option<String>,
+    region: Option<String>,
+    endpoint: Option<String>,
+    force_path_style: Option<bool>,
+}
+
+/// Where replicas go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaKind {
+    File,
+    S3,
+}
+
+/// The replica of each database: the template expanded with its fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaTemplate {
+    pub kind: ReplicaKind,
+    /// `file`: absolute directory; `s3`: key prefix.
+    pub path: Template,
+    pub bucket: Option<String>,
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
+    pub force_path_style: bool,
+}
+
+/// The validated `multi_db:` block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MultiDb {
+    pub pattern: Pattern,
+    pub max_active: u32,
+    pub scan_interval: Duration,
+    pub replica: Option<ReplicaTemplate>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file it came from, if any.
+    pub source: Option<PathBuf>,
+    pub multi_db: MultiDb,
+}
+
+impl Config {
+    /// A configuration with defaults for everything but the pattern.
+    pub fn with_pattern(pattern: Pattern) -> Config {
+        Config {
+            source: None,
+            multi_db: MultiDb {
+                pattern,
+                max_active: DEFAULT_MAX_ACTIVE,
+                scan_interval: DEFAULT_SCAN_INTERVAL,
+                replica: None,
+            },
+        }
+    }
+
+    /// Reads and validates a configuration file; `pattern` (from `--pattern`) replaces the
+    /// file's `discovery_pattern`.
+    pub fn load(path: &Path, pattern: Option<&str>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        let mut config = Config::parse(&text, &path.display().to_string(), pattern)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses configuration text; `name` is used in error messages.
+    pub fn parse(text: &str, name: &str, pattern: Option<&str>) -> Result<Config, ConfigError> {
+        let raw: RawFile = serde_yaml::from_str(text).map_err(|e| yaml_error(name, &e))?;
+        let at = |field: &[&str], msg: &str| {
+            let dotted = field.join(".");
+            match locate(text, field) {
+                Some((line, col)) => ConfigError(format!("{name}:{line}:{col}: {dotted}: {msg}")),
+                None => ConfigError(format!("{name}: {dotted}: {msg}")),
+            }
+        };
+        let m = raw.multi_db;
+        let pattern = match (pattern, &m.discovery_pattern) {
+            (Some(text), _) => {
+                Pattern::new(text).map_err(|e| ConfigError(format!("--pattern: {e}")))?
+            }
+            (None, Some(text)) => Pattern::new(text)
+                .map_err(|e| at(&["multi_db", "discovery_pattern"], &e.to_string()))?,
+            (None, None) => return Err(at(&["multi_db"], "missing field `discovery_pattern`")),
+        };
+        let max_active = match &m.max_active {
+            None => DEFAULT_MAX_ACTIVE,
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| at(&["multi_db", "max_active"], "expected a positive integer"))?,
+        };
+        let scan_interval = match &m.scan_interval {
+            None => DEFAULT_SCAN_INTERVAL,
+            Some(v) => duration_value(v).map_err(|msg| at(&["multi_db", "scan_interval"], &msg))?,
+        };
+        let replica = match m.replica_template {
+            None => None,
+            Some(r) => Some(replica_template(r, &pattern, &at)?),
+        };
+        Ok(Config {
+            source: None,
+            multi_db: MultiDb {
+                pattern,
+                max_active,
+                scan_interval,
+                replica,
+            },
+        })
+    }
+}
+
+fn replica_template(
+    r: RawReplica,
+    pattern: &Pattern,
+    at: &dyn Fn(&[&str], &str) -> ConfigError,
+) -> Result<ReplicaTemplate, ConfigError> {
+    let field = |name: &'static str| ["multi_db", "replica_template", name];
+    let kind = match r.kind.as_deref() {
+        None | Some("file") => ReplicaKind::File,
+        Some("s3") => ReplicaKind::S3,
+        Some(other) => {
+            return Err(at(
+                &field("type"),
+                &format!("unknown replica type `{other}`; expected `file` or `s3`"),
+            ))
+        }
+    };
+    let Some(path_text) = r.path else {
+        return Err(at(
+            &["multi_db", "replica_template"],
+            "missing field `path`",
+        ));
+    };
+    let path = Template::new(&path_text, pattern.names())
+        .map_err(|e| at(&field("path"), &e.to_string()))?;
+    match kind {
+        ReplicaKind::File => {
+            if !path_text.starts_with('/') {
+                return Err(at(
+                    &field("path"),
+                    "a file replica needs an absolute directory template",
+                ));
+            }
+            if let Some(extra) = [
+                ("bucket", &r.bucket),
+                ("region", &r.region),
+                ("endpoint", &r.endpoint),
+            ]
+            .into_iter()
+            .find(|(_, v)| v.is_some())
+            {
+                return Err(at(&field(extra.0), "only valid for `type: s3`"));
+            }
+        }
+        ReplicaKind::S3 => {
+            if r.bucket.as_deref().is_none_or(str::is_empty) {
+                return Err(at(
+                    &["multi_db", "replica_template"],
+                    "`type: s3` needs a `bucket`",
+                ));
+            }
+            if path_text.starts_with('/') {
+                return Err(at(
+                    &field("path"),
+                    "an s3 key prefix must not start with `/`",
+                ));
+            }
+            if let Some(endpoint) = &r.endpoint {
+                if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                    return Err(at(
+                        &field("endpoint"),
+                        "expected an http:// or https:// URL",
+                    ));
+                }
+            }
+        }
+    }
+    Ok(ReplicaTemplate {
+        kind,
+        path,
+        bucket: r.bucket,
+        region: r.region,
+        // A custom endpoint (MinIO, R2, a local server) almost always wants path-style keys.
+        force_path_style: r.force_path_style.unwrap_or(r.endpoint.is_some()),
+        endpoint: r.endpoint,
+    })
+}
+
+fn duration_value(v: &Value) -> Result<Duration, String> {
+    match v {
+        Value::String(s) => parse_duration(s),
+        Value::Number(_) => Err("needs a unit, as in `30s`, `5m` or `1h`".into()),
+        _ => Err("expected a duration such as `200ms`, `30s`, `5m` or `1h`".into()),
+    }
+}
+
+/// Parses `200ms`, `30s`, `5m`, `1h`, `24h` and sums like `1h30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("`{text}` is not a duration such as `200ms`, `30s`, `5m` or `1h`");
+    let mut total = Duration::ZERO;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            "d" => Duration::from_secs(86_400),
+            _ => return Err(bad()),
+        };
+        total = unit
+            .checked_mul(u32::try_from(n).map_err(|_| bad())?)
+            .and_then(|d| total.checked_add(d))
+            .ok_or_else(bad)?;
+        rest = &rest[unit_len..];
+    }
+    if total.is_zero() {
+        return Err(format!("`{text}` must be longer than zero"));
+    }
+    Ok(total)
+}
+
+/// Rewrites the YAML parser's `path: message at line L column C` as `name:L:C: path: message`.
+fn yaml_error(name: &str, e: &serde_yaml::Error) -> ConfigError {
+    let text = e.to_string();
+    let message = match text.rfind(" at line ") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    match e.location() {
+        Some(loc) => ConfigError(format!("{name}:{}:{}: {message}", loc.line(), loc.column())),
+        None => ConfigError(format!("{name}: {message}")),
+    }
+}
+
+/// The 1-based line and column of the key at `path` in block-style YAML.
+fn locate(text: &str, path: &[&str]) -> Option<(usize, usize)> {
+    let mut stack: Vec<(usize, &str)> = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let content = line.trim_start();
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - content.len();
+        let Some((key, _)) = content.split_once(':') else {
+            continue;
+        };
+        let key = key.trim().trim_matches(['"', '\'']);
+        while stack.last().is_some_and(|&(i, _)| i >= indent) {
+            stack.pop();
+        }
+        stack.push((indent, key));
+        if stack.len() == path.len() && stack.iter().map(|(_, k)| *k).eq(path.iter().copied()) {
+            return Some((number + 1, indent + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"
+# Multi-database configuration
+multi_db:
+  discovery_pattern: "/data/*/databases/*/branches/*/tenants/*.db"
+  max_active: 1000
+  scan_interval: 30s
+  replica_template:
+    type: s3
+    bucket: my-backup-bucket
+    path: "{{project}}/{{database}}/{{branch}}/{{tenant}}"
+"#;
+
+    #[test]
+    fn seed_block_loads_verbatim() {
+        let c = Config::parse(SEED, "multidb.yml", None).unwrap();
+        assert_eq!(c.multi_db.max_active, 1000);
+        assert_eq!(c.multi_db.scan_interval, Duration::from_secs(30));
+        let r = c.multi_db.replica.unwrap();
+        assert_eq!(r.kind, ReplicaKind::S3);
+        assert_eq!(r.bucket.as_deref(), Some("my-backup-bucket"));
+        assert_eq!(
+            c.multi_db.pattern.names(),
+            ["project", "database", "branch", "tenant"]
+        );
+    }
+
+    #[test]
+    fn example_file_loads() {
+        let text = include_str!("../../multidb.example.yml");
+        Config::parse(text, "multidb.example.yml", None).unwrap();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        for bad in ["", "30", "s", "5x", "1.5s", "-1s", "0s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text, "multidb.yml", None)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn bad_configs_name_file_line_column_and_field() {
+        let base = "multi_db:\n  discovery_pattern: \"/data/*/x/*.db\"\n";
+        let cases: &[(&str, &str)] = &[
+            ("  max_active: 0\n", "multidb.yml:3:3: multi_db.max_active: expected a positive integer"),
+            ("  max_active: lots\n", "multidb.yml:3:3: multi_db.max_active: expected a positive integer"),
+            (
+                "  scan_interval: 30\n",
+                "multidb.yml:3:3: multi_db.scan_interval: needs a unit, as in `30s`, `5m` or `1h`",
+            ),
+            (
+                "  scan_interval: soon\n",
+                "multidb.yml:3:3: multi_db.scan_interval: `soon` is not a duration such as `200ms`, `30s`, `5m` or `1h`",
+            ),
+            (
+                "  max_actve: 3\n",
+                "multidb.yml:3:3: multi_db: unknown field `max_actve`, expected one of `discovery_pattern`, `max_active`, `scan_interval`, `replica_template`",
+            ),
+            (
+                "  replica_template:\n    type: s3\n    path: \"{{project}}/{{tenant}}\"\n    bucket: b\n",
+                "multidb.yml:5:5: multi_db.replica_template.path: unknown name `{{project}}`; the pattern captures 1, 2",
+            ),
+            (
+                "  replica_template:\n    type: ftp\n    path: /x\n",
+                "multidb.yml:4:5: multi_db.replica_template.type: unknown replica type `ftp`; expected `file` or `s3`",
+            ),
+            (
+                "  replica_template:\n    type: s3\n    path: \"{{1}}\"\n",
+                "multidb.yml:3:3: multi_db.replica_template: `type: s3` needs a `bucket`",
+            ),
+            (
+                "  replica_template:\n    path: \"backups/{{1}}\"\n",
+                "multidb.yml:4:5: multi_db.replica_template.path: a file replica needs an absolute directory template",
+            ),
+        ];
+        for (extra, expected) in cases {
+            assert_eq!(
+                &error_of(&format!("{base}{extra}")),
+                expected,
+                "config:\n{base}{extra}"
+            );
+        }
+        assert_eq!(
+            error_of("multi_db:\n  discovery_pattern: \"/data/**/x.db\"\n"),
+            "multidb.yml:2:3: multi_db.discovery_pattern: pattern `/data/**/x.db`: recursive `**` is not supported; use `*` or `{name}` within one segment"
+        );
+        assert_eq!(
+            error_of("multi_db:\n  max_active: 3\n"),
+            "multidb.yml:1:1: multi_db: missing field `discovery_pattern`"
+        );
+        assert_eq!(
+            error_of("other: 1\n"),
+            "multidb.yml:1:1: unknown field `other`, expected `multi_db`"
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! The multidb agent: discovery of databases by pattern, the arena that keeps them, and the
+//! commands built on them. `main.rs` only parses arguments and reports errors; everything
+//! else lives here so tests can run it in-process.
+
+pub mod arena;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod discovery;
+pub mod generate;
+pub mod pattern;
