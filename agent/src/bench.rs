@@ -35,14 +35,42 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
-/// Runs a command to completion with output discarded; returns wall time and peak RSS in bytes.
-fn run_measured(command: &mut Command) -> anyhow::Result<(Duration, u64)> {
+/// Runs `program args` to completion with output discarded; returns its wall time and peak RSS.
+///
+/// Linux charges a child's `ru_maxrss` with the resident size of the process that spawned it
+/// (the high-water mark survives `exec`), so the child is started from a small trampoline, this
+/// same binary's `bench measure`, whose own footprint is the floor of both figures alike.
+fn run_measured(exe: &Path, program: &Path, args: &[&str]) -> anyhow::Result<(Duration, u64)> {
+    let out = Command::new(exe)
+        .args(["bench", "measure", "--"])
+        .arg(program)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("spawning the measuring trampoline")?;
+    if !out.status.success() {
+        bail!("{} {args:?} failed", program.display());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(ns)), Some(Ok(rss))) => Ok((Duration::from_nanos(ns), rss)),
+        _ => bail!("unexpected trampoline output {text:?}"),
+    }
+}
+
+/// `multidb bench measure -- CMD...`: runs CMD, prints `wall_ns peak_rss_bytes`.
+pub fn measure(command: &[String]) -> anyhow::Result<()> {
+    let (program, args) = command
+        .split_first()
+        .context("bench measure needs a command")?;
     let started = Instant::now();
-    let child = command
+    let child = Command::new(program)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .context("spawning baseline")?;
+        .with_context(|| format!("spawning {program}"))?;
     let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
     let mut status = 0;
     // SAFETY: `rusage` is plain old data, so all-zero is a valid value.
@@ -54,10 +82,20 @@ fn run_measured(command: &mut Command) -> anyhow::Result<(Duration, u64)> {
         bail!("wait4 failed: {}", std::io::Error::last_os_error());
     }
     if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        bail!("{command:?} failed with status {status}");
+        bail!("{program} failed with status {status}");
     }
     // `ru_maxrss` is in kilobytes on Linux.
-    Ok((elapsed, u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024))
+    let rss = u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024;
+    println!("{} {rss}", elapsed.as_nanos());
+    Ok(())
+}
+
+/// This process's peak resident set size (VmHWM), if /proc tells.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 pub fn discovery(args: &DiscoveryArgs) -> anyhow::Result<()> {
@@ -94,15 +132,18 @@ fn bench_one(exe: &Path, root: &Path, size: usize, runs: usize) -> anyhow::Resul
     let root = root.canonicalize()?;
     let pattern_text = generate::pattern_for(&root);
     let pattern = Pattern::new(&pattern_text)?;
-    let find = || {
-        let mut c = Command::new("find");
-        c.arg(&root).args(["-name", "*.db"]);
-        c
-    };
+    let find_args = [
+        root.to_str().context("tree path is not UTF-8")?,
+        "-name",
+        "*.db",
+    ];
+    let find = || run_measured(exe, Path::new("find"), &find_args);
     let multidb = || {
-        let mut c = Command::new(exe);
-        c.args(["databases", "--count", "--pattern", &pattern_text]);
-        c
+        run_measured(
+            exe,
+            exe,
+            &["databases", "--count", "--pattern", &pattern_text],
+        )
     };
     // Warm the cache and check both see the same tree.
     let mut arena = Arena::new(pattern.root());
@@ -114,7 +155,7 @@ fn bench_one(exe: &Path, root: &Path, size: usize, runs: usize) -> anyhow::Resul
             root.display()
         );
     }
-    run_measured(&mut find())?;
+    find()?;
 
     let mut scan_times = Vec::new();
     let mut rescan_times = Vec::new();
@@ -130,10 +171,10 @@ fn bench_one(exe: &Path, root: &Path, size: usize, runs: usize) -> anyhow::Resul
         bytes = arena.heap_bytes();
         rescan_times.push(discovery::scan(&pattern, &mut arena)?.elapsed);
         drop(arena);
-        let (t, rss) = run_measured(&mut find())?;
+        let (t, rss) = find()?;
         find_times.push(t);
         find_rss = find_rss.max(rss);
-        let (t, rss) = run_measured(&mut multidb())?;
+        let (t, rss) = multidb()?;
         cli_times.push(t);
         cli_rss = cli_rss.max(rss);
     }

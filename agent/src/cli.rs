@@ -13,9 +13,6 @@ use crate::discovery::{self, ScanReport};
 use crate::generate::{self, Layout};
 use crate::pattern::Fields;
 
-/// `multidb --version`: the agent's version and the extension protocol it speaks.
-const VERSION_TEXT: &str = concat!(env!("CARGO_PKG_VERSION"), " (libmultidb ", env!("CARGO_PKG_VERSION"), ")");
-
 /// The configuration file used when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "multidb.yml";
 
@@ -65,12 +62,16 @@ pub struct GenerateArgs {
     /// Directory to create the tree in
     #[arg(long)]
     pub root: PathBuf,
+    /// Projects under the root (project1, project2, ...)
     #[arg(long, default_value_t = 2)]
     pub projects: usize,
+    /// Databases per project (userdb, orderdb, ...)
     #[arg(long, default_value_t = 2)]
     pub databases: usize,
+    /// Branches per database (main, feature, ...)
     #[arg(long, default_value_t = 2)]
     pub branches: usize,
+    /// Tenants per branch: up to 3 are the seed's acme, globex, initech; more get unique names
     #[arg(long, default_value_t = 3)]
     pub tenants: usize,
     /// Real WAL-mode SQLite databases with a small table instead of empty files
@@ -82,6 +83,12 @@ pub struct GenerateArgs {
 pub enum BenchCommand {
     /// Discovery time, arena bytes per database and peak RSS, beside `find` on the same tree
     Discovery(crate::bench::DiscoveryArgs),
+    /// Run a command and print its wall time (ns) and peak RSS (bytes): the benchmarks' trampoline
+    #[command(hide = true)]
+    Measure {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 /// How a command failed: the exit code follows from it.
@@ -128,6 +135,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             );
         }
         Command::Bench(BenchCommand::Discovery(args)) => crate::bench::discovery(args)?,
+        Command::Bench(BenchCommand::Measure { command }) => crate::bench::measure(command)?,
     }
     Ok(())
 }
@@ -224,8 +232,11 @@ fn databases(config: &Config, json: bool, count: bool) -> anyhow::Result<()> {
     }
     out.flush()?;
     let bytes = arena.heap_bytes();
+    let rss = crate::bench::peak_rss_bytes().map_or("?".to_string(), |b| {
+        format!("{:.1} MB", b as f64 / 1048576.0)
+    });
     eprintln!(
-        "{} databases discovered in {:.1} ms ({} directories read, arena {} bytes = {:.1} B per database)",
+        "{} databases discovered in {:.1} ms ({} directories read; arena {} B = {:.1} B per database; peak RSS {rss})",
         arena.len(),
         report.elapsed.as_secs_f64() * 1e3,
         report.dirs_read,
