@@ -52,9 +52,28 @@ pub enum Command {
     },
     /// Create a synthetic tree of databases in the seed's layout, for demos and scale runs
     Generate(GenerateArgs),
+    /// Watch the commit signals applications post through libmultidb
+    Ring {
+        /// The ring file [default: $MULTIDB_RING or /dev/shm/multidb.ring]
+        #[arg(long, value_name = "PATH")]
+        ring: Option<PathBuf>,
+        #[command(subcommand)]
+        command: RingCommand,
+    },
     /// Measure multidb against a baseline and print the figures
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RingCommand {
+    /// Create the ring if needed and print one line per commit record as it arrives
+    Tail(crate::ring::TailArgs),
+    /// Print the ring's counters and whether an agent is reading it
+    Stat {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +152,13 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 stats.elapsed.as_secs_f64(),
                 generate::pattern_for(&args.root)
             );
+        }
+        Command::Ring { ring, command } => {
+            let path = ring.clone().unwrap_or_else(crate::ring::default_path);
+            match command {
+                RingCommand::Tail(args) => crate::ring::tail(&path, args)?,
+                RingCommand::Stat { json } => crate::ring::stat(&path, *json)?,
+            }
         }
         Command::Bench(BenchCommand::Discovery(args)) => crate::bench::discovery(args)?,
         Command::Bench(BenchCommand::Measure { command }) => crate::bench::measure(command)?,

@@ -9,3 +9,4 @@ pub mod config;
 pub mod discovery;
 pub mod generate;
 pub mod pattern;
+pub mod ring;

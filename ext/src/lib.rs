@@ -1,30 +1,76 @@
 //! `libmultidb`: the SQLite loadable extension of multidb.
 //!
-//! This file only registers the SQL functions; each family lives in its own module.
-//! The entry point is `sqlite3_multidb_init`, so `.load ./target/release/libmultidb`
-//! works in the `sqlite3` shell.
+//! Loaded into a connection (`.load ./target/release/libmultidb`), it hooks WAL commits and
+//! posts one fixed-size record per commit into the shared-memory ring the agent reads, and
+//! registers an auto-extension so every connection the process opens later is hooked too.
+//! This file only wires things up: the ring layout is in [`ring`] (also used by the agent),
+//! the commit path in `hook`, the SQL functions in `status` and `version`.
 
+mod api;
+mod hook;
+pub mod ring;
+mod shared;
+mod status;
 mod version;
 
 use std::os::raw::{c_char, c_int};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use sqlite_loadable::prelude::*;
-use sqlite_loadable::{define_scalar_function, FunctionFlags};
+use sqlite_loadable::{define_scalar_function, Error, FunctionFlags};
 
-/// The SQL functions this extension adds, in the order they are registered.
-/// Tests compare this list with what the `sqlite3` shell sees after `.load`.
-pub const SQL_FUNCTIONS: &[&str] = &["multidb_version"];
+/// The SQL functions this extension adds. Tests compare this list with what the `sqlite3`
+/// shell sees after `.load`.
+pub const SQL_FUNCTIONS: &[&str] = &[
+    "multidb_autocheckpoint",
+    "multidb_status",
+    "multidb_version",
+];
 
 /// The extension's version, as `multidb_version()` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-fn register(db: *mut sqlite3) -> sqlite_loadable::Result<()> {
-    let flags = FunctionFlags::UTF8 | FunctionFlags::DETERMINISTIC;
-    define_scalar_function(db, "multidb_version", 0, version::multidb_version, flags)?;
+/// Runs an SQL function body, turning a panic into an SQL error: a panic must never cross
+/// into SQLite's C frames.
+fn guard(
+    name: &str,
+    body: impl FnOnce() -> sqlite_loadable::Result<()>,
+) -> sqlite_loadable::Result<()> {
+    catch_unwind(AssertUnwindSafe(body))
+        .unwrap_or_else(|_| Err(Error::new_message(&format!("{name}: internal error"))))
+}
+
+fn register_functions(db: *mut sqlite3) -> sqlite_loadable::Result<()> {
+    let deterministic = FunctionFlags::UTF8 | FunctionFlags::DETERMINISTIC;
+    define_scalar_function(
+        db,
+        "multidb_version",
+        0,
+        version::multidb_version,
+        deterministic,
+    )?;
+    define_scalar_function(
+        db,
+        "multidb_status",
+        0,
+        status::multidb_status,
+        FunctionFlags::UTF8,
+    )?;
+    define_scalar_function(
+        db,
+        "multidb_autocheckpoint",
+        1,
+        status::multidb_autocheckpoint,
+        FunctionFlags::UTF8,
+    )?;
     Ok(())
 }
 
-/// Entry point SQLite calls when the library is loaded.
+/// Entry point SQLite calls for `.load` / `load_extension`.
+///
+/// Installs the WAL hook on the loading connection, registers the auto-extension for later
+/// connections, and returns `SQLITE_OK_LOAD_PERMANENTLY` so closing this connection does not
+/// unload code the auto-extension still points to.
 ///
 /// # Safety
 /// Called by SQLite with a valid connection and API routine table.
@@ -34,13 +80,42 @@ pub unsafe extern "C" fn sqlite3_multidb_init(
     pz_err_msg: *mut *mut c_char,
     p_api: *mut sqlite3_api_routines,
 ) -> c_int {
-    let outcome = std::panic::catch_unwind(|| {
-        sqlite_loadable::entrypoints::register_entrypoint(db, pz_err_msg, p_api, register)
+    let outcome = catch_unwind(|| {
+        api::set(p_api);
+        hook::init_process();
+        let code = sqlite_loadable::entrypoints::register_entrypoint(
+            db,
+            pz_err_msg,
+            p_api,
+            register_functions,
+        );
+        if code != 0 {
+            return c_int::try_from(code).unwrap_or(1);
+        }
+        // SAFETY: SQLite hands the entry point an open connection.
+        unsafe { hook::install(db, hook::DEFAULT_AUTOCHECKPOINT) };
+        static AUTO: std::sync::Once = std::sync::Once::new();
+        AUTO.call_once(|| {
+            api::auto_extension(auto_init);
+        });
+        api::SQLITE_OK_LOAD_PERMANENTLY
     });
-    match outcome {
-        Ok(code) => c_int::try_from(code).unwrap_or(SQLITE_ERROR),
-        Err(_) => SQLITE_ERROR,
-    }
+    outcome.unwrap_or(1)
 }
 
-const SQLITE_ERROR: c_int = 1;
+/// Runs for every connection opened after the extension was loaded.
+unsafe extern "C" fn auto_init(
+    db: *mut sqlite3,
+    _err: *mut *mut c_char,
+    _api: *const sqlite3_api_routines,
+) -> c_int {
+    let outcome = catch_unwind(|| {
+        if register_functions(db).is_err() {
+            return 1;
+        }
+        // SAFETY: `db` is the connection being opened; the hook gets it back as its argument.
+        unsafe { api::commit_hook(db, Some(hook::first_commit), db.cast()) };
+        api::SQLITE_OK
+    });
+    outcome.unwrap_or(1)
+}

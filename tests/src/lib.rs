@@ -78,10 +78,12 @@ pub fn run(command: &mut Command) -> Run {
     }
 }
 
-/// Runs SQL in the real `sqlite3` shell with the extension loaded.
+/// Runs SQL in the real `sqlite3` shell with the extension loaded and no ring (so a
+/// multidb agent running on this machine cannot change what the test sees).
 pub fn sqlite3_with_extension(db: &Path, sql: &str) -> Run {
     let load = format!(".load {}", extension().display());
     run(Command::new("sqlite3")
+        .env("MULTIDB_RING", "/nonexistent/multidb.ring")
         .arg("-bail")
         .arg(db)
         .arg(load)

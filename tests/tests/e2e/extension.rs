@@ -3,7 +3,11 @@
 use multidb_tests::sqlite3_with_extension;
 
 /// Every SQL function the extension adds; each has a test below.
-const FUNCTIONS: &[&str] = &["multidb_version"];
+const FUNCTIONS: &[&str] = &[
+    "multidb_autocheckpoint",
+    "multidb_status",
+    "multidb_version",
+];
 
 #[test]
 fn shell_loads_the_extension_and_sees_exactly_its_functions() {
@@ -25,6 +29,35 @@ fn multidb_version_reports_the_build() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.stdout.trim(), format!("v{}", env!("CARGO_PKG_VERSION")));
     let out = sqlite3_with_extension(&tmp.path().join("t.db"), "SELECT multidb_version(1);");
+    assert_ne!(out.code, 0, "a wrong argument count is an SQL error");
+}
+
+#[test]
+fn multidb_autocheckpoint_checks_its_argument() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("t.db");
+    let out = sqlite3_with_extension(&db, "SELECT multidb_autocheckpoint(0);");
+    assert_eq!((out.code, out.stdout.trim()), (0, "0"), "{}", out.stderr);
+    for bad in ["'x'", "-1", "1.5", "NULL", "4294967296"] {
+        let out = sqlite3_with_extension(&db, &format!("SELECT multidb_autocheckpoint({bad});"));
+        assert_ne!(out.code, 0, "{bad}");
+        assert!(
+            out.stderr.contains("multidb_autocheckpoint: 1st argument (frames) must be an integer from 0 to 2147483647"),
+            "{bad}: {}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn multidb_status_reports_the_database_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("t.db");
+    let out = sqlite3_with_extension(&db, "SELECT multidb_status();");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(v["database"]["path"], db.display().to_string());
+    let out = sqlite3_with_extension(&db, "SELECT multidb_status(1);");
     assert_ne!(out.code, 0, "a wrong argument count is an SQL error");
 }
 
@@ -50,6 +83,7 @@ fn sql_scripts_print_their_documented_output() {
                 .arg("-bail")
                 .arg(":memory:")
                 .current_dir(multidb_tests::workspace())
+                .env("MULTIDB_RING", "/nonexistent/multidb.ring")
                 .stdin(std::fs::File::open(&script).unwrap()),
         );
         assert_eq!(out.code, 0, "{}: {}", script.display(), out.stderr);

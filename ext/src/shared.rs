@@ -1,0 +1,237 @@
+//! Process-wide state of the extension: the mapped ring (shared by every connection) and a
+//! small cache that maps a database path to its device and inode.
+//!
+//! The commit path must not make system calls, so both are refreshed on a clock, not per
+//! commit: the ring file is looked for again at most every [`RING_RECHECK_NS`], and a path's
+//! (device, inode) is re-read at most every [`PATH_RECHECK_NS`] (a restore or `mv` may put a
+//! new file under the same name). A mapping that is replaced is leaked on purpose: another
+//! thread may still be writing through it, and replacements are rare.
+
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{fence, AtomicPtr, AtomicU64, Ordering};
+
+use crate::ring::{self, Ring};
+
+/// How often a process without a (valid) ring looks for one again, and how often a process
+/// with one checks that the agent did not replace it.
+pub const RING_RECHECK_NS: u64 = 2_000_000_000;
+/// How often a cached (device, inode) of a path is re-read.
+pub const PATH_RECHECK_NS: u64 = 30_000_000_000;
+/// Paths cached per process; a collision only costs a `stat`.
+const CACHE_ENTRIES: usize = 1024;
+
+struct Mapped {
+    _map: memmap2::MmapMut,
+    ring: Ring,
+    dev: u64,
+    ino: u64,
+}
+
+static CURRENT: AtomicPtr<Mapped> = AtomicPtr::new(std::ptr::null_mut());
+static NEXT_RING_CHECK: AtomicU64 = AtomicU64::new(0);
+
+/// The path of the ring file: `MULTIDB_RING` or the default.
+pub fn ring_path() -> std::path::PathBuf {
+    std::env::var_os(ring::ENV_PATH)
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| ring::DEFAULT_PATH.into(), Into::into)
+}
+
+/// The current ring, refreshed at most every [`RING_RECHECK_NS`] by one thread.
+pub fn ring(now: u64) -> Option<Ring> {
+    let next = NEXT_RING_CHECK.load(Ordering::Relaxed);
+    if now >= next
+        && NEXT_RING_CHECK
+            .compare_exchange(
+                next,
+                now + RING_RECHECK_NS,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        refresh();
+    }
+    let current = CURRENT.load(Ordering::Acquire);
+    // SAFETY: mappings stored in CURRENT are leaked, never freed.
+    unsafe { current.as_ref() }.map(|m| m.ring)
+}
+
+/// Maps the ring file if it exists and is valid; forgets it if it is gone or replaced.
+fn refresh() {
+    let path = ring_path();
+    let current = CURRENT.load(Ordering::Acquire);
+    // SAFETY: as above.
+    let current_ref = unsafe { current.as_ref() };
+    let Ok(meta) = std::fs::metadata(&path) else {
+        CURRENT.store(std::ptr::null_mut(), Ordering::Release);
+        return;
+    };
+    if let Some(m) = current_ref {
+        if m.dev == meta.dev() && m.ino == meta.ino() && !m.ring.retired() {
+            return;
+        }
+    }
+    let mapped = map(&path).map(|m| Box::into_raw(Box::new(m)));
+    CURRENT.store(mapped.unwrap_or(std::ptr::null_mut()), Ordering::Release);
+}
+
+fn map(path: &std::path::Path) -> Option<Mapped> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() < ring::HEADER_SIZE as u64 || meta.len() > usize::MAX as u64 {
+        return None;
+    }
+    // SAFETY: the file is a regular file we opened read-write; the mapping is kept alive in
+    // `Mapped` for as long as the `Ring` view built on it (both are leaked together). Another
+    // process truncating the file under us could fault a later access: the agent never does.
+    let mut map = unsafe { memmap2::MmapOptions::new().map_mut(&file) }.ok()?;
+    let len = map.len();
+    // SAFETY: the mapping is page-aligned and `len` bytes long, and lives as long as the view.
+    let ring = unsafe { Ring::open(map.as_mut_ptr(), len) }.ok()?;
+    Some(Mapped {
+        _map: map,
+        ring,
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
+}
+
+/// What the cache knows of one path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathInfo {
+    pub dev: u64,
+    pub ino: u64,
+    /// Ring generation this process registered the path with (0: not yet).
+    pub registered: u64,
+    /// WAL frame count after this process's last commit to it.
+    pub last_frames: u64,
+    pub last_commit_ns: u64,
+}
+
+/// One cache line: a sequence lock (odd while written) and the fields.
+struct Slot {
+    seq: AtomicU64,
+    hash: AtomicU64,
+    dev: AtomicU64,
+    ino: AtomicU64,
+    registered: AtomicU64,
+    checked_ns: AtomicU64,
+    last_frames: AtomicU64,
+    last_commit_ns: AtomicU64,
+}
+
+#[allow(clippy::declare_interior_mutable_const)] // used only to initialise the array
+const EMPTY: Slot = Slot {
+    seq: AtomicU64::new(0),
+    hash: AtomicU64::new(0),
+    dev: AtomicU64::new(0),
+    ino: AtomicU64::new(0),
+    registered: AtomicU64::new(0),
+    checked_ns: AtomicU64::new(0),
+    last_frames: AtomicU64::new(0),
+    last_commit_ns: AtomicU64::new(0),
+};
+
+static CACHE: [Slot; CACHE_ENTRIES] = [EMPTY; CACHE_ENTRIES];
+
+fn slot(hash: u64) -> &'static Slot {
+    &CACHE[(hash as usize) % CACHE_ENTRIES]
+}
+
+/// Reads the entry for `hash` if it is cached and consistent.
+fn read(hash: u64) -> Option<(PathInfo, u64)> {
+    let s = slot(hash);
+    let seq = s.seq.load(Ordering::Acquire);
+    if seq % 2 == 1 || s.hash.load(Ordering::Relaxed) != hash {
+        return None;
+    }
+    let info = PathInfo {
+        dev: s.dev.load(Ordering::Relaxed),
+        ino: s.ino.load(Ordering::Relaxed),
+        registered: s.registered.load(Ordering::Relaxed),
+        last_frames: s.last_frames.load(Ordering::Relaxed),
+        last_commit_ns: s.last_commit_ns.load(Ordering::Relaxed),
+    };
+    let checked = s.checked_ns.load(Ordering::Relaxed);
+    fence(Ordering::Acquire);
+    (s.seq.load(Ordering::Relaxed) == seq).then_some((info, checked))
+}
+
+/// Runs `write` on the slot of `hash` under its lock; skips if another thread holds it.
+fn write(hash: u64, write: impl FnOnce(&Slot)) {
+    let s = slot(hash);
+    let seq = s.seq.load(Ordering::Relaxed);
+    if seq % 2 == 1
+        || s.seq
+            .compare_exchange(seq, seq + 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    fence(Ordering::Release);
+    write(s);
+    s.seq.store(seq + 2, Ordering::Release);
+}
+
+/// The (device, inode) of `path` (hash `hash`), from the cache or one `stat`.
+pub fn lookup(hash: u64, path: &[u8], now: u64) -> Option<PathInfo> {
+    if let Some((info, checked)) = read(hash) {
+        if now.saturating_sub(checked) < PATH_RECHECK_NS {
+            return Some(info);
+        }
+    }
+    if path.is_empty() {
+        return None;
+    }
+    let meta = std::fs::metadata(std::ffi::OsStr::from_bytes(path)).ok()?;
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let previous = read(hash)
+        .map(|(i, _)| i)
+        .filter(|i| i.dev == dev && i.ino == ino);
+    let info = previous.unwrap_or(PathInfo {
+        dev,
+        ino,
+        ..PathInfo::default()
+    });
+    write(hash, |s| {
+        s.hash.store(hash, Ordering::Relaxed);
+        s.dev.store(dev, Ordering::Relaxed);
+        s.ino.store(ino, Ordering::Relaxed);
+        s.registered.store(info.registered, Ordering::Relaxed);
+        s.last_frames.store(info.last_frames, Ordering::Relaxed);
+        s.last_commit_ns
+            .store(info.last_commit_ns, Ordering::Relaxed);
+        s.checked_ns.store(now, Ordering::Relaxed);
+    });
+    Some(info)
+}
+
+/// Notes that this process registered `hash`'s path with ring `generation`.
+pub fn mark_registered(hash: u64, generation: u64) {
+    write(hash, |s| {
+        if s.hash.load(Ordering::Relaxed) == hash {
+            s.registered.store(generation, Ordering::Relaxed);
+        }
+    });
+}
+
+/// Notes a commit to `hash`'s database.
+pub fn note_commit(hash: u64, frames: u64, now: u64) {
+    write(hash, |s| {
+        if s.hash.load(Ordering::Relaxed) == hash {
+            s.last_frames.store(frames, Ordering::Relaxed);
+            s.last_commit_ns.store(now, Ordering::Relaxed);
+        }
+    });
+}
+
+/// What the cache holds for `hash`, without touching the file system.
+pub fn peek(hash: u64) -> Option<PathInfo> {
+    read(hash).map(|(info, _)| info)
+}
