@@ -202,3 +202,157 @@ fn bench_one(exe: &Path, root: &Path, size: usize, runs: usize) -> anyhow::Resul
     );
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct CommitArgs {
+    /// Commits per run (one small INSERT each, autocommit, WAL, synchronous=NORMAL)
+    #[arg(long, default_value_t = 20_000)]
+    pub commits: usize,
+    /// Timed runs per configuration; the median is reported
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// The libmultidb library to load [default: next to this binary]
+    #[arg(long)]
+    pub extension: Option<PathBuf>,
+}
+
+fn commit_run(conn: &rusqlite::Connection, commits: usize) -> anyhow::Result<Duration> {
+    conn.execute_batch("DELETE FROM t; PRAGMA wal_checkpoint(TRUNCATE);")?;
+    let mut insert = conn.prepare("INSERT INTO t(v) VALUES (?1)")?;
+    let started = Instant::now();
+    for i in 0..commits {
+        insert.execute([i as i64])?;
+    }
+    Ok(started.elapsed())
+}
+
+fn open_bench_db(path: &Path) -> anyhow::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v INTEGER);",
+    )?;
+    Ok(conn)
+}
+
+fn per_commit_us(d: Duration, commits: usize) -> f64 {
+    d.as_secs_f64() * 1e6 / commits as f64
+}
+
+/// `multidb bench commit`: the cost of libmultidb to an application's commits, beside plain
+/// SQLite in the same process, and the delay from commit to the agent reading its record.
+pub fn commit(args: &CommitArgs) -> anyhow::Result<()> {
+    use multidb::ring::Record;
+    if args.runs == 0 || args.commits == 0 {
+        bail!("--runs and --commits must be at least 1");
+    }
+    let extension = match &args.extension {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("libmultidb"),
+    };
+    let tmp = tempfile_dir()?;
+    let ring_path = tmp.join("bench.ring");
+    // Set before the extension is loaded and before any thread starts.
+    // SAFETY: single-threaded here; nothing else reads the environment concurrently.
+    unsafe { std::env::set_var(multidb::ring::ENV_PATH, &ring_path) };
+
+    let plain = open_bench_db(&tmp.join("plain.db"))?;
+    let baseline: Vec<Duration> = (0..args.runs)
+        .map(|_| commit_run(&plain, args.commits))
+        .collect::<Result<_, _>>()?;
+    drop(plain);
+
+    let hooked = open_bench_db(&tmp.join("hooked.db"))?;
+    // SAFETY: loading our own extension.
+    unsafe {
+        hooked.load_extension_enable()?;
+        hooked
+            .load_extension(&extension, None::<&str>)
+            .with_context(|| format!("loading {}", extension.display()))?;
+        hooked.load_extension_disable()?;
+    }
+    let no_agent: Vec<Duration> = (0..args.runs)
+        .map(|_| commit_run(&hooked, args.commits))
+        .collect::<Result<_, _>>()?;
+
+    let ring_file =
+        crate::ring::RingFile::create_or_open(&ring_path, multidb::ring::DEFAULT_SLOTS, 1024)?;
+    let ring = ring_file.ring();
+    ring.heartbeat(std::process::id(), multidb::ring::now_ns());
+    // The extension looks for a ring at most every 2 s.
+    std::thread::sleep(Duration::from_millis(2100));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (with_agent, mut delays) =
+        std::thread::scope(|scope| -> anyhow::Result<(Vec<Duration>, Vec<u64>)> {
+            let reader = scope.spawn(|| {
+                let mut delays = Vec::new();
+                crate::ring::read_loop(
+                    ring,
+                    |_, _| stop.load(std::sync::atomic::Ordering::Relaxed),
+                    |record| {
+                        if let Record::Commit(c) = record {
+                            delays.push(multidb::ring::now_ns().saturating_sub(c.time_ns));
+                        }
+                    },
+                );
+                delays
+            });
+            let runs: Result<Vec<Duration>, _> = (0..args.runs)
+                .map(|_| commit_run(&hooked, args.commits))
+                .collect();
+            // Sporadic commits: the reader is asleep on the futex for each, the latency users see.
+            for _ in 0..200 {
+                std::thread::sleep(Duration::from_millis(2));
+                hooked.execute("INSERT INTO t(v) VALUES (0)", [])?;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let delays = reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+            Ok((runs?, delays))
+        })?;
+    let stats = ring.stats();
+    let mut sporadic: Vec<u64> = delays.split_off(delays.len().saturating_sub(200));
+    let (b, n, a) = (median(baseline), median(no_agent), median(with_agent));
+    let pct = |x: Duration| (x.as_secs_f64() / b.as_secs_f64() - 1.0) * 100.0;
+    let quantile = |v: &mut Vec<u64>, q: f64| -> f64 {
+        v.sort_unstable();
+        v.get(((v.len() as f64 - 1.0) * q) as usize)
+            .map_or(0.0, |&ns| ns as f64 / 1000.0)
+    };
+    println!(
+        "commit cost: {} autocommit INSERTs per run, WAL, synchronous=NORMAL, median of {}",
+        args.commits, args.runs
+    );
+    println!(
+        "  baseline: plain SQLite (no extension)       {:>8.2} us/commit",
+        per_commit_us(b, args.commits)
+    );
+    println!(
+        "  libmultidb loaded, no agent                 {:>8.2} us/commit ({:+.1}%)",
+        per_commit_us(n, args.commits),
+        pct(n)
+    );
+    println!(
+        "  libmultidb loaded, agent reading the ring   {:>8.2} us/commit ({:+.1}%)",
+        per_commit_us(a, args.commits),
+        pct(a)
+    );
+    println!(
+        "  ring: {} records read, {} dropped",
+        stats.tail, stats.dropped
+    );
+    println!(
+        "  commit -> agent read, sporadic commits (agent asleep): p50 {:.0} us, p99 {:.0} us",
+        quantile(&mut sporadic, 0.5),
+        quantile(&mut sporadic, 0.99)
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("multidb-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -102,6 +102,8 @@ pub struct GenerateArgs {
 pub enum BenchCommand {
     /// Discovery time, arena bytes per database and peak RSS, beside `find` on the same tree
     Discovery(crate::bench::DiscoveryArgs),
+    /// Cost of libmultidb per commit beside plain SQLite, and commit-to-agent delay
+    Commit(crate::bench::CommitArgs),
     /// Run a command and print its wall time (ns) and peak RSS (bytes): the benchmarks' trampoline
     #[command(hide = true)]
     Measure {
@@ -161,6 +163,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Bench(BenchCommand::Discovery(args)) => crate::bench::discovery(args)?,
+        Command::Bench(BenchCommand::Commit(args)) => crate::bench::commit(args)?,
         Command::Bench(BenchCommand::Measure { command }) => crate::bench::measure(command)?,
     }
     Ok(())

@@ -8,5 +8,6 @@ pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod generate;
+pub mod ltx;
 pub mod pattern;
 pub mod ring;

@@ -180,6 +180,12 @@ fn lock(file: &File) -> io::Result<()> {
     }
 }
 
+/// After a record, the reader polls this long before it sleeps on the futex: while commits
+/// keep coming, producers then never find it asleep and never pay for a wake-up system call.
+pub const BUSY_WINDOW: Duration = Duration::from_millis(2);
+/// The poll interval inside the busy window: the added delay a record can see in a burst.
+pub const BUSY_POLL: Duration = Duration::from_micros(100);
+
 /// Counts of what a reader has taken from the ring.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReadCounts {
@@ -220,6 +226,7 @@ pub fn read_loop(
             }
             Pop::Skipped => counts.skipped += 1,
             Pop::Pending => std::thread::sleep(Duration::from_micros(100)),
+            Pop::Empty if last_record.elapsed() < BUSY_WINDOW => std::thread::sleep(BUSY_POLL),
             Pop::Empty => ring.wait(HEARTBEAT_INTERVAL),
         }
     }
