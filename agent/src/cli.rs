@@ -12,6 +12,7 @@ use crate::config::{Config, ReplicaKind};
 use crate::discovery::{self, ScanReport};
 use crate::generate::{self, Layout};
 use crate::pattern::Fields;
+use crate::replica::ReplicaUrl;
 
 /// The configuration file used when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "multidb.yml";
@@ -52,6 +53,44 @@ pub enum Command {
     },
     /// Create a synthetic tree of databases in the seed's layout, for demos and scale runs
     Generate(GenerateArgs),
+    /// Replicate one database to a replica URL (file:///dir or s3://bucket/prefix?endpoint=...)
+    Replicate {
+        /// Replicate what is committed now, then exit
+        #[arg(long)]
+        once: bool,
+        /// How often the WAL is checked for new commits
+        #[arg(long, default_value = "10ms", value_parser = crate::config::parse_duration)]
+        poll: std::time::Duration,
+        /// Directory for temporary LTX files [default: the system temp directory]
+        #[arg(long)]
+        tmp_dir: Option<PathBuf>,
+        db: PathBuf,
+        url: String,
+    },
+    /// Restore a database from its replica, to the latest state or a TXID or time
+    Restore {
+        /// Where to write the restored database (must not exist)
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Restore to this TXID (decimal or 0x-prefixed hex)
+        #[arg(long, conflicts_with = "timestamp", value_parser = parse_txid)]
+        txid: Option<u64>,
+        /// Restore to the last TXID stored at or before this RFC 3339 time
+        #[arg(long, value_parser = crate::time::parse_rfc3339)]
+        timestamp: Option<std::time::SystemTime>,
+        /// Print the files that would be applied, change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// A replica URL, or a database path whose replica the configuration names
+        source: String,
+    },
+    /// List a replica's LTX files: level, TXID range, size, time
+    Ltx {
+        #[arg(long)]
+        json: bool,
+        /// A replica URL, or a database path whose replica the configuration names
+        source: String,
+    },
     /// Watch the commit signals applications post through libmultidb
     Ring {
         /// The ring file [default: $MULTIDB_RING or /dev/shm/multidb.ring]
@@ -155,6 +194,56 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 generate::pattern_for(&args.root)
             );
         }
+        Command::Replicate {
+            once,
+            poll,
+            tmp_dir,
+            db,
+            url,
+        } => {
+            let replica = ReplicaUrl::parse(url).map_err(|e| Failure::Usage(e.into()))?;
+            let client = replica.client().map_err(anyhow::Error::from)?;
+            let tmp = tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
+            let options = crate::replicate::RunOptions {
+                once: *once,
+                poll: *poll,
+                max_backoff: std::time::Duration::from_secs(5),
+            };
+            let txid =
+                crate::replicate::run(db, client, &tmp, options).map_err(anyhow::Error::from)?;
+            eprintln!("{}: replicated through TXID {txid} to {url}", db.display());
+        }
+        Command::Restore {
+            output,
+            txid,
+            timestamp,
+            dry_run,
+            source,
+        } => {
+            let replica = replica_for(&cli, source)?;
+            let client = replica.client().map_err(anyhow::Error::from)?;
+            let target = match (txid, timestamp) {
+                (Some(t), _) => crate::restore::Target::Txid(*t),
+                (None, Some(when)) => crate::restore::Target::Time(*when),
+                (None, None) => crate::restore::Target::Latest,
+            };
+            let restored = crate::restore::restore(client.as_ref(), target, output, *dry_run)?;
+            if !dry_run {
+                eprintln!(
+                    "restored TXID {} ({} pages, {} files) from {} to {}; checksums and integrity_check verified",
+                    restored.txid,
+                    restored.pages,
+                    restored.files,
+                    client.url(),
+                    output.display()
+                );
+            }
+        }
+        Command::Ltx { json, source } => {
+            let replica = replica_for(&cli, source)?;
+            let client = replica.client().map_err(anyhow::Error::from)?;
+            list_ltx(client.as_ref(), *json)?;
+        }
         Command::Ring { ring, command } => {
             let path = ring.clone().unwrap_or_else(crate::ring::default_path);
             match command {
@@ -189,6 +278,85 @@ pub fn load_config(cli: &Cli) -> Result<Config, Failure> {
         )));
     }
     Config::load(&path, pattern).map_err(|e| Failure::Usage(e.into()))
+}
+
+fn parse_txid(text: &str) -> Result<u64, String> {
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed
+        .ok()
+        .filter(|&t| t > 0)
+        .ok_or_else(|| format!("`{text}` is not a TXID (a positive integer)"))
+}
+
+/// The replica named by `source`: a URL, or a database path expanded through the
+/// configuration's `replica_template`.
+fn replica_for(cli: &Cli, source: &str) -> Result<ReplicaUrl, Failure> {
+    if source.starts_with("file://") || source.starts_with("s3://") {
+        return ReplicaUrl::parse(source).map_err(|e| Failure::Usage(e.into()));
+    }
+    let config = load_config(cli)?;
+    let pattern = &config.multi_db.pattern;
+    let fields = pattern.parse(source).map_err(|why| {
+        Failure::Usage(anyhow::anyhow!(
+            "{source} is not a replica URL and does not match {}: it {why}",
+            pattern.as_str()
+        ))
+    })?;
+    let template = config.multi_db.replica.as_ref().ok_or_else(|| {
+        Failure::Usage(anyhow::anyhow!(
+            "{source}: the configuration has no replica_template"
+        ))
+    })?;
+    let path = template
+        .path
+        .expand(&fields)
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!("{source}: {e}")))?;
+    Ok(match template.kind {
+        ReplicaKind::File => ReplicaUrl::File(PathBuf::from(path)),
+        ReplicaKind::S3 => ReplicaUrl::S3(crate::replica::s3::S3Location {
+            bucket: template.bucket.clone().unwrap_or_default(),
+            prefix: path.trim_matches('/').to_string(),
+            region: template
+                .region
+                .clone()
+                .unwrap_or_else(|| "us-east-1".to_string()),
+            endpoint: template.endpoint.clone(),
+            force_path_style: template.force_path_style,
+        }),
+    })
+}
+
+fn list_ltx(replica: &dyn crate::replica::ReplicaClient, json: bool) -> anyhow::Result<()> {
+    let files = crate::restore::list_all(replica)?;
+    if json {
+        let list: Vec<serde_json::Value> = files
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "level": f.level, "min_txid": f.min_txid, "max_txid": f.max_txid, "size": f.size,
+                    "created": crate::time::format_rfc3339(f.created), "name": f.name(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+        return Ok(());
+    }
+    println!("level  min_txid          max_txid          size        created");
+    for f in &files {
+        println!(
+            "{:<6} {:016x}  {:016x}  {:<10}  {}",
+            f.level,
+            f.min_txid,
+            f.max_txid,
+            f.size,
+            crate::time::format_rfc3339(f.created)
+        );
+    }
+    eprintln!("{} file(s) in {}", files.len(), replica.url());
+    Ok(())
 }
 
 /// Where `fields`' database is replicated, as a path or URL.

@@ -10,7 +10,6 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use multidb::ring::{self as layout, Consumer, Pop, Record, Ring, Stats};
@@ -232,21 +231,6 @@ pub fn read_loop(
     }
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
-/// Makes SIGINT and SIGTERM end the read loop cleanly (the summary is still printed).
-fn catch_interrupts() {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-}
-
 /// Options of `multidb ring tail`.
 #[derive(Debug, clap::Args)]
 pub struct TailArgs {
@@ -268,7 +252,7 @@ pub struct TailArgs {
 pub fn tail(path: &Path, args: &TailArgs) -> anyhow::Result<()> {
     let file = RingFile::create_or_open(path, args.slots, args.status_entries)?;
     let ring = file.ring();
-    catch_interrupts();
+    crate::signals::catch_interrupts();
     eprintln!(
         "multidb: reading {} ({} slots); Ctrl-C to stop",
         path.display(),
@@ -283,7 +267,7 @@ pub fn tail(path: &Path, args: &TailArgs) -> anyhow::Result<()> {
     let counts = read_loop(
         ring,
         |_, quiet| {
-            INTERRUPTED.load(Ordering::Relaxed)
+            crate::signals::interrupted()
                 || write_error.borrow().is_some()
                 || idle.is_some_and(|d| quiet >= d)
         },

@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: the real `multidb` binary, the real `libmultidb` and the
 //! real `sqlite3` shell, each test in its own temporary directory.
 
+pub mod s3server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;

@@ -3,5 +3,7 @@
 mod checkpoint;
 mod cli;
 mod extension;
+mod replicate;
 mod ring;
+mod s3;
 mod scale;

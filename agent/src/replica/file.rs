@@ -1,0 +1,156 @@
+//! The `file` replica: a directory, written with temp-file, fsync, rename, directory fsync.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use super::{file_name, parse_file_name, FileInfo, ReplicaClient, ReplicaError};
+
+pub struct FileReplica {
+    root: PathBuf,
+}
+
+impl FileReplica {
+    pub fn new(root: PathBuf) -> FileReplica {
+        FileReplica { root }
+    }
+
+    fn level_dir(&self, level: u8) -> PathBuf {
+        self.root.join("ltx").join(level.to_string())
+    }
+
+    fn path(&self, level: u8, min: u64, max: u64) -> PathBuf {
+        self.level_dir(level).join(file_name(min, max))
+    }
+
+    fn io(&self, path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> ReplicaError {
+        let location = path.display().to_string();
+        move |source| ReplicaError::Io {
+            location,
+            op,
+            source,
+        }
+    }
+}
+
+impl ReplicaClient for FileReplica {
+    fn url(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    fn location(&self, level: u8, min: u64, max: u64) -> String {
+        self.path(level, min, max).display().to_string()
+    }
+
+    fn list(&self, level: u8) -> Result<Vec<FileInfo>, ReplicaError> {
+        let dir = self.level_dir(level);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.io(&dir, "list")(e)),
+        };
+        let mut files = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(self.io(&dir, "list"))?;
+            let Some((min, max)) = entry.file_name().to_str().and_then(parse_file_name) else {
+                continue;
+            };
+            let meta = entry.metadata().map_err(self.io(&entry.path(), "stat"))?;
+            let created = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            files.push(FileInfo {
+                level,
+                min_txid: min,
+                max_txid: max,
+                size: meta.len(),
+                created,
+            });
+        }
+        files.sort_by_key(|f| (f.min_txid, f.max_txid));
+        Ok(files)
+    }
+
+    fn put(&self, level: u8, min: u64, max: u64, src: &Path) -> Result<(), ReplicaError> {
+        let dir = self.level_dir(level);
+        fs::create_dir_all(&dir).map_err(self.io(&dir, "create directory"))?;
+        let dst = self.path(level, min, max);
+        let tmp = dst.with_extension(format!("ltx.tmp{}", std::process::id()));
+        // Copy rather than rename: `src` may be on another file system (the state directory).
+        let result = (|| {
+            let mut input = fs::File::open(src)?;
+            let mut out = fs::File::create(&tmp)?;
+            io::copy(&mut input, &mut out)?;
+            out.sync_all()?;
+            fs::rename(&tmp, &dst)?;
+            fs::File::open(&dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(self.io(&dst, "write"))
+    }
+
+    fn get(&self, level: u8, min: u64, max: u64, dst: &mut dyn Write) -> Result<(), ReplicaError> {
+        let path = self.path(level, min, max);
+        let mut file = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ReplicaError::NotFound {
+                    location: path.display().to_string(),
+                })
+            }
+            Err(e) => return Err(self.io(&path, "open")(e)),
+        };
+        io::copy(&mut file, dst).map_err(self.io(&path, "read"))?;
+        Ok(())
+    }
+
+    fn delete(&self, files: &[FileInfo]) -> Result<(), ReplicaError> {
+        for f in files {
+            let path = self.path(f.level, f.min_txid, f.max_txid);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.io(&path, "delete")(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_list_get_delete() {
+        let tmp = tempfile::tempdir().unwrap();
+        let replica = FileReplica::new(tmp.path().join("r"));
+        let src = tmp.path().join("src.ltx");
+        fs::write(&src, b"hello").unwrap();
+        replica.put(0, 1, 1, &src).unwrap();
+        replica.put(0, 2, 5, &src).unwrap();
+        fs::write(replica.level_dir(0).join("junk.txt"), b"x").unwrap();
+        let files = replica.list(0).unwrap();
+        assert_eq!(
+            files
+                .iter()
+                .map(|f| (f.min_txid, f.max_txid))
+                .collect::<Vec<_>>(),
+            [(1, 1), (2, 5)]
+        );
+        assert!(tmp
+            .path()
+            .join("r/ltx/0/0000000000000002-0000000000000005.ltx")
+            .is_file());
+        let mut out = Vec::new();
+        replica.get(0, 2, 5, &mut out).unwrap();
+        assert_eq!(out, b"hello");
+        replica.delete(&files[..1]).unwrap();
+        assert_eq!(replica.list(0).unwrap().len(), 1);
+        assert!(matches!(
+            replica.get(0, 1, 1, &mut out),
+            Err(ReplicaError::NotFound { .. })
+        ));
+        assert!(replica.list(9).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,173 @@
+//! Replica clients: where LTX files go and come back from, behind one small trait.
+//!
+//! Layout below a database's replica root, as Litestream v0.5 lays it out:
+//! - `file`: `ROOT/ltx/<level>/<min:016x>-<max:016x>.ltx` (level in decimal)
+//! - `s3`: `PREFIX/<level:04x>/<min:016x>-<max:016x>.ltx`
+//!
+//! Writes are atomic from a reader's view: a file replica writes a temporary name, fsyncs and
+//! renames; an S3 replica makes one PUT per file. A replica is untrusted on the way back: the
+//! restore path verifies every file it reads.
+
+pub mod file;
+pub mod s3;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Level of snapshots (whole databases), as in Litestream.
+pub const SNAPSHOT_LEVEL: u8 = 9;
+
+/// One LTX file in a replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInfo {
+    pub level: u8,
+    pub min_txid: u64,
+    pub max_txid: u64,
+    pub size: u64,
+    /// When the replica stored it (file mtime, S3 LastModified).
+    pub created: SystemTime,
+}
+
+impl FileInfo {
+    /// `<min:016x>-<max:016x>.ltx`.
+    pub fn name(&self) -> String {
+        file_name(self.min_txid, self.max_txid)
+    }
+}
+
+/// The file name of an LTX file covering `min..=max`.
+pub fn file_name(min: u64, max: u64) -> String {
+    format!("{min:016x}-{max:016x}.ltx")
+}
+
+/// Parses `<min:016x>-<max:016x>.ltx`; other names are not LTX files of ours.
+pub fn parse_file_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(".ltx")?;
+    let (min, max) = stem.split_once('-')?;
+    if min.len() != 16 || max.len() != 16 {
+        return None;
+    }
+    let min = u64::from_str_radix(min, 16).ok()?;
+    let max = u64::from_str_radix(max, 16).ok()?;
+    (min >= 1 && min <= max).then_some((min, max))
+}
+
+/// A replica operation that failed, naming where.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("{location}: {op}: {source}")]
+    Io {
+        location: String,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{location}: not found")]
+    NotFound { location: String },
+    #[error("s3 bucket {bucket} key {key}: {op}: {message}")]
+    S3 {
+        bucket: String,
+        key: String,
+        op: &'static str,
+        message: String,
+    },
+    #[error("replica URL `{url}`: {reason}")]
+    Url { url: String, reason: String },
+}
+
+/// Where one database's LTX files live.
+pub trait ReplicaClient: Send + Sync {
+    /// The replica root as a URL, for messages and listings.
+    fn url(&self) -> String;
+    /// The location of one file, for messages (a path or `s3://bucket/key`).
+    fn location(&self, level: u8, min: u64, max: u64) -> String;
+    /// LTX files at `level`, sorted by `min_txid`.
+    fn list(&self, level: u8) -> Result<Vec<FileInfo>, ReplicaError>;
+    /// Stores the LTX file at local path `src` as (`level`, `min`, `max`), atomically.
+    fn put(&self, level: u8, min: u64, max: u64, src: &Path) -> Result<(), ReplicaError>;
+    /// Streams the file (`level`, `min`, `max`) into `dst`.
+    fn get(&self, level: u8, min: u64, max: u64, dst: &mut dyn Write) -> Result<(), ReplicaError>;
+    /// Deletes files; a file already gone is not an error.
+    fn delete(&self, files: &[FileInfo]) -> Result<(), ReplicaError>;
+}
+
+/// A parsed replica URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaUrl {
+    /// `file:///abs/dir` or an absolute path.
+    File(PathBuf),
+    /// `s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1`.
+    S3(s3::S3Location),
+}
+
+impl ReplicaUrl {
+    pub fn parse(url: &str) -> Result<ReplicaUrl, ReplicaError> {
+        let bad = |reason: &str| ReplicaError::Url {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(bad(
+                    "a file URL needs an absolute path, as in file:///backups/app",
+                ));
+            }
+            return Ok(ReplicaUrl::File(PathBuf::from(path)));
+        }
+        if url.starts_with('/') {
+            return Ok(ReplicaUrl::File(PathBuf::from(url)));
+        }
+        if url.starts_with("s3://") {
+            return s3::S3Location::parse(url).map(ReplicaUrl::S3);
+        }
+        Err(bad("expected file:///abs/dir or s3://bucket/prefix"))
+    }
+
+    /// Opens a client for this location.
+    pub fn client(&self) -> Result<Box<dyn ReplicaClient>, ReplicaError> {
+        Ok(match self {
+            ReplicaUrl::File(root) => Box::new(file::FileReplica::new(root.clone())),
+            ReplicaUrl::S3(location) => Box::new(s3::S3Replica::new(location.clone())?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_round_trip_and_reject_others() {
+        assert_eq!(file_name(1, 0x2a), "0000000000000001-000000000000002a.ltx");
+        assert_eq!(
+            parse_file_name("0000000000000001-000000000000002a.ltx"),
+            Some((1, 42))
+        );
+        for bad in [
+            "1-2.ltx",
+            "0000000000000002-0000000000000001.ltx",
+            "0000000000000000-0000000000000001.ltx",
+            "x.ltx",
+            "0000000000000001-000000000000002a.ltx.tmp",
+        ] {
+            assert_eq!(parse_file_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn urls_parse() {
+        assert_eq!(
+            ReplicaUrl::parse("file:///b/app").unwrap(),
+            ReplicaUrl::File("/b/app".into())
+        );
+        assert_eq!(
+            ReplicaUrl::parse("/b/app").unwrap(),
+            ReplicaUrl::File("/b/app".into())
+        );
+        assert!(ReplicaUrl::parse("file://relative")
+            .unwrap_err()
+            .to_string()
+            .contains("absolute path"));
+        assert!(ReplicaUrl::parse("ftp://x").is_err());
+    }
+}

@@ -1,0 +1,359 @@
+//! Restoring a database from its replica to any TXID or point in time, verified.
+//!
+//! The plan is the newest snapshot at or before the target, then the shortest chain of files
+//! across levels that continues it TXID by TXID (from each TXID, the file reaching furthest
+//! without passing the target). Files are downloaded in parallel; each is decoded with its
+//! file checksum verified, its pre-apply checksum must equal the previous file's post-apply
+//! checksum, and the finished database must have the last file's post-apply checksum and pass
+//! `PRAGMA integrity_check`. The result is written to a temporary file and renamed, so `OUT`
+//! is either the verified database or untouched.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, IsTerminal, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{bail, Context};
+
+use crate::ltx::{self, Decoder};
+use crate::replica::{FileInfo, ReplicaClient, SNAPSHOT_LEVEL};
+
+/// Levels a restore may read, compacted ones first so chains are short.
+const LEVELS: [u8; 5] = [SNAPSHOT_LEVEL, 3, 2, 1, 0];
+/// Files downloaded at once.
+const PARALLEL_DOWNLOADS: usize = 4;
+
+/// What to restore to.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    Latest,
+    Txid(u64),
+    /// The last TXID whose file the replica stored at or before this time.
+    Time(SystemTime),
+}
+
+/// Every file of a replica, by level.
+pub fn list_all(replica: &dyn ReplicaClient) -> anyhow::Result<Vec<FileInfo>> {
+    let mut files = Vec::new();
+    for level in LEVELS {
+        files.extend(
+            replica
+                .list(level)
+                .with_context(|| format!("listing level {level} of {}", replica.url()))?,
+        );
+    }
+    files.sort_by_key(|f| (f.max_txid, f.level));
+    Ok(files)
+}
+
+/// The files to apply, in order, to reach `target`.
+pub fn plan(files: &[FileInfo], target: Target) -> anyhow::Result<Vec<FileInfo>> {
+    let Some(max) = files.iter().map(|f| f.max_txid).max() else {
+        bail!("the replica holds no LTX files");
+    };
+    let target_txid = match target {
+        Target::Latest => max,
+        Target::Txid(t) => {
+            if t == 0 || t > max {
+                bail!("TXID {t} is not in the replica (it holds 1 to {max})");
+            }
+            t
+        }
+        Target::Time(when) => files
+            .iter()
+            .filter(|f| (f.level == 0 || f.level == SNAPSHOT_LEVEL) && f.created <= when)
+            .map(|f| f.max_txid)
+            .max()
+            .context("no file in the replica is that old")?,
+    };
+    let snapshot = files
+        .iter()
+        .filter(|f| f.level == SNAPSHOT_LEVEL && f.max_txid <= target_txid)
+        .max_by_key(|f| f.max_txid)
+        .with_context(|| format!("no snapshot at or before TXID {target_txid}"))?;
+    let mut chain = vec![snapshot.clone()];
+    let mut at = snapshot.max_txid;
+    while at < target_txid {
+        let next = files
+            .iter()
+            .filter(|f| f.level != SNAPSHOT_LEVEL && f.min_txid == at + 1 && f.max_txid <= target_txid)
+            .max_by_key(|f| f.max_txid)
+            .with_context(|| format!("missing file in the chain: nothing in the replica starts at TXID {} (restoring to {target_txid})", at + 1))?;
+        at = next.max_txid;
+        chain.push(next.clone());
+    }
+    Ok(chain)
+}
+
+/// Downloads `chain` in parallel into files in `dir`, in order.
+fn download(
+    replica: &dyn ReplicaClient,
+    chain: &[FileInfo],
+    dir: &Path,
+    progress: &(dyn Fn(usize) + Sync),
+) -> anyhow::Result<Vec<PathBuf>> {
+    let paths: Vec<PathBuf> = (0..chain.len())
+        .map(|i| dir.join(format!("{i:08}.ltx")))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..PARALLEL_DOWNLOADS.min(chain.len()))
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(f) = chain.get(i) else { return Ok(()) };
+                        let mut out = io::BufWriter::new(File::create(&paths[i])?);
+                        replica
+                            .get(f.level, f.min_txid, f.max_txid, &mut out)
+                            .with_context(|| {
+                                format!(
+                                    "downloading {}",
+                                    replica.location(f.level, f.min_txid, f.max_txid)
+                                )
+                            })?;
+                        out.flush()?;
+                        progress(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("download thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(paths)
+}
+
+/// Applies one downloaded file to `out`; returns its header and post-apply checksum. The outer
+/// error is a local I/O failure, the inner one a corrupt file.
+fn apply(
+    path: &Path,
+    out: &File,
+    page: &mut Vec<u8>,
+) -> io::Result<Result<(ltx::Header, u64), ltx::LtxError>> {
+    let input = io::BufReader::new(File::open(path)?);
+    let mut decoder = match Decoder::new(input) {
+        Ok(d) => d,
+        Err(e) => return Ok(Err(e)),
+    };
+    let header = *decoder.header();
+    page.resize(header.page_size as usize, 0);
+    loop {
+        match decoder.next_page(page) {
+            Ok(Some(pgno)) => {
+                out.write_all_at(page, u64::from(pgno - 1) * u64::from(header.page_size))?
+            }
+            Ok(None) => break,
+            Err(e) => return Ok(Err(e)),
+        }
+    }
+    let trailer = match decoder.finish() {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e)),
+    };
+    out.set_len(u64::from(header.commit) * u64::from(header.page_size))?;
+    Ok(Ok((header, trailer.post_apply_checksum)))
+}
+
+/// What a restore did.
+#[derive(Debug)]
+pub struct Restored {
+    pub txid: u64,
+    pub files: usize,
+    pub pages: u32,
+}
+
+/// Restores into `output` (which must not exist).
+pub fn restore(
+    replica: &dyn ReplicaClient,
+    target: Target,
+    output: &Path,
+    dry_run: bool,
+) -> anyhow::Result<Restored> {
+    if output.exists() {
+        bail!(
+            "{} already exists; restore never overwrites a database",
+            output.display()
+        );
+    }
+    let files = list_all(replica)?;
+    let chain = plan(&files, target)?;
+    let txid = chain.last().map_or(0, |f| f.max_txid);
+    if dry_run {
+        for f in &chain {
+            println!("level {} {} ({} bytes)", f.level, f.name(), f.size);
+        }
+        println!(
+            "would restore TXID {txid} from {} file(s) to {}",
+            chain.len(),
+            output.display()
+        );
+        return Ok(Restored {
+            txid,
+            files: chain.len(),
+            pages: 0,
+        });
+    }
+    let parent = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let work = parent.join(format!(
+        ".{}.multidb-restore-{}",
+        output.file_name().and_then(|n| n.to_str()).unwrap_or("db"),
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let result = restore_into(replica, &chain, output, &work);
+    let _ = std::fs::remove_dir_all(&work);
+    result.map(|pages| Restored {
+        txid,
+        files: chain.len(),
+        pages,
+    })
+}
+
+fn restore_into(
+    replica: &dyn ReplicaClient,
+    chain: &[FileInfo],
+    output: &Path,
+    work: &Path,
+) -> anyhow::Result<u32> {
+    let show = io::stderr().is_terminal();
+    let total = chain.len();
+    let progress = |n: usize| {
+        if show {
+            eprint!("\rdownloading {n}/{total}");
+        }
+    };
+    let paths = download(replica, chain, work, &progress)?;
+    if show {
+        eprintln!();
+    }
+    let tmp = work.join("restored.db");
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    let mut page = Vec::new();
+    let mut checksum = None;
+    let mut header = None;
+    for (f, path) in chain.iter().zip(&paths) {
+        let location = replica.location(f.level, f.min_txid, f.max_txid);
+        let (h, post) = apply(path, &out, &mut page)
+            .with_context(|| format!("writing {}", tmp.display()))?
+            .with_context(|| format!("replica file {location} is corrupt"))?;
+        if h.min_txid != f.min_txid || h.max_txid != f.max_txid {
+            bail!(
+                "replica file {location} is corrupt: its header says TXIDs {}-{}",
+                h.min_txid,
+                h.max_txid
+            );
+        }
+        if let Some(previous) = checksum {
+            if h.tracks_checksums() && h.pre_apply_checksum != previous {
+                bail!("replica file {location} does not continue the chain: pre-apply checksum {:016x}, expected {previous:016x}", h.pre_apply_checksum);
+            }
+        }
+        checksum = Some(post);
+        header = Some(h);
+    }
+    let header = header.context("empty chain")?;
+    out.sync_all()?;
+    let actual = ltx::checksum_database(io::BufReader::new(File::open(&tmp)?), header.page_size)?;
+    if header.tracks_checksums() && Some(actual) != checksum {
+        bail!(
+            "restored database checksum {actual:016x} differs from the replica's {:016x}",
+            checksum.unwrap_or_default()
+        );
+    }
+    let conn = rusqlite::Connection::open(&tmp)?;
+    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    drop(conn);
+    if check != "ok" {
+        bail!("restored database fails PRAGMA integrity_check: {check}");
+    }
+    for sidecar in ["-wal", "-shm"] {
+        let mut p = tmp.as_os_str().to_owned();
+        p.push(sidecar);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
+    std::fs::rename(&tmp, output)
+        .with_context(|| format!("moving the restored database to {}", output.display()))?;
+    if let Some(dir) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(header.commit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn f(level: u8, min: u64, max: u64, secs: u64) -> FileInfo {
+        FileInfo {
+            level,
+            min_txid: min,
+            max_txid: max,
+            size: 1,
+            created: UNIX_EPOCH + Duration::from_secs(secs),
+        }
+    }
+
+    #[test]
+    fn plans_take_the_newest_snapshot_and_the_shortest_chain() {
+        let files = vec![
+            f(9, 1, 1, 1),
+            f(0, 2, 2, 2),
+            f(0, 3, 3, 3),
+            f(1, 2, 4, 5),
+            f(0, 4, 4, 4),
+            f(0, 5, 5, 6),
+            f(9, 1, 5, 7),
+            f(0, 6, 6, 8),
+        ];
+        let names = |p: Vec<FileInfo>| {
+            p.iter()
+                .map(|f| (f.level, f.min_txid, f.max_txid))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(plan(&files, Target::Latest).unwrap()),
+            [(9, 1, 5), (0, 6, 6)]
+        );
+        assert_eq!(
+            names(plan(&files, Target::Txid(4)).unwrap()),
+            [(9, 1, 1), (1, 2, 4)]
+        );
+        assert_eq!(
+            names(plan(&files, Target::Txid(3)).unwrap()),
+            [(9, 1, 1), (0, 2, 2), (0, 3, 3)]
+        );
+        assert_eq!(
+            names(plan(&files, Target::Time(UNIX_EPOCH + Duration::from_secs(3))).unwrap()),
+            [(9, 1, 1), (0, 2, 2), (0, 3, 3)]
+        );
+        assert!(plan(&files, Target::Txid(7))
+            .unwrap_err()
+            .to_string()
+            .contains("TXID 7 is not in the replica"));
+        let gap: Vec<FileInfo> = files
+            .iter()
+            .filter(|x| (x.level, x.min_txid) != (0, 3) && x.level != 1)
+            .cloned()
+            .collect();
+        assert!(plan(&gap, Target::Txid(4))
+            .unwrap_err()
+            .to_string()
+            .contains("nothing in the replica starts at TXID 3"));
+        assert!(plan(&[], Target::Latest).is_err());
+    }
+}
