@@ -51,12 +51,20 @@ pub fn replicate_once(db: &Path, url: &str) -> Run {
 }
 
 pub fn restore(url: &str, output: &Path, extra: &[&str]) -> Run {
-    run(multidb(output.parent().unwrap())
+    restore_with_env(url, output, extra, &[])
+}
+
+/// `multidb restore` with extra environment (S3 credentials).
+pub fn restore_with_env(url: &str, output: &Path, extra: &[&str], env: &[(&str, String)]) -> Run {
+    let mut command = multidb(output.parent().unwrap());
+    command
         .arg("restore")
         .arg("-o")
         .arg(output)
         .args(extra)
-        .arg(url))
+        .arg(url);
+    command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    run(&mut command)
 }
 
 /// The page checksum of a database file, after folding its WAL into it.
@@ -67,9 +75,13 @@ pub fn file_checksum(db: &Path) -> u64 {
 
 /// The restore equals the source: same dump, same page checksum, integrity ok.
 pub fn assert_restores_equal(source: &Path, url: &str) {
+    assert_restores_equal_with_env(source, url, &[]);
+}
+
+pub fn assert_restores_equal_with_env(source: &Path, url: &str, env: &[(&str, String)]) {
     let out_path = source.with_extension(format!("restored-{}.db", std::process::id()));
     let _ = fs::remove_file(&out_path);
-    let out = restore(url, &out_path, &[]);
+    let out = restore_with_env(url, &out_path, &[], env);
     assert_eq!(out.code, 0, "restore: {}", out.stderr);
     assert_eq!(
         dump(&out_path),
@@ -94,8 +106,13 @@ pub struct Replicating {
 
 impl Replicating {
     pub fn start(db: &Path, url: &str) -> Replicating {
+        Replicating::start_with_env(db, url, &[])
+    }
+
+    pub fn start_with_env(db: &Path, url: &str, env: &[(&str, String)]) -> Replicating {
         let child = Command::new(multidb_bin())
             .env("MULTIDB_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .arg("replicate")
             .arg(db)
             .arg(url)
@@ -169,6 +186,28 @@ fn round_trip_of_1000_transactions_to_a_directory() {
     shell(&db, &mixed_transactions(1000, 0));
     replicating.stop();
     assert_restores_equal(&db, &url);
+}
+
+#[test]
+fn round_trip_of_1000_transactions_to_s3() {
+    let server = multidb_tests::s3server::S3Server::start();
+    let env = server.env();
+    let tmp = tempfile::tempdir().unwrap();
+    let db = new_db(tmp.path(), "app.db");
+    let url = server.url("proj/app");
+    let replicating = Replicating::start_with_env(&db, &url, &env);
+    shell(&db, &mixed_transactions(1000, 0));
+    replicating.stop();
+    assert!(
+        server.keys("proj/app/0009/").len() == 1,
+        "one snapshot at level 9: {:?}",
+        server.keys("proj/app/")
+    );
+    assert!(
+        !server.keys("proj/app/0000/").is_empty(),
+        "level-0 files under proj/app/0000/"
+    );
+    assert_restores_equal_with_env(&db, &url, &env);
 }
 
 #[test]
