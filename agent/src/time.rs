@@ -83,9 +83,18 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
                 Some(b'-') => -1,
                 _ => return Err(bad()),
             };
-            let (h, m) = rest[1..].split_once(':').ok_or_else(bad)?;
-            let h: i64 = h.parse().map_err(|_| bad())?;
-            let m: i64 = m.parse().map_err(|_| bad())?;
+            let b = rest.as_bytes();
+            let two = |at: usize| -> Option<i64> {
+                (b[at].is_ascii_digit() && b[at + 1].is_ascii_digit())
+                    .then(|| i64::from((b[at] - b'0') * 10 + (b[at + 1] - b'0')))
+            };
+            if b.len() != 6 || b[3] != b':' {
+                return Err(bad());
+            }
+            let (h, m) = (two(1).ok_or_else(bad)?, two(4).ok_or_else(bad)?);
+            if h > 23 || m > 59 {
+                return Err(bad());
+            }
             sign * (h * 3600 + m * 60)
         }
     };

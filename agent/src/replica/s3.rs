@@ -19,7 +19,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Once;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use s3::command::Command;
 use s3::creds::Credentials;
@@ -472,7 +472,8 @@ impl ReplicaClient for S3Replica {
                     min_txid: min,
                     max_txid: max,
                     size: object.size,
-                    created: parse_rfc3339(&object.last_modified).unwrap_or(UNIX_EPOCH),
+                    created: crate::time::parse_rfc3339(&object.last_modified)
+                        .unwrap_or(UNIX_EPOCH),
                 });
             }
             if !page.is_truncated {
@@ -713,75 +714,6 @@ fn random_u64() -> u64 {
     RandomState::new().build_hasher().finish()
 }
 
-/// Parses an RFC 3339 time as S3 gives `LastModified` (`2024-05-01T12:34:56.000Z`).
-fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    let bytes = text.as_bytes();
-    let digits = |from: usize, len: usize| -> Option<i64> {
-        let field = text.get(from..from + len)?;
-        if !field.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        field.parse().ok()
-    };
-    if bytes.len() < 20
-        || bytes[4] != b'-'
-        || bytes[7] != b'-'
-        || !matches!(bytes[10], b'T' | b't' | b' ')
-        || bytes[13] != b':'
-        || bytes[16] != b':'
-    {
-        return None;
-    }
-    let (year, month, day) = (digits(0, 4)?, digits(5, 2)?, digits(8, 2)?);
-    let (hour, minute, second) = (digits(11, 2)?, digits(14, 2)?, digits(17, 2)?);
-    if !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
-        || hour > 23
-        || minute > 59
-        || second > 60
-    {
-        return None;
-    }
-    let mut rest = &text[19..];
-    let mut nanos = 0u32;
-    if let Some(fraction) = rest.strip_prefix('.') {
-        let len = fraction.bytes().take_while(u8::is_ascii_digit).count();
-        if len == 0 {
-            return None;
-        }
-        let kept = &fraction[..len.min(9)];
-        nanos = kept.parse::<u32>().ok()? * 10u32.pow(9 - kept.len() as u32);
-        rest = &fraction[len..];
-    }
-    let offset = match rest.as_bytes() {
-        [b'Z' | b'z'] => 0,
-        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
-            let at = text.len() - 5;
-            let seconds = digits(at, 2)? * 3600 + digits(at + 3, 2)? * 60;
-            if *sign == b'+' {
-                seconds
-            } else {
-                -seconds
-            }
-        }
-        _ => return None,
-    };
-    let seconds =
-        days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset;
-    let seconds = u64::try_from(seconds).ok()?;
-    Some(UNIX_EPOCH + Duration::new(seconds, nanos))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -974,7 +906,11 @@ mod tests {
 
     #[test]
     fn last_modified_parses_as_rfc3339() {
-        let at = |s: &str| parse_rfc3339(s).map(|t| t.duration_since(UNIX_EPOCH).unwrap());
+        let at = |s: &str| {
+            crate::time::parse_rfc3339(s)
+                .ok()
+                .map(|t| t.duration_since(UNIX_EPOCH).unwrap())
+        };
         assert_eq!(at("1970-01-01T00:00:00Z"), Some(Duration::ZERO));
         assert_eq!(
             at("2024-02-29T12:00:00.500Z"),
