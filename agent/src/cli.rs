@@ -143,6 +143,8 @@ pub enum BenchCommand {
     Discovery(crate::bench::DiscoveryArgs),
     /// Cost of libmultidb per commit beside plain SQLite, and commit-to-agent delay
     Commit(crate::bench::CommitArgs),
+    /// Commit-to-replica latency, page throughput, restore vs cp, idle S3 requests
+    Replicate(crate::bench::ReplicateArgs),
     /// Run a command and print its wall time (ns) and peak RSS (bytes): the benchmarks' trampoline
     #[command(hide = true)]
     Measure {
@@ -253,6 +255,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Bench(BenchCommand::Discovery(args)) => crate::bench::discovery(args)?,
         Command::Bench(BenchCommand::Commit(args)) => crate::bench::commit(args)?,
+        Command::Bench(BenchCommand::Replicate(args)) => crate::bench::replicate(args)?,
         Command::Bench(BenchCommand::Measure { command }) => crate::bench::measure(command)?,
     }
     Ok(())

@@ -71,6 +71,8 @@ pub struct Synced {
     pub bytes: u64,
     /// Why a snapshot was taken, if this sync wrote one.
     pub snapshot_reason: Option<&'static str>,
+    /// The WAL offset replicated through (the position after the last commit frame read).
+    pub wal_offset: u64,
 }
 
 /// The replicated state: everything needed to continue from the last TXID.
@@ -445,6 +447,7 @@ impl Replicator {
             pages: written,
             bytes,
             snapshot_reason: None,
+            wal_offset: committed.end.offset,
         })
     }
 
@@ -625,6 +628,7 @@ impl Replicator {
             pages: pages as usize,
             bytes,
             snapshot_reason: Some(reason),
+            wal_offset: pos.offset,
         })
     }
 
@@ -794,14 +798,34 @@ pub fn run(
     tmp_dir: &Path,
     options: RunOptions,
 ) -> Result<u64, ReplicateError> {
+    crate::signals::catch_interrupts();
+    run_with(
+        db,
+        replica,
+        tmp_dir,
+        options,
+        &crate::signals::interrupted,
+        &mut |_| {},
+    )
+}
+
+/// The replication loop: syncs when the WAL changes, until `stop` says so (then one final
+/// sync) or after one pass with `once`. `on_sync` sees every sync that wrote a file.
+pub fn run_with(
+    db: &Path,
+    replica: Box<dyn ReplicaClient>,
+    tmp_dir: &Path,
+    options: RunOptions,
+    stop: &dyn Fn() -> bool,
+    on_sync: &mut dyn FnMut(&Synced),
+) -> Result<u64, ReplicateError> {
     let url = replica.url();
     let mut replicator = Replicator::open(db, replica, tmp_dir)?;
-    crate::signals::catch_interrupts();
     let mut backoff = options.poll;
     let mut last_stamp = None;
     loop {
         let stamp = wal_stamp(&replicator.wal_path);
-        let stopping = crate::signals::interrupted();
+        let stopping = stop();
         if stamp != last_stamp || stopping || options.once || replicator.state.is_none() {
             match replicator.sync() {
                 Ok(Some(s)) => {
@@ -811,6 +835,7 @@ pub fn run(
                         .snapshot_reason
                         .map_or("sync".to_string(), |why| format!("snapshot ({why})"));
                     tracing::info!(db = %db.display(), replica = %url, txid = s.txid, level = s.level, pages = s.pages, bytes = s.bytes, "{kind}");
+                    on_sync(&s);
                 }
                 Ok(None) => last_stamp = stamp,
                 Err(e) if options.once || stopping => return Err(e),

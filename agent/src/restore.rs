@@ -93,8 +93,15 @@ fn download(
     dir: &Path,
     progress: &(dyn Fn(usize) + Sync),
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let paths: Vec<PathBuf> = (0..chain.len())
-        .map(|i| dir.join(format!("{i:08}.ltx")))
+    // Files of a local replica are read in place; others are downloaded into `dir`.
+    let paths: Vec<PathBuf> = chain
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            replica
+                .local_path(f.level, f.min_txid, f.max_txid)
+                .unwrap_or_else(|| dir.join(format!("{i:08}.ltx")))
+        })
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let done = std::sync::atomic::AtomicUsize::new(0);
@@ -105,6 +112,13 @@ fn download(
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(f) = chain.get(i) else { return Ok(()) };
+                        if replica
+                            .local_path(f.level, f.min_txid, f.max_txid)
+                            .is_some()
+                        {
+                            progress(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+                            continue;
+                        }
                         let mut out = io::BufWriter::new(File::create(&paths[i])?);
                         replica
                             .get(f.level, f.min_txid, f.max_txid, &mut out)
@@ -232,7 +246,9 @@ fn restore_into(
             eprint!("\rdownloading {n}/{total}");
         }
     };
+    let started = std::time::Instant::now();
     let paths = download(replica, chain, work, &progress)?;
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "downloaded");
     if show {
         eprintln!();
     }
@@ -266,7 +282,9 @@ fn restore_into(
         header = Some(h);
     }
     let header = header.context("empty chain")?;
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "applied");
     out.sync_all()?;
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "synced");
     let actual = ltx::checksum_database(io::BufReader::new(File::open(&tmp)?), header.page_size)?;
     if header.tracks_checksums() && Some(actual) != checksum {
         bail!(
@@ -274,12 +292,17 @@ fn restore_into(
             checksum.unwrap_or_default()
         );
     }
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "checksummed");
     let conn = rusqlite::Connection::open(&tmp)?;
     let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
     drop(conn);
     if check != "ok" {
         bail!("restored database fails PRAGMA integrity_check: {check}");
     }
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "integrity checked"
+    );
     for sidecar in ["-wal", "-shm"] {
         let mut p = tmp.as_os_str().to_owned();
         p.push(sidecar);

@@ -73,8 +73,14 @@ impl ReplicaClient for FileReplica {
         let dir = self.level_dir(level);
         fs::create_dir_all(&dir).map_err(self.io(&dir, "create directory"))?;
         let dst = self.path(level, min, max);
+        // Same file system: a rename is atomic and writes nothing twice (`src` is synced).
+        if fs::rename(src, &dst).is_ok() {
+            return fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(self.io(&dir, "sync directory"));
+        }
         let tmp = dst.with_extension(format!("ltx.tmp{}", std::process::id()));
-        // Copy rather than rename: `src` may be on another file system (the state directory).
+        // Another file system: copy to a temporary name, sync, rename.
         let result = (|| {
             let mut input = fs::File::open(src)?;
             let mut out = fs::File::create(&tmp)?;
@@ -87,6 +93,10 @@ impl ReplicaClient for FileReplica {
             let _ = fs::remove_file(&tmp);
         }
         result.map_err(self.io(&dst, "write"))
+    }
+
+    fn local_path(&self, level: u8, min: u64, max: u64) -> Option<PathBuf> {
+        Some(self.path(level, min, max))
     }
 
     fn get(&self, level: u8, min: u64, max: u64, dst: &mut dyn Write) -> Result<(), ReplicaError> {
@@ -128,6 +138,7 @@ mod tests {
         let src = tmp.path().join("src.ltx");
         fs::write(&src, b"hello").unwrap();
         replica.put(0, 1, 1, &src).unwrap();
+        fs::write(&src, b"hello").unwrap();
         replica.put(0, 2, 5, &src).unwrap();
         fs::write(replica.level_dir(0).join("junk.txt"), b"x").unwrap();
         let files = replica.list(0).unwrap();
@@ -145,6 +156,10 @@ mod tests {
         let mut out = Vec::new();
         replica.get(0, 2, 5, &mut out).unwrap();
         assert_eq!(out, b"hello");
+        assert!(
+            !src.exists(),
+            "same file system: the source was moved into place"
+        );
         replica.delete(&files[..1]).unwrap();
         assert_eq!(replica.list(0).unwrap().len(), 1);
         assert!(matches!(

@@ -83,8 +83,14 @@ pub trait ReplicaClient: Send + Sync {
     fn location(&self, level: u8, min: u64, max: u64) -> String;
     /// LTX files at `level`, sorted by `min_txid`.
     fn list(&self, level: u8) -> Result<Vec<FileInfo>, ReplicaError>;
-    /// Stores the LTX file at local path `src` as (`level`, `min`, `max`), atomically.
+    /// Stores the LTX file at local path `src` as (`level`, `min`, `max`), atomically. `src`
+    /// must be synced to disk already; the client may move it instead of copying it.
     fn put(&self, level: u8, min: u64, max: u64, src: &Path) -> Result<(), ReplicaError>;
+    /// The file's path when the replica is a local directory, so readers can use it in place
+    /// instead of copying it first.
+    fn local_path(&self, _level: u8, _min: u64, _max: u64) -> Option<PathBuf> {
+        None
+    }
     /// Streams the file (`level`, `min`, `max`) into `dst`.
     fn get(&self, level: u8, min: u64, max: u64, dst: &mut dyn Write) -> Result<(), ReplicaError>;
     /// Deletes files; a file already gone is not an error.

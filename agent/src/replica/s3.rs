@@ -247,6 +247,10 @@ impl fmt::Debug for S3Credentials {
     }
 }
 
+/// HTTP requests made to S3 by this process (every attempt, retries included): the
+/// benchmarks print it to show that an unwritten database costs no requests.
+pub static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A client for one S3 replica root.
 pub struct S3Replica {
     location: S3Location,
@@ -313,6 +317,7 @@ impl S3Replica {
     }
 
     /// Runs `request` until it succeeds, fails for good, or [`MAX_ATTEMPTS`] are spent.
+    /// Every attempt counts in [`REQUESTS`].
     fn retrying<T>(
         &self,
         op: &'static str,
@@ -321,6 +326,7 @@ impl S3Replica {
     ) -> Result<T, Fault> {
         let mut attempt = 1;
         loop {
+            REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let error = match request() {
                 Ok(value) => return Ok(value),
                 Err(error) => error,

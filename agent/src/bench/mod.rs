@@ -13,6 +13,9 @@ use crate::discovery;
 use crate::generate::{self, Layout};
 use crate::pattern::Pattern;
 
+mod replication;
+pub use replication::{replicate, ReplicateArgs};
+
 #[derive(Debug, clap::Args)]
 pub struct DiscoveryArgs {
     /// Where the trees are generated (kept and reused by later runs)
