@@ -64,6 +64,9 @@ pub enum Command {
         /// Directory for temporary LTX files [default: the system temp directory]
         #[arg(long)]
         tmp_dir: Option<PathBuf>,
+        /// Keep positions here, so a restart resumes without reading the replica
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         db: PathBuf,
         url: String,
     },
@@ -200,6 +203,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             once,
             poll,
             tmp_dir,
+            state_dir,
             db,
             url,
         } => {
@@ -211,8 +215,14 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 poll: *poll,
                 max_backoff: std::time::Duration::from_secs(5),
             };
-            let txid =
-                crate::replicate::run(db, client, &tmp, options).map_err(anyhow::Error::from)?;
+            let store = match state_dir {
+                Some(dir) => {
+                    Some(crate::state::StateStore::open(dir).map_err(anyhow::Error::from)?)
+                }
+                None => None,
+            };
+            let txid = crate::replicate::run(db, client, &tmp, store, options)
+                .map_err(anyhow::Error::from)?;
             eprintln!("{}: replicated through TXID {txid} to {url}", db.display());
         }
         Command::Restore {

@@ -15,5 +15,6 @@ pub mod replicate;
 pub mod restore;
 pub mod ring;
 pub mod signals;
+pub mod state;
 pub mod time;
 pub mod wal;

@@ -87,6 +87,21 @@ struct State {
     db_checksum: u64,
 }
 
+/// A replicated state as something outside memory records it (the replica's newest file, or
+/// the state database), to be verified against the database before it is trusted.
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    txid: u64,
+    page_size: u32,
+    db_pages: u32,
+    /// Salts of the WAL generation the state ends in.
+    salts: (u32, u32),
+    /// WAL offset after the last replicated commit (0: not from a WAL).
+    end: u64,
+    /// Database checksum at `txid`.
+    checksum: u64,
+}
+
 /// Where a replicator starts when it has no state in memory.
 enum Recovery {
     /// The replica is empty: the first snapshot is TXID 1.
@@ -109,6 +124,8 @@ pub struct Replicator {
     state: Option<State>,
     pinned: bool,
     page: Vec<u8>,
+    /// Where positions are saved after each acknowledged upload, if anywhere.
+    store: Option<crate::state::StateStore>,
 }
 
 impl Drop for Replicator {
@@ -180,11 +197,68 @@ impl Replicator {
             state: None,
             pinned: false,
             page: Vec::new(),
+            store: None,
         })
     }
 
     fn name(&self) -> String {
         self.db_path.display().to_string()
+    }
+
+    /// Saves positions in `store` after every upload and resumes from it after a restart,
+    /// so a restart does not list and read the replica.
+    pub fn with_state(mut self, store: crate::state::StateStore) -> Replicator {
+        self.store = Some(store);
+        self
+    }
+
+    /// Records the current position in the state database (best effort: the replica is the
+    /// source of truth, a lost position only costs a replica read at the next start).
+    fn save_position(&self) {
+        let (Some(store), Some(state)) = (&self.store, &self.state) else {
+            return;
+        };
+        let position = crate::state::Position {
+            txid: state.txid,
+            page_size: state.page_size,
+            db_pages: state.db_pages,
+            wal: state.pos,
+            db_checksum: state.db_checksum,
+        };
+        if let Err(e) = store.save(&self.name(), &self.replica.url(), &position) {
+            tracing::warn!(db = %self.db_path.display(), error = %e, "saving the position failed");
+        }
+    }
+
+    /// The saved position, verified against the database.
+    fn resume_from_store(
+        &mut self,
+        wal: Option<&(File, WalHeader)>,
+    ) -> Result<Option<State>, ReplicateError> {
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        let saved = match store.load(&self.name(), &self.replica.url()) {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(db = %self.db_path.display(), error = %e, "reading the saved position failed");
+                return Ok(None);
+            }
+        };
+        let claim = Claim {
+            txid: saved.txid,
+            page_size: saved.page_size,
+            db_pages: saved.db_pages,
+            salts: (saved.wal.salt1, saved.wal.salt2),
+            end: saved.wal.offset,
+            checksum: saved.db_checksum,
+        };
+        let state = self.verify(wal, &claim)?;
+        if state.is_some() {
+            tracing::debug!(db = %self.db_path.display(), txid = saved.txid, "resumed from the state directory");
+        }
+        Ok(state)
     }
 
     fn sql_err(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> ReplicateError {
@@ -261,6 +335,9 @@ impl Replicator {
     pub fn sync(&mut self) -> Result<Option<Synced>, ReplicateError> {
         self.pin()?;
         let result = self.sync_pinned();
+        if matches!(result, Ok(Some(_))) {
+            self.save_position();
+        }
         // Let checkpoints advance past what is now replicated; pin again at once.
         self.unpin()?;
         self.pin()?;
@@ -269,6 +346,11 @@ impl Replicator {
 
     fn sync_pinned(&mut self) -> Result<Option<Synced>, ReplicateError> {
         let wal = self.open_wal()?;
+        if self.state.is_none() {
+            if let Some(state) = self.resume_from_store(wal.as_ref())? {
+                self.state = Some(state);
+            }
+        }
         if self.state.is_none() {
             match self.recover(wal.as_ref())? {
                 Recovery::Resume(state) => self.state = Some(state),
@@ -662,34 +744,48 @@ impl Replicator {
             .finish()
             .map_err(self.ltx_err("decode newest replica file"))?
             .post_apply_checksum;
-        let txid = newest.max_txid;
-        // Where the newest file ends in the WAL generation it names.
-        let end = (header.wal_offset + header.wal_size) as u64;
-        let same_generation = wal.filter(|(_, h)| {
-            h.salt1 == header.wal_salt1
-                && h.salt2 == header.wal_salt2
-                && end >= wal::WAL_HEADER_SIZE
-        });
-        let Some((file, wal_header)) = same_generation else {
-            return self
-                .recover_from_db_file(txid, header, post_apply)
-                .map(|s| s.map_or(Recovery::Snapshot { after: txid }, Recovery::Resume));
+        let claim = Claim {
+            txid: newest.max_txid,
+            page_size: header.page_size,
+            db_pages: header.commit,
+            salts: (header.wal_salt1, header.wal_salt2),
+            end: (header.wal_offset + header.wal_size) as u64,
+            checksum: post_apply,
         };
+        Ok(self
+            .verify(wal, &claim)?
+            .map_or(Recovery::Snapshot { after: claim.txid }, Recovery::Resume))
+    }
+
+    /// The state `claim` describes, if the database still matches it: the WAL generation it
+    /// names reaches exactly its end and the database checksum there agrees, or (with no such
+    /// WAL) the database file alone has that checksum.
+    fn verify(
+        &mut self,
+        wal: Option<&(File, WalHeader)>,
+        claim: &Claim,
+    ) -> Result<Option<State>, ReplicateError> {
+        let txid = claim.txid;
+        let end = claim.end;
+        let same_generation =
+            wal.filter(|(_, h)| (h.salt1, h.salt2) == claim.salts && end >= wal::WAL_HEADER_SIZE);
+        let Some((file, wal_header)) = same_generation else {
+            return self.recover_from_db_file(claim);
+        };
+        let mut scratch = Vec::new();
         let committed = wal::read_committed(file, wal_header, wal_header.start(), &mut scratch)
             .map_err(self.io_err("read WAL"))?;
         let Some(at) = committed.commits.iter().position(|p| p.offset == end) else {
             if end == wal::WAL_HEADER_SIZE {
                 // A snapshot taken when the WAL held no frames.
-                let resumed = self.recover_from_db_file(txid, header, post_apply)?;
-                return Ok(resumed.map_or(Recovery::Snapshot { after: txid }, |s| {
-                    Recovery::Resume(State {
-                        pos: wal_header.start(),
-                        ..s
-                    })
+                let resumed = self.recover_from_db_file(claim)?;
+                return Ok(resumed.map(|s| State {
+                    pos: wal_header.start(),
+                    ..s
                 }));
             }
             tracing::info!(db = %self.db_path.display(), txid, "WAL does not reach the replicated position");
-            return Ok(Recovery::Snapshot { after: txid });
+            return Ok(None);
         };
         let pos = committed.commits[at];
         let mut overlay = BTreeMap::new();
@@ -702,15 +798,15 @@ impl Replicator {
         }
         overlay.retain(|p, _| *p <= pages);
         let (sums, checksum) =
-            self.page_sums_of(header.page_size, pages, Some(file), &overlay, None)?;
-        if checksum != post_apply {
-            tracing::info!(db = %self.db_path.display(), txid, "database differs from the replica at its newest TXID");
-            return Ok(Recovery::Snapshot { after: txid });
+            self.page_sums_of(claim.page_size, pages, Some(file), &overlay, None)?;
+        if checksum != claim.checksum {
+            tracing::info!(db = %self.db_path.display(), txid, "database differs from the replicated state");
+            return Ok(None);
         }
-        Ok(Recovery::Resume(State {
+        Ok(Some(State {
             txid,
             pos,
-            page_size: header.page_size,
+            page_size: claim.page_size,
             db_pages: pages,
             page_sums: sums,
             db_checksum: checksum,
@@ -719,22 +815,17 @@ impl Replicator {
 
     /// With no usable WAL position, the database file itself may still equal the replica's
     /// newest state (the WAL was checkpointed after everything was replicated).
-    fn recover_from_db_file(
-        &mut self,
-        txid: u64,
-        header: Header,
-        post_apply: u64,
-    ) -> Result<Option<State>, ReplicateError> {
+    fn recover_from_db_file(&mut self, claim: &Claim) -> Result<Option<State>, ReplicateError> {
         let (page_size, pages) = self.db_file_geometry()?;
-        if page_size != header.page_size || pages != header.commit {
+        if page_size != claim.page_size || pages != claim.db_pages {
             return Ok(None);
         }
         let (sums, checksum) = self.page_sums_of(page_size, pages, None, &BTreeMap::new(), None)?;
-        if checksum != post_apply {
+        if checksum != claim.checksum {
             return Ok(None);
         }
         Ok(Some(State {
-            txid,
+            txid: claim.txid,
             pos: WalPosition::default(),
             page_size,
             db_pages: pages,
@@ -796,6 +887,7 @@ pub fn run(
     db: &Path,
     replica: Box<dyn ReplicaClient>,
     tmp_dir: &Path,
+    store: Option<crate::state::StateStore>,
     options: RunOptions,
 ) -> Result<u64, ReplicateError> {
     crate::signals::catch_interrupts();
@@ -803,6 +895,7 @@ pub fn run(
         db,
         replica,
         tmp_dir,
+        store,
         options,
         &crate::signals::interrupted,
         &mut |_| {},
@@ -815,12 +908,16 @@ pub fn run_with(
     db: &Path,
     replica: Box<dyn ReplicaClient>,
     tmp_dir: &Path,
+    store: Option<crate::state::StateStore>,
     options: RunOptions,
     stop: &dyn Fn() -> bool,
     on_sync: &mut dyn FnMut(&Synced),
 ) -> Result<u64, ReplicateError> {
     let url = replica.url();
     let mut replicator = Replicator::open(db, replica, tmp_dir)?;
+    if let Some(store) = store {
+        replicator = replicator.with_state(store);
+    }
     let mut backoff = options.poll;
     let mut last_stamp = None;
     loop {

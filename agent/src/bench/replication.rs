@@ -125,6 +125,7 @@ fn latency(args: &ReplicateArgs, tmp: &Path) -> anyhow::Result<()> {
                     &db,
                     replica,
                     tmp,
+                    None,
                     options,
                     &|| stop.load(Ordering::Relaxed),
                     &mut |s: &Synced| {

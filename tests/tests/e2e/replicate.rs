@@ -481,3 +481,49 @@ fn sigkill_at_random_points_loses_nothing_and_leaves_no_half_file() {
     }
     assert_restores_equal(&db, &url);
 }
+
+#[test]
+fn a_restart_resumes_from_the_state_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = new_db(tmp.path(), "app.db");
+    let url = url_of(&tmp.path().join("replica"));
+    let state = tmp.path().join("state");
+    let writer = rusqlite::Connection::open(&db).unwrap();
+    let once = |expect_resume: bool| {
+        let out = run(multidb(tmp.path())
+            .env("MULTIDB_LOG", "multidb_agent=debug")
+            .args(["replicate", "--once", "--state-dir"])
+            .arg(&state)
+            .arg(&db)
+            .arg(&url));
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_eq!(
+            out.stderr.contains("resumed from the state directory"),
+            expect_resume,
+            "{}",
+            out.stderr
+        );
+    };
+    writer.execute_batch(&mixed_transactions(50, 0)).unwrap();
+    once(false);
+    assert!(state.join("state.db").is_file());
+    writer.execute_batch(&mixed_transactions(50, 1)).unwrap();
+    once(true);
+    let listing = run(multidb(tmp.path()).args(["ltx", "--json", &url]));
+    let files: Vec<serde_json::Value> = serde_json::from_str(&listing.stdout).unwrap();
+    assert_eq!(
+        files.iter().filter(|f| f["level"] == 0).count(),
+        1,
+        "the restart continued incrementally: {files:?}"
+    );
+    // A position that no longer matches (the WAL was truncated behind our back) is not
+    // trusted: the replica is consulted and a snapshot follows.
+    writer.execute_batch(&mixed_transactions(20, 2)).unwrap();
+    writer
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .unwrap();
+    writer.execute_batch(&mixed_transactions(20, 3)).unwrap();
+    once(false);
+    drop(writer);
+    assert_restores_equal(&db, &url);
+}

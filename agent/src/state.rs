@@ -1,0 +1,182 @@
+//! Replication positions kept in `state_dir`, in a small SQLite database of the agent's own, so
+//! a restart resumes every database without listing and reading its replica.
+//!
+//! A saved position is a hint, never trusted blindly: the replicator checks that the database
+//! still matches it (WAL generation and the database checksum at that point) and falls back to
+//! the replica, then to a snapshot, when it does not. Positions are saved only after the
+//! replica acknowledged the file they describe, so a crash can repeat work but not skip it.
+
+use std::path::Path;
+
+use crate::wal::WalPosition;
+
+/// Why the state database could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("state database {path}: {op}: {source}")]
+pub struct StateError {
+    pub path: String,
+    pub op: &'static str,
+    #[source]
+    pub source: rusqlite::Error,
+}
+
+/// A saved replication position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub txid: u64,
+    pub page_size: u32,
+    pub db_pages: u32,
+    pub wal: WalPosition,
+    pub db_checksum: u64,
+}
+
+/// The state database.
+pub struct StateStore {
+    conn: rusqlite::Connection,
+    path: String,
+}
+
+impl StateStore {
+    /// Opens (creating) `DIR/state.db`.
+    pub fn open(dir: &Path) -> Result<StateStore, StateError> {
+        let path = dir.join("state.db");
+        let name = path.display().to_string();
+        let err = |op| {
+            let path = name.clone();
+            move |source| StateError { path, op, source }
+        };
+        std::fs::create_dir_all(dir).map_err(|e| StateError {
+            path: name.clone(),
+            op: "create directory",
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        })?;
+        let conn = rusqlite::Connection::open(&path).map_err(err("open"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err("busy_timeout"))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=NORMAL;
+             CREATE TABLE IF NOT EXISTS positions(
+                 db TEXT NOT NULL,
+                 replica TEXT NOT NULL,
+                 txid INTEGER NOT NULL,
+                 page_size INTEGER NOT NULL,
+                 db_pages INTEGER NOT NULL,
+                 salt1 INTEGER NOT NULL,
+                 salt2 INTEGER NOT NULL,
+                 checkpoint_seq INTEGER NOT NULL,
+                 wal_offset INTEGER NOT NULL,
+                 checksum1 INTEGER NOT NULL,
+                 checksum2 INTEGER NOT NULL,
+                 db_checksum INTEGER NOT NULL,
+                 updated_ms INTEGER NOT NULL,
+                 PRIMARY KEY (db, replica)
+             ) WITHOUT ROWID;",
+        )
+        .map_err(err("create schema"))?;
+        Ok(StateStore { conn, path: name })
+    }
+
+    fn err(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> StateError {
+        let path = self.path.clone();
+        move |source| StateError { path, op, source }
+    }
+
+    /// The saved position of `db` replicated to `replica`.
+    pub fn load(&self, db: &str, replica: &str) -> Result<Option<Position>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT txid, page_size, db_pages, salt1, salt2, checkpoint_seq, wal_offset, checksum1, checksum2, db_checksum
+                 FROM positions WHERE db = ?1 AND replica = ?2",
+            )
+            .map_err(self.err("prepare load"))?;
+        let mut rows = stmt.query([db, replica]).map_err(self.err("load"))?;
+        let Some(row) = rows.next().map_err(self.err("load"))? else {
+            return Ok(None);
+        };
+        let get = |i: usize| row.get::<_, i64>(i);
+        let read = || -> rusqlite::Result<Position> {
+            Ok(Position {
+                txid: get(0)? as u64,
+                page_size: get(1)? as u32,
+                db_pages: get(2)? as u32,
+                wal: WalPosition {
+                    salt1: get(3)? as u32,
+                    salt2: get(4)? as u32,
+                    checkpoint_seq: get(5)? as u32,
+                    offset: get(6)? as u64,
+                    checksum: (get(7)? as u32, get(8)? as u32),
+                },
+                db_checksum: get(9)? as u64,
+            })
+        };
+        read().map(Some).map_err(self.err("decode"))
+    }
+
+    /// Saves the position after the replica acknowledged it.
+    pub fn save(&self, db: &str, replica: &str, p: &Position) -> Result<(), StateError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO positions VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(rusqlite::params![
+                    db,
+                    replica,
+                    p.txid as i64,
+                    i64::from(p.page_size),
+                    i64::from(p.db_pages),
+                    i64::from(p.wal.salt1),
+                    i64::from(p.wal.salt2),
+                    i64::from(p.wal.checkpoint_seq),
+                    p.wal.offset as i64,
+                    i64::from(p.wal.checksum.0),
+                    i64::from(p.wal.checksum.1),
+                    p.db_checksum as i64,
+                    now,
+                ])
+            })
+            .map_err(self.err("save"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_round_trip_and_replace() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateStore::open(&tmp.path().join("state")).unwrap();
+        assert_eq!(store.load("/a.db", "file:///r").unwrap(), None);
+        let mut p = Position {
+            txid: 7,
+            page_size: 4096,
+            db_pages: 3,
+            wal: WalPosition {
+                salt1: u32::MAX,
+                salt2: 2,
+                checkpoint_seq: 1,
+                offset: 8272,
+                checksum: (0xdead_beef, 5),
+            },
+            db_checksum: 0x8000_0000_0000_1234,
+        };
+        store.save("/a.db", "file:///r", &p).unwrap();
+        assert_eq!(store.load("/a.db", "file:///r").unwrap(), Some(p));
+        p.txid = 8;
+        store.save("/a.db", "file:///r", &p).unwrap();
+        drop(store);
+        let reopened = StateStore::open(&tmp.path().join("state")).unwrap();
+        assert_eq!(
+            reopened.load("/a.db", "file:///r").unwrap().unwrap().txid,
+            8
+        );
+        assert_eq!(reopened.load("/a.db", "s3://other").unwrap(), None);
+    }
+}
