@@ -5,6 +5,7 @@
 pub mod arena;
 pub mod bench;
 pub mod cli;
+pub mod compaction;
 pub mod config;
 pub mod discovery;
 pub mod generate;

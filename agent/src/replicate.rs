@@ -32,6 +32,9 @@ use crate::wal::{self, WalHeader, WalPosition};
 /// A PASSIVE checkpoint runs after a sync once the WAL holds this many frames: SQLite's own
 /// default threshold, so the WAL stays as small as without multidb.
 pub const CHECKPOINT_FRAMES: u64 = 1000;
+/// How often a written database's replica is compacted and pruned: half the level-1
+/// interval, so level 1 follows its 30 s windows.
+pub const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
 /// How long the replicator's connection waits for locks before giving up on one attempt.
 const BUSY_TIMEOUT_MS: u64 = 5000;
 
@@ -920,6 +923,9 @@ pub fn run_with(
     }
     let mut backoff = options.poll;
     let mut last_stamp = None;
+    let policy = crate::compaction::Policy::default();
+    let mut last_maintenance = Instant::now();
+    let mut written_since_maintenance = false;
     loop {
         let stamp = wal_stamp(&replicator.wal_path);
         let stopping = stop();
@@ -933,6 +939,7 @@ pub fn run_with(
                         .map_or("sync".to_string(), |why| format!("snapshot ({why})"));
                     tracing::info!(db = %db.display(), replica = %url, txid = s.txid, level = s.level, pages = s.pages, bytes = s.bytes, "{kind}");
                     on_sync(&s);
+                    written_since_maintenance = true;
                 }
                 Ok(None) => last_stamp = stamp,
                 Err(e) if options.once || stopping => return Err(e),
@@ -946,6 +953,29 @@ pub fn run_with(
             if let Err(e) = replicator.checkpoint_if_needed(CHECKPOINT_FRAMES) {
                 tracing::warn!(db = %db.display(), error = %e, "checkpoint failed");
             }
+        }
+        // Compaction and retention only for a database that was written: an idle one costs
+        // no replica request at all.
+        if written_since_maintenance
+            && last_maintenance.elapsed() >= MAINTENANCE_INTERVAL
+            && !options.once
+        {
+            match crate::compaction::maintain(
+                replicator.replica.as_ref(),
+                tmp_dir,
+                SystemTime::now(),
+                &policy,
+            ) {
+                Ok(report) if !report.is_empty() => {
+                    tracing::info!(db = %db.display(), compacted = report.compacted.len(), snapshot = report.snapshot.is_some(), deleted = report.deleted.len(), "maintenance")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(db = %db.display(), error = %e, "compaction or retention failed")
+                }
+            }
+            last_maintenance = Instant::now();
+            written_since_maintenance = false;
         }
         if options.once || stopping {
             return Ok(replicator.txid());

@@ -69,6 +69,9 @@ fn replica_url(args: &ReplicateArgs, name: &str) -> anyhow::Result<String> {
     })
 }
 
+/// When each commit finished and the WAL offset it ended at.
+type Commits = Vec<(Instant, u64)>;
+
 fn quantile(sorted: &[Duration], q: f64) -> Duration {
     sorted
         .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
@@ -118,8 +121,8 @@ fn latency(args: &ReplicateArgs, tmp: &Path) -> anyhow::Result<()> {
         poll: Duration::from_millis(10),
         max_backoff: Duration::from_secs(1),
     };
-    let (commits, idle_requests) = std::thread::scope(
-        |scope| -> anyhow::Result<(Vec<(Instant, u64)>, Option<u64>)> {
+    let (commits, idle_requests) =
+        std::thread::scope(|scope| -> anyhow::Result<(Commits, Option<u64>)> {
             let loop_thread = scope.spawn(|| {
                 replicate::run_with(
                     &db,
@@ -169,8 +172,7 @@ fn latency(args: &ReplicateArgs, tmp: &Path) -> anyhow::Result<()> {
                 .join()
                 .map_err(|_| anyhow::anyhow!("replication loop panicked"))??;
             Ok((commits, idle))
-        },
-    )?;
+        })?;
     let synced = synced.into_inner().expect("lock");
     let mut delays: Vec<Duration> = Vec::new();
     for (at, end) in &commits {

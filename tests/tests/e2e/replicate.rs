@@ -527,3 +527,41 @@ fn a_restart_resumes_from_the_state_directory() {
     drop(writer);
     assert_restores_equal(&db, &url);
 }
+
+#[test]
+fn the_running_replicator_compacts_level_0_into_level_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = new_db(tmp.path(), "app.db");
+    let url = url_of(&tmp.path().join("replica"));
+    let replicating = Replicating::start(&db, &url);
+    let writer = rusqlite::Connection::open(&db).unwrap();
+    // Maintenance runs every 15 s for a database that is being written.
+    let until = std::time::Instant::now() + Duration::from_secs(17);
+    let mut i = 0;
+    while std::time::Instant::now() < until {
+        writer
+            .execute(
+                "INSERT INTO items(name, qty) VALUES (?1, ?2)",
+                rusqlite::params![format!("c{i}"), i],
+            )
+            .unwrap();
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    replicating.stop();
+    let listing = run(multidb(tmp.path()).args(["ltx", "--json", &url]));
+    let files: Vec<serde_json::Value> = serde_json::from_str(&listing.stdout).unwrap();
+    let level1: Vec<&serde_json::Value> = files.iter().filter(|f| f["level"] == 1).collect();
+    assert!(
+        !level1.is_empty(),
+        "level 0 was compacted into level 1: {files:?}"
+    );
+    assert!(
+        level1
+            .iter()
+            .all(|f| f["max_txid"].as_u64() > f["min_txid"].as_u64()),
+        "{level1:?}"
+    );
+    drop(writer);
+    assert_restores_equal(&db, &url);
+}
