@@ -184,6 +184,33 @@ fn write_error(source: io::Error) -> LtxError {
     LtxError::Write { source }
 }
 
+/// The page order rules of an LTX file (those the Go encoder enforces): within the commit
+/// size, never the lock page, ascending, and every page in a snapshot. `prev` is the page
+/// before `pgno` (0 for the first).
+pub(crate) fn check_page_order(header: &Header, prev: u32, pgno: u32) -> Result<()> {
+    if pgno > header.commit {
+        return Err(LtxError::PageBeyondCommit {
+            pgno,
+            commit: header.commit,
+        });
+    }
+    if pgno == header.lock_pgno() {
+        return Err(LtxError::LockPage { pgno });
+    }
+    if header.is_snapshot() {
+        let expected = encode::next_snapshot_pgno(prev, header.lock_pgno());
+        if pgno != expected {
+            return Err(LtxError::SnapshotGap {
+                expected,
+                found: pgno,
+            });
+        }
+    } else if pgno <= prev {
+        return Err(LtxError::PageOutOfOrder { prev, pgno });
+    }
+    Ok(())
+}
+
 /// The 100-byte file header.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Header {

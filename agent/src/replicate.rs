@@ -452,9 +452,7 @@ impl Replicator {
             wal_salt2: header.salt2,
             ..Header::default()
         };
-        let tmp = self.tmp_path(txid);
-        let out = BufWriter::new(File::create(&tmp).map_err(self.io_err("create temporary LTX"))?);
-        let mut encoder = Encoder::new(out, ltx_header).map_err(self.ltx_err("encode"))?;
+        let (tmp, mut encoder) = self.create_ltx(ltx_header)?;
         let old_pages = state.db_pages;
         if new_pages < old_pages {
             // Truncated pages leave the database checksum.
@@ -512,16 +510,7 @@ impl Replicator {
         })();
         self.page = page;
         result?;
-        let (out, _trailer) = encoder
-            .finish(Some(state.db_checksum))
-            .map_err(self.ltx_err("finish"))?;
-        let bytes = finish_file(out, &tmp).map_err(self.io_err("write temporary LTX"))?;
-        let uploaded = self
-            .replica
-            .put(0, txid, txid, &tmp)
-            .map_err(self.replica_err());
-        let _ = std::fs::remove_file(&tmp);
-        uploaded?;
+        let bytes = self.upload(0, encoder, &tmp, state.db_checksum)?;
         state.txid = txid;
         state.pos = committed.end;
         state.db_pages = new_pages;
@@ -536,9 +525,43 @@ impl Replicator {
         })
     }
 
-    fn tmp_path(&self, txid: u64) -> PathBuf {
-        self.tmp_dir
-            .join(format!("{}-{txid:016x}.ltx.tmp", std::process::id()))
+    /// Starts an LTX file in the temporary directory.
+    fn create_ltx(
+        &self,
+        header: Header,
+    ) -> Result<(PathBuf, Encoder<BufWriter<File>>), ReplicateError> {
+        let tmp = self.tmp_dir.join(format!(
+            "{}-{:016x}.ltx.tmp",
+            std::process::id(),
+            header.max_txid
+        ));
+        let out = BufWriter::new(File::create(&tmp).map_err(self.io_err("create temporary LTX"))?);
+        let encoder = Encoder::new(out, header).map_err(self.ltx_err("encode"))?;
+        Ok((tmp, encoder))
+    }
+
+    /// Finishes the file, syncs it and stores it in the replica at `level`; the temporary
+    /// file is gone afterwards either way. Returns the file's size.
+    fn upload(
+        &self,
+        level: u8,
+        encoder: Encoder<BufWriter<File>>,
+        tmp: &Path,
+        post_apply: u64,
+    ) -> Result<u64, ReplicateError> {
+        let header = *encoder.header();
+        let result = (|| {
+            let (out, _) = encoder
+                .finish(Some(post_apply))
+                .map_err(self.ltx_err("finish"))?;
+            let bytes = finish_file(out, tmp).map_err(self.io_err("write temporary LTX"))?;
+            self.replica
+                .put(level, header.min_txid, header.max_txid, tmp)
+                .map_err(self.replica_err())?;
+            Ok(bytes)
+        })();
+        let _ = std::fs::remove_file(tmp);
+        result
     }
 
     fn read_db_page(&self, pgno: u32, page: &mut [u8]) -> Result<(), ReplicateError> {
@@ -682,22 +705,11 @@ impl Replicator {
             wal_salt2: pos.salt2,
             ..Header::default()
         };
-        let tmp = self.tmp_path(txid);
-        let out = BufWriter::new(File::create(&tmp).map_err(self.io_err("create temporary LTX"))?);
-        let mut encoder = Encoder::new(out, header).map_err(self.ltx_err("encode snapshot"))?;
+        let (tmp, mut encoder) = self.create_ltx(header)?;
         let wal_file = wal.map(|(f, _)| f);
         let (sums, checksum) =
             self.page_sums_of(page_size, pages, wal_file, &overlay, Some(&mut encoder))?;
-        let (out, _) = encoder
-            .finish(Some(checksum))
-            .map_err(self.ltx_err("finish snapshot"))?;
-        let bytes = finish_file(out, &tmp).map_err(self.io_err("write temporary LTX"))?;
-        let uploaded = self
-            .replica
-            .put(SNAPSHOT_LEVEL, 1, txid, &tmp)
-            .map_err(self.replica_err());
-        let _ = std::fs::remove_file(&tmp);
-        uploaded?;
+        let bytes = self.upload(SNAPSHOT_LEVEL, encoder, &tmp, checksum)?;
         self.state = Some(State {
             txid,
             pos,

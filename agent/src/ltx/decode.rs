@@ -10,7 +10,6 @@ use std::io::{BufReader, Read};
 
 use lz4_flex::block::{decompress_into, decompress_into_with_dict, get_maximum_output_size};
 
-use super::encode::next_snapshot_pgno;
 use super::{
     be_u64, checksum_page, crc64_digest, read_error, read_full, toggle_page_checksum, Crc64Digest,
     Header, LtxError, PageHeader, PageIndexEntry, Result, Trailer, CHECKSUM_FLAG,
@@ -91,7 +90,7 @@ impl<R: Read> Decoder<R> {
             return Ok(None);
         };
         let pgno = page_header.pgno;
-        self.check_order(pgno)?;
+        super::check_page_order(&self.header, self.prev_pgno, pgno)?;
 
         if page_header.flags & PAGE_FLAG_SIZE != 0 {
             let mut size = [0u8; 4];
@@ -146,35 +145,6 @@ impl<R: Read> Decoder<R> {
         self.trailer.ok_or(LtxError::Truncated {
             section: "page block",
         })
-    }
-
-    /// The order rules the Go encoder enforces; a file breaking them was not written by it.
-    fn check_order(&self, pgno: u32) -> Result<()> {
-        let header = &self.header;
-        if pgno > header.commit {
-            return Err(LtxError::PageBeyondCommit {
-                pgno,
-                commit: header.commit,
-            });
-        }
-        if pgno == header.lock_pgno() {
-            return Err(LtxError::LockPage { pgno });
-        }
-        if header.is_snapshot() {
-            let expected = next_snapshot_pgno(self.prev_pgno, header.lock_pgno());
-            if pgno != expected {
-                return Err(LtxError::SnapshotGap {
-                    expected,
-                    found: pgno,
-                });
-            }
-        } else if pgno <= self.prev_pgno {
-            return Err(LtxError::PageOutOfOrder {
-                prev: self.prev_pgno,
-                pgno,
-            });
-        }
-        Ok(())
     }
 
     fn read_index_and_trailer(&mut self) -> Result<()> {

@@ -64,29 +64,7 @@ impl<W: Write> Encoder<W> {
         if pgno == 0 {
             return Err(LtxError::PageNumberZero { flags: 0 });
         }
-        if pgno > header.commit {
-            return Err(LtxError::PageBeyondCommit {
-                pgno,
-                commit: header.commit,
-            });
-        }
-        if pgno == header.lock_pgno() {
-            return Err(LtxError::LockPage { pgno });
-        }
-        if header.is_snapshot() {
-            let expected = next_snapshot_pgno(self.prev_pgno, header.lock_pgno());
-            if pgno != expected {
-                return Err(LtxError::SnapshotGap {
-                    expected,
-                    found: pgno,
-                });
-            }
-        } else if pgno <= self.prev_pgno {
-            return Err(LtxError::PageOutOfOrder {
-                prev: self.prev_pgno,
-                pgno,
-            });
-        }
+        super::check_page_order(header, self.prev_pgno, pgno)?;
 
         let size = compress_into(data, &mut self.compressed)
             .map_err(|source| LtxError::Compress { pgno, source })?;
