@@ -144,22 +144,37 @@ fn download(
     Ok(paths)
 }
 
-/// Writes pages into the restored file in runs of consecutive pages (one system call per
-/// run rather than per page) and keeps each page's checksum, so the database checksum at the
-/// end needs no second pass over the file.
-struct Applier<'a> {
-    out: &'a File,
+/// Pages travel from the decoding thread to the writing thread in runs of consecutive pages.
+enum Chunk {
+    Run {
+        start: u32,
+        page_size: usize,
+        data: Vec<u8>,
+    },
+    /// A file ended: the database is now `commit` pages long.
+    End { commit: u32, page_size: u32 },
+}
+
+/// The largest run handed over at once.
+const RUN_BYTES: usize = 1 << 20;
+/// Runs in flight between the two threads (bounded: memory stays a few MiB).
+const RUNS_IN_FLIGHT: usize = 4;
+
+/// The decoding side: gathers pages into runs (one write per run rather than per page) and
+/// hands them to [`write_runs`], which checksums and writes them on the other core.
+struct Applier {
+    tx: std::sync::mpsc::SyncSender<Chunk>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
     page_size: usize,
     run: Vec<u8>,
     run_start: u32,
-    /// Checksum of each page written so far (index pgno-1; 0 for the lock page).
-    sums: Vec<u64>,
 }
 
-/// The largest run written at once.
-const RUN_BYTES: usize = 1 << 20;
+fn writer_gone() -> io::Error {
+    io::Error::other("the restore's writing thread stopped")
+}
 
-impl Applier<'_> {
+impl Applier {
     fn page(&mut self, pgno: u32, page: &[u8]) -> io::Result<()> {
         let next = self.run_start + (self.run.len() / self.page_size.max(1)) as u32;
         if self.run.is_empty()
@@ -172,39 +187,77 @@ impl Applier<'_> {
             self.run_start = pgno;
         }
         self.run.extend_from_slice(page);
-        let index = (pgno - 1) as usize;
-        if self.sums.len() <= index {
-            self.sums.resize(index + 1, 0);
-        }
-        self.sums[index] = ltx::checksum_page(pgno, page);
         Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if !self.run.is_empty() {
-            let offset = u64::from(self.run_start - 1) * self.page_size as u64;
-            self.out.write_all_at(&self.run, offset)?;
-            self.run.clear();
+        if self.run.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let mut fresh = self
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(RUN_BYTES + 65536));
+        fresh.clear();
+        let data = std::mem::replace(&mut self.run, fresh);
+        let chunk = Chunk::Run {
+            start: self.run_start,
+            page_size: self.page_size,
+            data,
+        };
+        self.tx.send(chunk).map_err(|_| writer_gone())
     }
 
-    /// Ends one file: the database is now `commit` pages long.
     fn end_file(&mut self, commit: u32, page_size: u32) -> io::Result<()> {
         self.flush()?;
-        self.sums.truncate(commit as usize);
-        self.out.set_len(u64::from(commit) * u64::from(page_size))
+        self.tx
+            .send(Chunk::End { commit, page_size })
+            .map_err(|_| writer_gone())
     }
+}
 
-    /// The database checksum of what was written.
-    fn checksum(&self) -> u64 {
-        self.sums
-            .iter()
-            .filter(|s| **s != 0)
-            .fold(ltx::EMPTY_DATABASE_CHECKSUM, |c, s| {
-                ltx::toggle_page_checksum(c, *s)
-            })
+/// The writing side: checksums each page and writes each run; returns the page checksums
+/// (index pgno-1; 0 for the lock page) of the finished database.
+fn write_runs(
+    out: &File,
+    rx: std::sync::mpsc::Receiver<Chunk>,
+    spare: std::sync::mpsc::SyncSender<Vec<u8>>,
+) -> io::Result<Vec<u64>> {
+    let mut sums: Vec<u64> = Vec::new();
+    for chunk in rx {
+        match chunk {
+            Chunk::Run {
+                start,
+                page_size,
+                data,
+            } => {
+                for (i, page) in data.chunks_exact(page_size).enumerate() {
+                    let pgno = start + i as u32;
+                    let index = (pgno - 1) as usize;
+                    if sums.len() <= index {
+                        sums.resize(index + 1, 0);
+                    }
+                    sums[index] = ltx::checksum_page(pgno, page);
+                }
+                out.write_all_at(&data, u64::from(start - 1) * page_size as u64)?;
+                let _ = spare.try_send(data);
+            }
+            Chunk::End { commit, page_size } => {
+                sums.truncate(commit as usize);
+                out.set_len(u64::from(commit) * u64::from(page_size))?;
+            }
+        }
     }
+    Ok(sums)
+}
+
+/// The database checksum of a set of page checksums.
+fn database_checksum(sums: &[u64]) -> u64 {
+    sums.iter()
+        .filter(|s| **s != 0)
+        .fold(ltx::EMPTY_DATABASE_CHECKSUM, |c, s| {
+            ltx::toggle_page_checksum(c, *s)
+        })
 }
 
 /// Applies one downloaded file; returns its header and post-apply checksum. The outer error is
@@ -322,38 +375,54 @@ fn restore_into(
     let mut page = Vec::new();
     let mut checksum = None;
     let mut header = None;
-    let mut applier = Applier {
-        out: &out,
-        page_size: 0,
-        run: Vec::with_capacity(RUN_BYTES + 65536),
-        run_start: 0,
-        sums: Vec::new(),
-    };
-    for (f, path) in chain.iter().zip(&paths) {
-        let location = replica.location(f.level, f.min_txid, f.max_txid);
-        let (h, post) = apply(path, &mut applier, &mut page)
-            .with_context(|| format!("writing {}", tmp.display()))?
-            .with_context(|| format!("replica file {location} is corrupt"))?;
-        if h.min_txid != f.min_txid || h.max_txid != f.max_txid {
-            bail!(
-                "replica file {location} is corrupt: its header says TXIDs {}-{}",
-                h.min_txid,
-                h.max_txid
-            );
-        }
-        if let Some(previous) = checksum {
-            if h.tracks_checksums() && h.pre_apply_checksum != previous {
-                bail!("replica file {location} does not continue the chain: pre-apply checksum {:016x}, expected {previous:016x}", h.pre_apply_checksum);
+    let (tx, rx) = std::sync::mpsc::sync_channel(RUNS_IN_FLIGHT);
+    let (spare_tx, spare_rx) = std::sync::mpsc::sync_channel(RUNS_IN_FLIGHT);
+    let out_ref = &out;
+    let (applied, written) = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || write_runs(out_ref, rx, spare_tx));
+        let mut applier = Applier {
+            tx,
+            spare: spare_rx,
+            page_size: 0,
+            run: Vec::with_capacity(RUN_BYTES + 65536),
+            run_start: 0,
+        };
+        let applied = (|| -> anyhow::Result<()> {
+            for (f, path) in chain.iter().zip(&paths) {
+                let location = replica.location(f.level, f.min_txid, f.max_txid);
+                let (h, post) = apply(path, &mut applier, &mut page)
+                    .with_context(|| format!("writing {}", tmp.display()))?
+                    .with_context(|| format!("replica file {location} is corrupt"))?;
+                if h.min_txid != f.min_txid || h.max_txid != f.max_txid {
+                    bail!(
+                        "replica file {location} is corrupt: its header says TXIDs {}-{}",
+                        h.min_txid,
+                        h.max_txid
+                    );
+                }
+                if let Some(previous) = checksum {
+                    if h.tracks_checksums() && h.pre_apply_checksum != previous {
+                        bail!("replica file {location} does not continue the chain: pre-apply checksum {:016x}, expected {previous:016x}", h.pre_apply_checksum);
+                    }
+                }
+                checksum = Some(post);
+                header = Some(h);
             }
-        }
-        checksum = Some(post);
-        header = Some(h);
-    }
+            Ok(())
+        })();
+        drop(applier); // closes the channel: the writer finishes
+        let written = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the restore's writing thread panicked"));
+        (applied, written)
+    });
+    let sums = written?.with_context(|| format!("writing {}", tmp.display()))?;
+    applied?;
     let header = header.context("empty chain")?;
     tracing::debug!(ms = started.elapsed().as_millis() as u64, "applied");
     out.sync_all()?;
     tracing::debug!(ms = started.elapsed().as_millis() as u64, "synced");
-    let actual = applier.checksum();
+    let actual = database_checksum(&sums);
     if header.tracks_checksums() && Some(actual) != checksum {
         bail!(
             "restored database checksum {actual:016x} differs from the replica's {:016x}",
