@@ -32,6 +32,10 @@ use crate::wal::{self, WalHeader, WalPosition};
 /// A PASSIVE checkpoint runs after a sync once the WAL holds this many frames: SQLite's own
 /// default threshold, so the WAL stays as small as without multidb.
 pub const CHECKPOINT_FRAMES: u64 = 1000;
+/// Past this many frames the checkpoint is TRUNCATE: the WAL file shrinks back to nothing.
+pub const TRUNCATE_FRAMES: u64 = 10 * CHECKPOINT_FRAMES;
+/// A WAL holding frames is checkpointed at least this often, even below the threshold.
+pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 /// How often a written database's replica is compacted and pruned: half the level-1
 /// interval, so level 1 follows its 30 s windows.
 pub const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
@@ -117,8 +121,10 @@ enum Recovery {
 
 /// Replicates one database to one replica.
 pub struct Replicator {
-    // Field order is drop order: the connection closes before the raw descriptor.
+    // Field order is drop order: the connections close before the raw descriptor.
     conn: rusqlite::Connection,
+    /// A second connection for checkpoints, so `conn` can stay pinned while they run.
+    checkpointer: Option<rusqlite::Connection>,
     db_file: File,
     db_path: PathBuf,
     wal_path: PathBuf,
@@ -192,6 +198,7 @@ impl Replicator {
         wal_path.push("-wal");
         Ok(Replicator {
             conn,
+            checkpointer: None,
             db_file,
             db_path: db.to_path_buf(),
             wal_path: PathBuf::from(wal_path),
@@ -341,10 +348,16 @@ impl Replicator {
         if matches!(result, Ok(Some(_))) {
             self.save_position();
         }
-        // Let checkpoints advance past what is now replicated; pin again at once.
-        self.unpin()?;
-        self.pin()?;
         result
+    }
+
+    /// Moves the pin forward to the end of the WAL, right after a sync. This is the only
+    /// moment SQLite can restart the WAL, and it can only if a checkpoint copied every frame;
+    /// checkpoints run under a pin, which every sync reads past before it is moved, so every
+    /// frame a restart discards was replicated.
+    pub fn repin(&mut self) -> Result<(), ReplicateError> {
+        self.unpin()?;
+        self.pin()
     }
 
     fn sync_pinned(&mut self) -> Result<Option<Synced>, ReplicateError> {
@@ -393,7 +406,11 @@ impl Replicator {
             let state = self.state.as_mut().expect("checked above");
             match &wal {
                 Some((_, header)) => state.pos = header.start(),
-                None => return Ok(None),
+                None => {
+                    // No WAL: nothing to read until SQLite starts a new one.
+                    state.pos = WalPosition::default();
+                    return Ok(None);
+                }
             }
         }
         let (file, header) = wal.as_ref().expect("a continuing WAL exists");
@@ -849,16 +866,47 @@ impl Replicator {
         }))
     }
 
-    /// Runs a PASSIVE checkpoint if the WAL has grown past `frames` (it never blocks writers;
-    /// a WAL restarted afterwards is followed through the database-checksum check).
-    pub fn checkpoint_if_needed(&mut self, frames: u64) -> Result<bool, ReplicateError> {
-        if self.wal_frames() < frames {
+    /// Checkpoints after a sync, so the WAL stays bounded: PASSIVE (never blocks writers)
+    /// once it holds [`CHECKPOINT_FRAMES`] frames or `force` says the interval passed, and
+    /// TRUNCATE past [`TRUNCATE_FRAMES`], when PASSIVE checkpoints cannot keep up.
+    ///
+    /// PASSIVE runs on a second connection while the first stays pinned: SQLite then copies
+    /// only frames up to the pinned snapshot and cannot restart the WAL, so the only moment a
+    /// restart can happen is inside [`Replicator::sync`], after every frame up to the
+    /// checkpointed point was read. TRUNCATE must release the pin; a commit that races in then
+    /// is not lost either: the restart it causes is caught by the database-checksum check.
+    pub fn checkpoint_if_needed(&mut self, force: bool) -> Result<bool, ReplicateError> {
+        let frames = self.wal_frames();
+        if frames == 0 || (frames < CHECKPOINT_FRAMES && !force) {
             return Ok(false);
         }
-        self.unpin()?;
+        // TRUNCATE releases the pin, so it runs only while nothing was written past the
+        // replicated position (a write racing in after this check costs a snapshot, no data).
+        let wal_len = std::fs::metadata(&self.wal_path).map_or(0, |m| m.len());
+        let caught_up = self.state.as_ref().is_some_and(|s| s.pos.offset == wal_len);
+        let truncate = frames >= TRUNCATE_FRAMES && caught_up;
+        if self.checkpointer.is_none() {
+            let conn = rusqlite::Connection::open_with_flags(
+                &self.db_path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(self.sql_err("open checkpoint connection"))?;
+            conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
+                .map_err(self.sql_err("busy_timeout"))?;
+            conn.execute_batch("PRAGMA wal_autocheckpoint=0")
+                .map_err(self.sql_err("wal_autocheckpoint"))?;
+            self.checkpointer = Some(conn);
+        }
+        if truncate {
+            self.unpin()?;
+        }
+        let mode = if truncate { "TRUNCATE" } else { "PASSIVE" };
         let result = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            .checkpointer
+            .as_ref()
+            .expect("opened above")
+            .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, i64>(1)?,
@@ -868,7 +916,7 @@ impl Replicator {
             .map_err(self.sql_err("checkpoint"));
         self.pin()?;
         let (busy, log, done) = result?;
-        tracing::debug!(db = %self.db_path.display(), busy, log, done, "checkpoint");
+        tracing::debug!(db = %self.db_path.display(), mode, busy, log, done, "checkpoint");
         Ok(true)
     }
 }
@@ -938,6 +986,7 @@ pub fn run_with(
     let policy = crate::compaction::Policy::default();
     let mut last_maintenance = Instant::now();
     let mut written_since_maintenance = false;
+    let mut last_checkpoint = Instant::now();
     loop {
         let stamp = wal_stamp(&replicator.wal_path);
         let stopping = stop();
@@ -962,8 +1011,14 @@ pub fn run_with(
                     continue;
                 }
             }
-            if let Err(e) = replicator.checkpoint_if_needed(CHECKPOINT_FRAMES) {
-                tracing::warn!(db = %db.display(), error = %e, "checkpoint failed");
+            if let Err(e) = replicator.repin() {
+                tracing::warn!(db = %db.display(), error = %e, "moving the read transaction failed");
+            }
+            match replicator.checkpoint_if_needed(last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL)
+            {
+                Ok(true) => last_checkpoint = Instant::now(),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(db = %db.display(), error = %e, "checkpoint failed"),
             }
         }
         // Compaction and retention only for a database that was written: an idle one costs

@@ -565,3 +565,33 @@ fn the_running_replicator_compacts_level_0_into_level_1() {
     drop(writer);
     assert_restores_equal(&db, &url);
 }
+
+#[test]
+fn a_wal_past_the_hard_limit_is_truncated_and_nothing_is_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = new_db(tmp.path(), "app.db");
+    let url = url_of(&tmp.path().join("replica"));
+    let replicating = Replicating::start(&db, &url);
+    std::thread::sleep(Duration::from_millis(300));
+    let writer = rusqlite::Connection::open(&db).unwrap();
+    writer
+        .execute_batch("PRAGMA wal_autocheckpoint=0;")
+        .unwrap();
+    // 12,000 frames in one transaction: past the 10,000-frame limit.
+    writer
+        .execute_batch("BEGIN; INSERT INTO items(name, blob) SELECT 'x' || x, randomblob(3000) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 12000) SELECT x FROM c); COMMIT;")
+        .unwrap();
+    let wal = db.with_extension("db-wal");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while fs::metadata(&wal).map_or(0, |m| m.len()) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replicator truncated the WAL"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    writer.execute_batch(&mixed_transactions(20, 1)).unwrap();
+    replicating.stop();
+    drop(writer);
+    assert_restores_equal(&db, &url);
+}
