@@ -884,7 +884,9 @@ impl Replicator {
         // replicated position (a write racing in after this check costs a snapshot, no data).
         let wal_len = std::fs::metadata(&self.wal_path).map_or(0, |m| m.len());
         let caught_up = self.state.as_ref().is_some_and(|s| s.pos.offset == wal_len);
-        let truncate = frames >= TRUNCATE_FRAMES && caught_up;
+        // A writer that never pauses is never caught up: past twice the limit the WAL is
+        // truncated anyway, and a commit that raced in costs one snapshot.
+        let truncate = frames >= TRUNCATE_FRAMES && (caught_up || frames >= 2 * TRUNCATE_FRAMES);
         if self.checkpointer.is_none() {
             let conn = rusqlite::Connection::open_with_flags(
                 &self.db_path,

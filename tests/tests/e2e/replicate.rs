@@ -198,9 +198,15 @@ fn round_trip_of_1000_transactions_to_s3() {
     let replicating = Replicating::start_with_env(&db, &url, &env);
     shell(&db, &mixed_transactions(1000, 0));
     replicating.stop();
+    // The first sync is a snapshot under `0009/`. The WAL passes the 10,000-frame TRUNCATE
+    // limit during this run, and a commit racing that checkpoint costs one more snapshot
+    // (by design: correct, just dearer), so the count is not fixed.
+    let snapshots = server.keys("proj/app/0009/");
     assert!(
-        server.keys("proj/app/0009/").len() == 1,
-        "one snapshot at level 9: {:?}",
+        snapshots
+            .iter()
+            .any(|k| k.ends_with("/0000000000000001-0000000000000001.ltx")),
+        "the first snapshot at level 9: {:?}",
         server.keys("proj/app/")
     );
     assert!(
@@ -536,7 +542,7 @@ fn the_running_replicator_compacts_level_0_into_level_1() {
     let replicating = Replicating::start(&db, &url);
     let writer = rusqlite::Connection::open(&db).unwrap();
     // Maintenance runs every 15 s for a database that is being written.
-    let until = std::time::Instant::now() + Duration::from_secs(17);
+    let until = std::time::Instant::now() + Duration::from_secs(20);
     let mut i = 0;
     while std::time::Instant::now() < until {
         writer
@@ -593,5 +599,51 @@ fn a_wal_past_the_hard_limit_is_truncated_and_nothing_is_lost() {
     writer.execute_batch(&mixed_transactions(20, 1)).unwrap();
     replicating.stop();
     drop(writer);
+    assert_restores_equal(&db, &url);
+}
+
+#[test]
+fn a_writer_that_never_pauses_keeps_the_wal_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = new_db(tmp.path(), "app.db");
+    let url = url_of(&tmp.path().join("replica"));
+    let replicating = Replicating::start(&db, &url);
+    std::thread::sleep(Duration::from_millis(300));
+    let wal = db.with_extension("db-wal");
+    let frames = || fs::metadata(&wal).map_or(0, |m| m.len()).saturating_sub(32) / (4096 + 24);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (largest, shrank) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let conn = rusqlite::Connection::open(&db).unwrap();
+            conn.busy_timeout(Duration::from_secs(10)).unwrap();
+            conn.execute_batch("PRAGMA wal_autocheckpoint=0;").unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                conn.execute(
+                    "INSERT INTO items(name, blob) VALUES ('w', randomblob(3000))",
+                    [],
+                )
+                .unwrap();
+            }
+        });
+        // Write without a pause until the WAL is past the 10,000-frame limit, then until the
+        // replicator truncates it (however slow this machine is), or give up after 90 s.
+        let (mut largest, mut previous, mut shrank) = (0, 0, false);
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while std::time::Instant::now() < deadline && !shrank {
+            let now = frames();
+            shrank = largest >= 10_000 && now < previous;
+            largest = largest.max(now);
+            previous = now;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        (largest, shrank)
+    });
+    replicating.stop();
+    assert!(
+        shrank,
+        "the WAL reached {largest} frames and was never truncated while the writer ran"
+    );
     assert_restores_equal(&db, &url);
 }
