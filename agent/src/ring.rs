@@ -35,9 +35,7 @@ pub enum RingFileError {
 
 /// The path of the ring: `MULTIDB_RING` or `/dev/shm/multidb.ring`.
 pub fn default_path() -> PathBuf {
-    std::env::var_os(layout::ENV_PATH)
-        .filter(|p| !p.is_empty())
-        .map_or_else(|| layout::DEFAULT_PATH.into(), PathBuf::from)
+    layout::path_from_env()
 }
 
 /// A mapped ring file. The consumer holds an exclusive `flock` on it, so two agents never
@@ -65,19 +63,15 @@ impl RingFile {
         };
         if let Ok(existing) = RingFile::map(path, true) {
             let stats = existing.ring.stats();
-            if stats.capacity == u64::from(slots)
-                && existing.ring.status_capacity() == status_entries as usize
-            {
-                lock(&existing._file).map_err(|_| RingFileError::Busy {
-                    path: path.to_path_buf(),
-                    pid: stats.agent_pid,
-                })?;
-                return Ok(existing);
-            }
             lock(&existing._file).map_err(|_| RingFileError::Busy {
                 path: path.to_path_buf(),
                 pid: stats.agent_pid,
             })?;
+            if stats.capacity == u64::from(slots)
+                && existing.ring.status_capacity() == status_entries as usize
+            {
+                return Ok(existing);
+            }
             existing.ring.retire();
         }
         let size = layout::file_size(slots, status_entries);
@@ -334,7 +328,7 @@ pub fn stat(path: &Path, json: bool) -> anyhow::Result<()> {
     let file = RingFile::open_existing(path)?;
     let s: Stats = file.ring().stats();
     let now = layout::now_ns();
-    let alive = file.ring().agent_alive(now, 3_000_000_000);
+    let alive = file.ring().agent_alive(now, layout::AGENT_ALIVE_NS);
     let beat_ms = (s.heartbeat_ns != 0).then(|| now.saturating_sub(s.heartbeat_ns) / 1_000_000);
     if json {
         let v = serde_json::json!({

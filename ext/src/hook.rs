@@ -22,8 +22,6 @@ pub const DEFAULT_AUTOCHECKPOINT: u32 = 1000;
 /// agent checkpoints far earlier, this only bounds the WAL if the agent stalls.
 pub const HARD_CAP_FACTOR: u64 = 10;
 pub const HARD_CAP_MIN_FRAMES: u64 = 10_000;
-/// A heartbeat older than this means the agent is gone.
-pub const AGENT_ALIVE_NS: u64 = 3_000_000_000;
 
 /// The process id, cached because `getpid` is a system call; refreshed in a forked child.
 static PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -88,7 +86,7 @@ unsafe extern "C" fn wal_hook(
 unsafe fn on_commit(db: *mut sqlite3, schema: *const c_char, frames: u64, threshold: u64) {
     let now = ring::now_ns();
     let ring = shared::ring(now);
-    let alive = ring.is_some_and(|r| r.agent_alive(now, AGENT_ALIVE_NS));
+    let alive = ring.is_some_and(|r| r.agent_alive(now, ring::AGENT_ALIVE_NS));
     let mut hot = false;
     if let Some(ring) = ring {
         // SAFETY: `db` and `schema` come from SQLite for this commit.

@@ -41,6 +41,15 @@ pub const DEFAULT_STATUS_ENTRIES: u32 = 4096;
 pub const DEFAULT_PATH: &str = "/dev/shm/multidb.ring";
 /// Environment variable naming the ring file.
 pub const ENV_PATH: &str = "MULTIDB_RING";
+/// A heartbeat older than this means the agent is gone (it beats every 250 ms).
+pub const AGENT_ALIVE_NS: u64 = 3_000_000_000;
+
+/// The ring file: `$MULTIDB_RING`, or [`DEFAULT_PATH`] when it is unset or empty.
+pub fn path_from_env() -> std::path::PathBuf {
+    std::env::var_os(ENV_PATH)
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| DEFAULT_PATH.into(), Into::into)
+}
 /// Limits on geometry accepted from a file, so a garbage header cannot make us map gigabytes.
 pub const MAX_SLOTS: u32 = 1 << 24;
 pub const MAX_STATUS_ENTRIES: u32 = 1 << 20;

@@ -33,9 +33,7 @@ static NEXT_RING_CHECK: AtomicU64 = AtomicU64::new(0);
 
 /// The path of the ring file: `MULTIDB_RING` or the default.
 pub fn ring_path() -> std::path::PathBuf {
-    std::env::var_os(ring::ENV_PATH)
-        .filter(|p| !p.is_empty())
-        .map_or_else(|| ring::DEFAULT_PATH.into(), Into::into)
+    ring::path_from_env()
 }
 
 /// The current ring, refreshed at most every [`RING_RECHECK_NS`] by one thread.

@@ -48,7 +48,7 @@ pub fn report(ring: Option<Ring>, path: &[u8], now: u64) -> Value {
         });
     };
     let stats = ring.stats();
-    let alive = ring.agent_alive(now, hook::AGENT_ALIVE_NS);
+    let alive = ring.agent_alive(now, ring::AGENT_ALIVE_NS);
     let ids = if path.is_empty() {
         None
     } else {

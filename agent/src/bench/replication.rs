@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use super::median;
 use crate::replica::ReplicaUrl;
 use crate::replicate::{self, RunOptions, Synced};
 
@@ -289,10 +290,6 @@ fn restore_vs_cp(args: &ReplicateArgs, tmp: &Path) -> anyhow::Result<()> {
         durable_cp_times.push(started.elapsed());
         let _ = std::fs::remove_file(&copy);
     }
-    let median = |mut v: Vec<Duration>| {
-        v.sort_unstable();
-        v[v.len() / 2]
-    };
     let (r, c, d) = (
         median(restore_times),
         median(cp_times),
