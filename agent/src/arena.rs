@@ -51,6 +51,23 @@ impl WalStamp {
         WalStamp((size << 32) | (mtime_ns as u64 & 0xffff_ffff))
     }
 
+    /// The stamp of `path`'s `-wal` now.
+    pub fn of_wal(db_path: &str) -> WalStamp {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("{db_path}-wal")).map_or(WalStamp::NONE, |m| {
+            WalStamp::new(m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec())
+        })
+    }
+
+    /// The packed value, for the state database.
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+
+    pub fn from_raw(raw: u64) -> WalStamp {
+        WalStamp(raw)
+    }
+
     /// The WAL size in bytes (saturated at 4 GiB), or `None` if there was no WAL.
     pub fn size(self) -> Option<u64> {
         (self.0 != 0).then(|| (self.0 >> 32) - 1)
@@ -550,6 +567,12 @@ impl Arena {
 
     pub fn wal(&self, id: DbId) -> WalStamp {
         self.rec_wal[id as usize]
+    }
+
+    /// Records the `-wal` stamp the agent saw when it last replicated `id`, so the next scan
+    /// reports a change only for writes after that.
+    pub fn set_wal(&mut self, id: DbId, stamp: WalStamp) {
+        self.rec_wal[id as usize] = stamp;
     }
 
     pub fn tier(&self, id: DbId) -> Tier {

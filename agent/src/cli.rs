@@ -36,6 +36,18 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the sidecar: discover, watch commits, replicate written databases until SIGTERM
+    Agent {
+        /// Also back up, once, every database that has never been replicated (otherwise a
+        /// database is first backed up at its first write after the agent starts)
+        #[arg(long)]
+        baseline: bool,
+    },
+    /// Ask the running agent how replication goes: tiers, lag, errors, ring drops
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// List the databases the pattern discovers, with their fields, tier and replica path
     Databases {
         /// One JSON array instead of lines for people
@@ -174,6 +186,27 @@ impl From<anyhow::Error> for Failure {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
+        Command::Agent { baseline } => {
+            let config = load_config(&cli)?;
+            crate::signals::catch_interrupts();
+            let options = crate::agent::Options {
+                config,
+                ring_path: multidb::ring::path_from_env(),
+                baseline: *baseline,
+                stop: std::sync::Arc::new(crate::signals::interrupted),
+            };
+            let metrics = std::sync::Arc::new(crate::status::Metrics::default());
+            crate::agent::run(options, metrics)?;
+        }
+        Command::Status { json } => {
+            let config = load_config(&cli)?;
+            let status = crate::status::query(&config.multi_db.state_dir)?;
+            if *json {
+                println!("{status}");
+            } else {
+                crate::status::print_human(&status);
+            }
+        }
         Command::Databases { json, count } => {
             let config = load_config(&cli)?;
             databases(&config, *json, *count)?;
@@ -216,9 +249,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 max_backoff: std::time::Duration::from_secs(5),
             };
             let store = match state_dir {
-                Some(dir) => {
-                    Some(crate::state::StateStore::open(dir).map_err(anyhow::Error::from)?)
-                }
+                Some(dir) => Some(std::sync::Arc::new(
+                    crate::state::StateStore::open(dir).map_err(anyhow::Error::from)?,
+                )),
                 None => None,
             };
             let txid = crate::replicate::run(db, client, &tmp, store, options)
@@ -323,23 +356,9 @@ fn replica_for(cli: &Cli, source: &str) -> Result<ReplicaUrl, Failure> {
             "{source}: the configuration has no replica_template"
         ))
     })?;
-    let path = template
-        .path
-        .expand(&fields)
-        .map_err(|e| Failure::Runtime(anyhow::anyhow!("{source}: {e}")))?;
-    Ok(match template.kind {
-        ReplicaKind::File => ReplicaUrl::File(PathBuf::from(path)),
-        ReplicaKind::S3 => ReplicaUrl::S3(crate::replica::s3::S3Location {
-            bucket: template.bucket.clone().unwrap_or_default(),
-            prefix: path.trim_matches('/').to_string(),
-            region: template
-                .region
-                .clone()
-                .unwrap_or_else(|| "us-east-1".to_string()),
-            endpoint: template.endpoint.clone(),
-            force_path_style: template.force_path_style,
-        }),
-    })
+    template
+        .url_for(&fields)
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!("{source}: {e}")))
 }
 
 fn list_ltx(replica: &dyn crate::replica::ReplicaClient, json: bool) -> anyhow::Result<()> {

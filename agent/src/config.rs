@@ -23,6 +23,18 @@ pub const DEFAULT_MAX_ACTIVE: u32 = 1000;
 /// created, deleted, or written by applications without the extension.
 pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(30);
 
+/// `sync_interval` when the file does not say: Litestream's sync interval. The first commit
+/// after a quiet spell is shipped at once; later ones wait at most this long, batched.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `idle_timeout` when the file does not say: a database with no commit for this long is
+/// demoted (final sync, checkpoint, every descriptor closed). Long enough that a tenant in an
+/// active session stays hot; short enough that a burst of tenants does not pin `max_active`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `state_dir` when the file does not say, relative to the configuration file's directory.
+pub const DEFAULT_STATE_DIR: &str = "multidb-state";
+
 /// A configuration error, already formatted as `file:line:col: field.path: what is wrong`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -40,6 +52,12 @@ struct RawMultiDb {
     discovery_pattern: Option<String>,
     max_active: Option<Value>,
     scan_interval: Option<Value>,
+    sync_interval: Option<Value>,
+    idle_timeout: Option<Value>,
+    snapshot_interval: Option<Value>,
+    retention: Option<Value>,
+    state_dir: Option<String>,
+    addr: Option<String>,
     replica_template: Option<RawReplica>,
 }
 
@@ -75,12 +93,43 @@ pub struct ReplicaTemplate {
     pub force_path_style: bool,
 }
 
+impl ReplicaTemplate {
+    /// The replica of the database whose pattern fields are `fields`.
+    pub fn url_for(
+        &self,
+        fields: &crate::pattern::Fields,
+    ) -> Result<crate::replica::ReplicaUrl, crate::pattern::TemplateError> {
+        let path = self.path.expand(fields)?;
+        Ok(match self.kind {
+            ReplicaKind::File => crate::replica::ReplicaUrl::File(PathBuf::from(path)),
+            ReplicaKind::S3 => crate::replica::ReplicaUrl::S3(crate::replica::s3::S3Location {
+                bucket: self.bucket.clone().unwrap_or_default(),
+                prefix: path.trim_matches('/').to_string(),
+                region: self
+                    .region
+                    .clone()
+                    .unwrap_or_else(|| "us-east-1".to_string()),
+                endpoint: self.endpoint.clone(),
+                force_path_style: self.force_path_style,
+            }),
+        })
+    }
+}
+
 /// The validated `multi_db:` block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MultiDb {
     pub pattern: Pattern,
     pub max_active: u32,
     pub scan_interval: Duration,
+    pub sync_interval: Duration,
+    pub idle_timeout: Duration,
+    /// Compaction, snapshot and retention policy.
+    pub policy: crate::compaction::Policy,
+    /// Where the agent keeps positions and its status socket (relative to the config file).
+    pub state_dir: PathBuf,
+    /// Prometheus metrics listen address, if any (a bare `:PORT` means loopback).
+    pub addr: Option<std::net::SocketAddr>,
     pub replica: Option<ReplicaTemplate>,
 }
 
@@ -101,6 +150,11 @@ impl Config {
                 pattern,
                 max_active: DEFAULT_MAX_ACTIVE,
                 scan_interval: DEFAULT_SCAN_INTERVAL,
+                sync_interval: DEFAULT_SYNC_INTERVAL,
+                idle_timeout: DEFAULT_IDLE_TIMEOUT,
+                policy: crate::compaction::Policy::default(),
+                state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+                addr: None,
                 replica: None,
             },
         }
@@ -113,6 +167,10 @@ impl Config {
             .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
         let mut config = Config::parse(&text, &path.display().to_string(), pattern)?;
         config.source = Some(path.to_path_buf());
+        if config.multi_db.state_dir.is_relative() {
+            let base = path.parent().unwrap_or(Path::new("."));
+            config.multi_db.state_dir = base.join(&config.multi_db.state_dir);
+        }
         Ok(config)
     }
 
@@ -147,6 +205,33 @@ impl Config {
             None => DEFAULT_SCAN_INTERVAL,
             Some(v) => duration_value(v).map_err(|msg| at(&["multi_db", "scan_interval"], &msg))?,
         };
+        let duration = |v: &Option<Value>, name: &str, default: Duration| match v {
+            None => Ok(default),
+            Some(v) => duration_value(v).map_err(|msg| at(&["multi_db", name], &msg)),
+        };
+        let sync_interval = duration(&m.sync_interval, "sync_interval", DEFAULT_SYNC_INTERVAL)?;
+        let idle_timeout = duration(&m.idle_timeout, "idle_timeout", DEFAULT_IDLE_TIMEOUT)?;
+        let defaults = crate::compaction::Policy::default();
+        let policy = crate::compaction::Policy {
+            snapshot_interval: duration(
+                &m.snapshot_interval,
+                "snapshot_interval",
+                defaults.snapshot_interval,
+            )?,
+            retention: duration(&m.retention, "retention", defaults.retention)?,
+            ..defaults
+        };
+        let state_dir = match &m.state_dir {
+            None => PathBuf::from(DEFAULT_STATE_DIR),
+            Some(dir) if dir.is_empty() => {
+                return Err(at(&["multi_db", "state_dir"], "must not be empty"))
+            }
+            Some(dir) => PathBuf::from(dir),
+        };
+        let addr = match &m.addr {
+            None => None,
+            Some(text) => Some(listen_addr(text).map_err(|msg| at(&["multi_db", "addr"], &msg))?),
+        };
         let replica = match m.replica_template {
             None => None,
             Some(r) => Some(replica_template(r, &pattern, &at)?),
@@ -157,6 +242,11 @@ impl Config {
                 pattern,
                 max_active,
                 scan_interval,
+                sync_interval,
+                idle_timeout,
+                policy,
+                state_dir,
+                addr,
                 replica,
             },
         })
@@ -237,6 +327,18 @@ fn replica_template(
         // A custom endpoint (MinIO, R2, a local server) almost always wants path-style keys.
         force_path_style: r.force_path_style.unwrap_or(r.endpoint.is_some()),
         endpoint: r.endpoint,
+    })
+}
+
+/// `127.0.0.1:9090`, `[::1]:9090` or `:9090` (loopback): metrics are not for the network
+/// unless the operator names a non-loopback address.
+fn listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    let full = match text.strip_prefix(':') {
+        Some(port) => format!("127.0.0.1:{port}"),
+        None => text.to_string(),
+    };
+    full.parse().map_err(|_| {
+        format!("`{text}` is not a listen address such as `127.0.0.1:9090` or `:9090`")
     })
 }
 
@@ -356,6 +458,25 @@ multi_db:
     }
 
     #[test]
+    fn agent_keys_have_defaults_and_load() {
+        let c = Config::parse(SEED, "multidb.yml", None).unwrap().multi_db;
+        assert_eq!(c.sync_interval, DEFAULT_SYNC_INTERVAL);
+        assert_eq!(c.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(c.policy, crate::compaction::Policy::default());
+        assert_eq!(c.addr, None);
+        let text = "multi_db:\n  discovery_pattern: \"/d/*.db\"\n  sync_interval: 200ms\n  idle_timeout: 5s\n  retention: 1h\n  state_dir: st\n  addr: \":9464\"\n";
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m.yml");
+        std::fs::write(&file, text).unwrap();
+        let c = Config::load(&file, None).unwrap().multi_db;
+        assert_eq!(c.sync_interval, Duration::from_millis(200));
+        assert_eq!(c.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.policy.retention, Duration::from_secs(3600));
+        assert_eq!(c.state_dir, dir.path().join("st"));
+        assert_eq!(c.addr, Some("127.0.0.1:9464".parse().unwrap()));
+    }
+
+    #[test]
     fn example_file_loads() {
         let text = include_str!("../../multidb.example.yml");
         Config::parse(text, "multidb.example.yml", None).unwrap();
@@ -394,11 +515,17 @@ multi_db:
             ),
             (
                 "  max_actve: 3\n",
-                "multidb.yml:3:3: multi_db: unknown field `max_actve`, expected one of `discovery_pattern`, `max_active`, `scan_interval`, `replica_template`",
+                "multidb.yml:3:3: multi_db: unknown field `max_actve`, expected one of `discovery_pattern`, `max_active`, `scan_interval`, `sync_interval`, `idle_timeout`, `snapshot_interval`, `retention`, `state_dir`, `addr`, `replica_template`",
             ),
             (
                 "  replica_template:\n    type: s3\n    path: \"{{project}}/{{tenant}}\"\n    bucket: b\n",
                 "multidb.yml:5:5: multi_db.replica_template.path: unknown name `{{project}}`; the pattern captures 1, 2",
+            ),
+            ("  idle_timeout: 0ms\n", "multidb.yml:3:3: multi_db.idle_timeout: `0ms` must be longer than zero"),
+            ("  sync_interval: 1\n", "multidb.yml:3:3: multi_db.sync_interval: needs a unit, as in `30s`, `5m` or `1h`"),
+            (
+                "  addr: everywhere\n",
+                "multidb.yml:3:3: multi_db.addr: `everywhere` is not a listen address such as `127.0.0.1:9090` or `:9090`",
             ),
             (
                 "  replica_template:\n    type: ftp\n    path: /x\n",

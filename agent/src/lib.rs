@@ -2,6 +2,7 @@
 //! commands built on them. `main.rs` only parses arguments and reports errors; everything
 //! else lives here so tests can run it in-process.
 
+pub mod agent;
 pub mod arena;
 pub mod bench;
 pub mod cli;
@@ -17,5 +18,6 @@ pub mod restore;
 pub mod ring;
 pub mod signals;
 pub mod state;
+pub mod status;
 pub mod time;
 pub mod wal;

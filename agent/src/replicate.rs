@@ -123,8 +123,6 @@ enum Recovery {
 pub struct Replicator {
     // Field order is drop order: the connections close before the raw descriptor.
     conn: rusqlite::Connection,
-    /// A second connection for checkpoints, so `conn` can stay pinned while they run.
-    checkpointer: Option<rusqlite::Connection>,
     db_file: File,
     db_path: PathBuf,
     wal_path: PathBuf,
@@ -134,7 +132,7 @@ pub struct Replicator {
     pinned: bool,
     page: Vec<u8>,
     /// Where positions are saved after each acknowledged upload, if anywhere.
-    store: Option<crate::state::StateStore>,
+    store: Option<std::sync::Arc<crate::state::StateStore>>,
 }
 
 impl Drop for Replicator {
@@ -161,21 +159,11 @@ impl Replicator {
             }
         };
         let db_file = File::open(db).map_err(io_err("open"))?;
-        let conn = rusqlite::Connection::open_with_flags(
-            db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|source| ReplicateError::Sqlite {
+        let conn = open_connection(db).map_err(|source| ReplicateError::Sqlite {
             db: name.clone(),
             op: "open",
             source,
         })?;
-        conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
-            .map_err(|source| ReplicateError::Sqlite {
-                db: name.clone(),
-                op: "busy_timeout",
-                source,
-            })?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .map_err(|source| ReplicateError::Sqlite {
@@ -186,19 +174,11 @@ impl Replicator {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(ReplicateError::NotWal { db: name, mode });
         }
-        // The application decides when to checkpoint; ours are explicit.
-        conn.execute_batch("PRAGMA wal_autocheckpoint=0")
-            .map_err(|source| ReplicateError::Sqlite {
-                db: name.clone(),
-                op: "wal_autocheckpoint",
-                source,
-            })?;
         std::fs::create_dir_all(tmp_dir).map_err(io_err("create temp directory"))?;
         let mut wal_path = db.as_os_str().to_owned();
         wal_path.push("-wal");
         Ok(Replicator {
             conn,
-            checkpointer: None,
             db_file,
             db_path: db.to_path_buf(),
             wal_path: PathBuf::from(wal_path),
@@ -217,7 +197,7 @@ impl Replicator {
 
     /// Saves positions in `store` after every upload and resumes from it after a restart,
     /// so a restart does not list and read the replica.
-    pub fn with_state(mut self, store: crate::state::StateStore) -> Replicator {
+    pub fn with_state(mut self, store: std::sync::Arc<crate::state::StateStore>) -> Replicator {
         self.store = Some(store);
         self
     }
@@ -289,6 +269,11 @@ impl Replicator {
     fn replica_err(&self) -> impl FnOnce(ReplicaError) -> ReplicateError {
         let db = self.name();
         move |source| ReplicateError::Replica { db, source }
+    }
+
+    /// Where this database is replicated.
+    pub fn replica(&self) -> &dyn ReplicaClient {
+        self.replica.as_ref()
     }
 
     /// The last replicated TXID (0 before the first sync).
@@ -887,27 +872,16 @@ impl Replicator {
         // A writer that never pauses is never caught up: past twice the limit the WAL is
         // truncated anyway, and a commit that raced in costs one snapshot.
         let truncate = frames >= TRUNCATE_FRAMES && (caught_up || frames >= 2 * TRUNCATE_FRAMES);
-        if self.checkpointer.is_none() {
-            let conn = rusqlite::Connection::open_with_flags(
-                &self.db_path,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
-                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .map_err(self.sql_err("open checkpoint connection"))?;
-            conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
-                .map_err(self.sql_err("busy_timeout"))?;
-            conn.execute_batch("PRAGMA wal_autocheckpoint=0")
-                .map_err(self.sql_err("wal_autocheckpoint"))?;
-            self.checkpointer = Some(conn);
-        }
+        // A connection of its own, opened for this checkpoint only: `conn` stays pinned
+        // meanwhile, and a hot database holds no descriptors beyond `conn`'s between
+        // checkpoints.
+        let checkpointer =
+            open_connection(&self.db_path).map_err(self.sql_err("open checkpoint connection"))?;
         if truncate {
             self.unpin()?;
         }
         let mode = if truncate { "TRUNCATE" } else { "PASSIVE" };
-        let result = self
-            .checkpointer
-            .as_ref()
-            .expect("opened above")
+        let result = checkpointer
             .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
@@ -916,11 +890,29 @@ impl Replicator {
                 ))
             })
             .map_err(self.sql_err("checkpoint"));
+        drop(checkpointer);
         self.pin()?;
         let (busy, log, done) = result?;
         tracing::debug!(db = %self.db_path.display(), mode, busy, log, done, "checkpoint");
         Ok(true)
     }
+}
+
+/// A connection of the agent's to a user's database: busy-waiting on locks, never
+/// checkpointing on its own (ours are explicit), and never on close either, since that would
+/// checkpoint and delete a WAL whose newest frames we may not have read yet.
+fn open_connection(db: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open_with_flags(
+        db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
+    conn.execute_batch("PRAGMA wal_autocheckpoint=0")?;
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )?;
+    Ok(conn)
 }
 
 fn finish_file(out: BufWriter<File>, path: &Path) -> io::Result<u64> {
@@ -952,7 +944,7 @@ pub fn run(
     db: &Path,
     replica: Box<dyn ReplicaClient>,
     tmp_dir: &Path,
-    store: Option<crate::state::StateStore>,
+    store: Option<std::sync::Arc<crate::state::StateStore>>,
     options: RunOptions,
 ) -> Result<u64, ReplicateError> {
     crate::signals::catch_interrupts();
@@ -973,7 +965,7 @@ pub fn run_with(
     db: &Path,
     replica: Box<dyn ReplicaClient>,
     tmp_dir: &Path,
-    store: Option<crate::state::StateStore>,
+    store: Option<std::sync::Arc<crate::state::StateStore>>,
     options: RunOptions,
     stop: &dyn Fn() -> bool,
     on_sync: &mut dyn FnMut(&Synced),

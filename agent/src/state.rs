@@ -32,7 +32,9 @@ pub struct Position {
 
 /// The state database.
 pub struct StateStore {
-    conn: rusqlite::Connection,
+    /// One connection shared by every replicator of the agent: a hot database costs no
+    /// descriptor here, and saves are a few microseconds each.
+    conn: std::sync::Mutex<rusqlite::Connection>,
     path: String,
 }
 
@@ -71,10 +73,17 @@ impl StateStore {
                  db_checksum INTEGER NOT NULL,
                  updated_ms INTEGER NOT NULL,
                  PRIMARY KEY (db, replica)
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS wal_stamps(
+                 db TEXT PRIMARY KEY,
+                 stamp INTEGER NOT NULL
              ) WITHOUT ROWID;",
         )
         .map_err(err("create schema"))?;
-        Ok(StateStore { conn, path: name })
+        Ok(StateStore {
+            conn: std::sync::Mutex::new(conn),
+            path: name,
+        })
     }
 
     fn err(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> StateError {
@@ -82,10 +91,57 @@ impl StateStore {
         move |source| StateError { path, op, source }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+        // A panic while holding the lock leaves the connection usable: take it anyway.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The `-wal` stamp (size and mtime, see `arena::WalStamp`) of every database that was
+    /// demoted cleanly: a database whose `-wal` still has it was not written since.
+    pub fn wal_stamps(&self) -> Result<std::collections::HashMap<String, u64>, StateError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT db, stamp FROM wal_stamps")
+            .map_err(self.err("prepare stamps"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(self.err("load stamps"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(self.err("load stamps"))
+    }
+
+    /// Records `db`'s `-wal` stamp when it goes cold (`None`: it is hot, forget the stamp).
+    pub fn set_wal_stamp(&self, db: &str, stamp: Option<u64>) -> Result<(), StateError> {
+        let conn = self.lock();
+        let result = match stamp {
+            Some(stamp) => conn.execute(
+                "INSERT OR REPLACE INTO wal_stamps VALUES (?1, ?2)",
+                rusqlite::params![db, stamp as i64],
+            ),
+            None => conn.execute("DELETE FROM wal_stamps WHERE db = ?1", [db]),
+        };
+        result.map(drop).map_err(self.err("save stamp"))
+    }
+
+    /// Every database with a saved position.
+    pub fn databases(&self) -> Result<std::collections::HashSet<String>, StateError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT DISTINCT db FROM positions")
+            .map_err(self.err("prepare databases"))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(self.err("load databases"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(self.err("load databases"))
+    }
+
     /// The saved position of `db` replicated to `replica`.
     pub fn load(&self, db: &str, replica: &str) -> Result<Option<Position>, StateError> {
-        let mut stmt = self
-            .conn
+        let conn = self.lock();
+        let mut stmt = conn
             .prepare_cached(
                 "SELECT txid, page_size, db_pages, salt1, salt2, checkpoint_seq, wal_offset, checksum1, checksum2, db_checksum
                  FROM positions WHERE db = ?1 AND replica = ?2",
@@ -119,7 +175,7 @@ impl StateStore {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        self.conn
+        self.lock()
             .prepare_cached(
                 "INSERT OR REPLACE INTO positions VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )

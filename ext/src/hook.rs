@@ -88,10 +88,11 @@ unsafe fn on_commit(db: *mut sqlite3, schema: *const c_char, frames: u64, thresh
     let ring = shared::ring(now);
     let alive = ring.is_some_and(|r| r.agent_alive(now, ring::AGENT_ALIVE_NS));
     let mut hot = false;
+    // SAFETY: `db` and `schema` come from SQLite for this commit.
+    let path = unsafe { api::db_filename(db, schema) };
+    let hash = ring::path_hash(path);
+    shared::note_commit_time(hash, now);
     if let Some(ring) = ring {
-        // SAFETY: `db` and `schema` come from SQLite for this commit.
-        let path = unsafe { api::db_filename(db, schema) };
-        let hash = ring::path_hash(path);
         if let Some(info) = shared::lookup(hash, path, now) {
             let pid = PID.load(std::sync::atomic::Ordering::Relaxed);
             if info.registered != ring.generation()

@@ -12,6 +12,7 @@ pub mod ring;
 mod shared;
 mod status;
 mod version;
+mod wait;
 
 use std::os::raw::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -25,6 +26,7 @@ pub const SQL_FUNCTIONS: &[&str] = &[
     "multidb_autocheckpoint",
     "multidb_status",
     "multidb_version",
+    "multidb_wait",
 ];
 
 /// The extension's version, as `multidb_version()` reports it.
@@ -54,6 +56,13 @@ fn register_functions(db: *mut sqlite3) -> sqlite_loadable::Result<()> {
         "multidb_status",
         0,
         status::multidb_status,
+        FunctionFlags::UTF8,
+    )?;
+    define_scalar_function(
+        db,
+        "multidb_wait",
+        1,
+        wait::multidb_wait,
         FunctionFlags::UTF8,
     )?;
     define_scalar_function(

@@ -179,7 +179,8 @@ pub struct Status {
     pub replicated_txid: u64,
     /// The WAL frame count the replica covers.
     pub replicated_frames: u64,
-    /// When the last sync finished (CLOCK_REALTIME ns).
+    /// When the last successful sync started reading the WAL (CLOCK_REALTIME ns): every
+    /// commit made before this instant is in the replica (`multidb_wait` relies on it).
     pub last_sync_ns: u64,
     /// When the oldest commit not yet in the replica was seen; 0 when caught up.
     pub pending_since_ns: u64,

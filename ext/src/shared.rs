@@ -229,6 +229,25 @@ pub fn note_commit(hash: u64, frames: u64, now: u64) {
     });
 }
 
+/// Slots of [`LAST_COMMIT`]: a power of two, so the index is a mask.
+const LAST_COMMIT_SLOTS: usize = 4096;
+
+/// The time of this process's last commit per database, by path hash. Unlike the path cache
+/// above, an update is never skipped (it is one `fetch_max`), so `multidb_wait` can trust it:
+/// two databases sharing a slot only make a wait longer, never end it early.
+static LAST_COMMIT: [AtomicU64; LAST_COMMIT_SLOTS] =
+    [const { AtomicU64::new(0) }; LAST_COMMIT_SLOTS];
+
+/// Records a commit to `hash`'s database at `now` (lock-free, no syscall).
+pub fn note_commit_time(hash: u64, now: u64) {
+    LAST_COMMIT[(hash as usize) & (LAST_COMMIT_SLOTS - 1)].fetch_max(now, Ordering::AcqRel);
+}
+
+/// When this process last committed to `hash`'s database (or a later time; 0: never).
+pub fn last_commit_time(hash: u64) -> u64 {
+    LAST_COMMIT[(hash as usize) & (LAST_COMMIT_SLOTS - 1)].load(Ordering::Acquire)
+}
+
 /// What the cache holds for `hash`, without touching the file system.
 pub fn peek(hash: u64) -> Option<PathInfo> {
     read(hash).map(|(info, _)| info)
