@@ -9,6 +9,7 @@ SELECT name FROM pragma_function_list WHERE name LIKE 'multidb%' ORDER BY name;
 -- => multidb_autocheckpoint
 -- => multidb_status
 -- => multidb_version
+-- => multidb_wait
 
 -- No agent and no ring: the tier is unknown and SQLite's own checkpoint policy applies.
 -- (An in-memory database has an empty path.)

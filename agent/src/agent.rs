@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::replica::ReplicaUrl;
 use crate::replicate::{Replicator, Synced, CHECKPOINT_INTERVAL, MAINTENANCE_INTERVAL};
 use crate::ring::RingFile;
-use crate::state::StateStore;
+use crate::state::{StateStore, HOT_STAMP};
 use crate::status::{Metrics, Tiers};
 use multidb::ring::{self as layout, Record, Status, TIER_COLD, TIER_HOT};
 
@@ -158,8 +158,12 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
             .with_context(|| format!("serving metrics on {addr}"))?;
     }
     let tmp_dir = multi.state_dir.join("tmp");
+    // Leftovers of a killed agent: never renamed into a replica, so never needed.
+    let _ = std::fs::remove_dir_all(&tmp_dir);
     std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
 
+    // Before the scan: a write racing with it is then newer than the watch start.
+    let watch_start_ns = store.watch_start_ns(layout::now_ns())?;
     let started = Instant::now();
     let (mut arena, _) = crate::cli::discover(config)?;
     tracing::info!(
@@ -213,7 +217,7 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         rescan_soon: None,
         last_wal_poll: Instant::now(),
     };
-    scheduler.recover(options.baseline)?;
+    scheduler.recover(watch_start_ns, options.baseline)?;
     scheduler.main_loop(&event_rx, &done_rx, options.stop.as_ref());
     scheduler.shut_down(&done_rx);
     reader_stop.store(true, Ordering::Relaxed);
@@ -387,31 +391,49 @@ struct Scheduler<'a> {
 }
 
 impl Scheduler<'_> {
-    /// After a start: databases written while no agent ran are caught up. A database demoted
-    /// cleanly has its `-wal` stamp saved; a different stamp now means it was written. One with
-    /// a position but no stamp was hot when the agent stopped, so it is looked at too.
-    fn recover(&mut self, baseline: bool) -> anyhow::Result<()> {
-        let stamps = self.store.wal_stamps()?;
-        let known = self.store.databases()?;
+    /// After a start: databases written while no agent ran (or whose commit signal a killed
+    /// agent had read but not acted on) are caught up. A database that was ever hot has a
+    /// saved `-wal` stamp: from its last demotion, or [`HOT_STAMP`] while hot; a stamp that
+    /// differs now means a write the replica may lack. Any other database is caught up if its
+    /// file or `-wal` changed since the agent first watched this host (`watch_start_ns`), so
+    /// installing the agent does not upload every database (unless `baseline`), and nothing
+    /// written after that is missed.
+    fn recover(&mut self, watch_start_ns: u64, baseline: bool) -> anyhow::Result<()> {
         let now = layout::now_ns();
-        let ids: Vec<DbId> = self.arena.ids().collect();
-        let mut caught_up = 0;
-        for id in ids {
-            let path = self.arena.path(id);
-            let written = match stamps.get(&path) {
-                Some(&stamp) => stamp != self.arena.wal(id).raw(),
-                None => known.contains(&path) || baseline,
-            };
-            if written {
-                self.request_promotion(id, now);
-                caught_up += 1;
+        let mut seen = vec![
+            false;
+            self.arena
+                .ids()
+                .map(|id| id as usize + 1)
+                .max()
+                .unwrap_or(0)
+        ];
+        let mut written = Vec::new();
+        self.store.for_each_wal_stamp(|path, stamp| {
+            if let Some(id) = self.arena.lookup_path(path) {
+                seen[id as usize] = true;
+                if stamp != self.arena.wal(id).raw() {
+                    written.push(id);
+                }
+            }
+        })?;
+        for id in self.arena.ids() {
+            if seen[id as usize] {
+                continue;
+            }
+            if baseline || modified_since(&self.arena.path(id), watch_start_ns) {
+                written.push(id);
             }
         }
-        if caught_up > 0 {
+        drop(seen);
+        if !written.is_empty() {
             tracing::info!(
-                databases = caught_up,
+                databases = written.len(),
                 "catching up databases written while the agent was not running"
             );
+        }
+        for id in written {
+            self.request_promotion(id, now);
         }
         Ok(())
     }
@@ -561,8 +583,8 @@ impl Scheduler<'_> {
         let (dev, ino) = self.arena.inode(id);
         let previous = self.ring.status(dev, ino);
         self.arena.set_tier(id, Tier::Hot);
-        if let Err(e) = self.store.set_wal_stamp(&path, None) {
-            tracing::warn!(db = %path, error = %e, "forgetting the WAL stamp failed");
+        if let Err(e) = self.store.set_wal_stamps([(path.as_str(), HOT_STAMP)]) {
+            tracing::warn!(db = %path, error = %e, "marking the database hot in the state failed");
         }
         self.metrics.promotions.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(db = %path, "promoted to hot");
@@ -728,7 +750,10 @@ impl Scheduler<'_> {
         self.arena.set_tier(id, Tier::Cold);
         self.arena.set_txid(id, hot.txid);
         self.arena.set_wal(id, stamp);
-        if let Err(e) = self.store.set_wal_stamp(&hot.path, Some(stamp.raw())) {
+        if let Err(e) = self
+            .store
+            .set_wal_stamps([(hot.path.as_str(), stamp.raw())])
+        {
             tracing::warn!(db = %hot.path, error = %e, "saving the WAL stamp failed");
         }
         self.publish(Self::status_of(&hot, TIER_COLD));
@@ -938,6 +963,17 @@ impl Scheduler<'_> {
         }
         self.update_gauges();
     }
+}
+
+/// Whether the database file or its `-wal` was modified at or after `since_ns`.
+fn modified_since(db: &str, since_ns: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let mtime = |path: &str| {
+        std::fs::metadata(path).map_or(0, |m| {
+            (m.mtime() as u64).saturating_mul(1_000_000_000) + m.mtime_nsec() as u64
+        })
+    };
+    mtime(db).max(mtime(&format!("{db}-wal"))) >= since_ns
 }
 
 /// When a sync should start for a commit seen now: at once after a quiet spell, otherwise

@@ -199,6 +199,8 @@ struct Dir {
     parent: u32,
     name: u32,
     dev: u64,
+    /// The directory's mtime at the last scan (ns; 0: not seen as a leaf yet).
+    mtime_ns: u64,
 }
 
 fn mix(a: u64, b: u64) -> u64 {
@@ -227,6 +229,9 @@ pub struct Arena {
     free: Vec<DbId>,
     live: usize,
     scan_dirty: bool,
+    /// When the current and the previous scan started (CLOCK_REALTIME ns).
+    scan_started_ns: u64,
+    previous_scan_started_ns: u64,
 }
 
 impl Arena {
@@ -249,11 +254,14 @@ impl Arena {
             free: Vec::new(),
             live: 0,
             scan_dirty: false,
+            scan_started_ns: 0,
+            previous_scan_started_ns: 0,
         };
         arena.dirs.push(Dir {
             parent: NONE,
             name: NONE,
             dev: 0,
+            mtime_ns: 0,
         });
         arena
     }
@@ -317,6 +325,7 @@ impl Arena {
                         parent: dir,
                         name,
                         dev: 0,
+                        mtime_ns: 0,
                     });
                     let dirs = &self.dirs;
                     self.dir_index.insert_unique(hash, id, |&d| {
@@ -354,6 +363,8 @@ impl Arena {
 
     /// Marks every database unseen; the scan that follows marks what it finds.
     pub fn begin_scan(&mut self) {
+        self.previous_scan_started_ns = self.scan_started_ns;
+        self.scan_started_ns = multidb::ring::now_ns();
         for flags in &mut self.rec_flags {
             *flags &= !FLAG_SEEN;
         }
@@ -393,6 +404,47 @@ impl Arena {
             }
         }
         refused
+    }
+
+    /// Catches writes a `-wal` stamp cannot show: a connection that was the database's only one
+    /// checkpoints and deletes the `-wal` when it closes, so a write leaves no `-wal` behind.
+    /// Creating and deleting the `-wal` changes the directory, though: when a leaf directory's
+    /// mtime moved, its databases without a `-wal` are stat'ed, and those modified since the
+    /// previous scan started are reported as changed. Quiet directories cost nothing.
+    pub fn check_leaf_dir(
+        &mut self,
+        components: &[&str],
+        mtime_ns: u64,
+        files: &[FoundFile],
+        diff: &mut Diff,
+    ) {
+        /// File-system timestamps can lag the clock by a tick; a second of margin makes a
+        /// write racing the previous scan count as changed rather than go unseen.
+        const MARGIN_NS: u64 = 1_000_000_000;
+        use std::os::unix::fs::MetadataExt;
+        let Some(dir) = self.find_dir(components) else {
+            return;
+        };
+        let before = std::mem::replace(&mut self.dirs[dir as usize].mtime_ns, mtime_ns);
+        if before == 0 || before == mtime_ns || self.previous_scan_started_ns == 0 {
+            return;
+        }
+        let since = self.previous_scan_started_ns.saturating_sub(MARGIN_NS);
+        for file in files.iter().filter(|f| f.wal == WalStamp::NONE) {
+            let Some(id) = self.find_record(dir, file.name.as_bytes()) else {
+                continue;
+            };
+            if diff.added.contains(&id) || diff.changed.contains(&id) {
+                continue;
+            }
+            let modified = std::fs::metadata(self.path(id)).is_ok_and(|m| {
+                let ns = (m.mtime() as u64).saturating_mul(1_000_000_000) + m.mtime_nsec() as u64;
+                ns >= since
+            });
+            if modified {
+                diff.changed.push(id);
+            }
+        }
     }
 
     fn insert(&mut self, dir: u32, file: &FoundFile) -> Option<DbId> {

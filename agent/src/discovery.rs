@@ -51,6 +51,7 @@ pub struct ScanReport {
 struct LeafDir {
     path: String,
     dev: u64,
+    mtime_ns: u64,
     files: Vec<FoundFile>,
 }
 
@@ -141,6 +142,7 @@ pub fn scan(pattern: &Pattern, arena: &mut Arena) -> Result<ScanReport, Discover
                 below_root.split('/').collect()
             };
             let refused = arena.visit_dir(&components, leaf.dev, &leaf.files, &mut report.diff);
+            arena.check_leaf_dir(&components, leaf.mtime_ns, &leaf.files, &mut report.diff);
             if refused > 0 {
                 report.skipped.push((
                     leaf.path.clone(),
@@ -252,6 +254,10 @@ fn list_subdirs(dir: &str, segment: &Segment, out: &mut WorkerOut) {
     }
 }
 
+fn mtime_ns(m: &std::fs::Metadata) -> u64 {
+    (m.mtime() as u64).saturating_mul(1_000_000_000) + m.mtime_nsec() as u64
+}
+
 fn wal_stamp(db_path: &str) -> WalStamp {
     let mut wal = String::with_capacity(db_path.len() + 4);
     wal.push_str(db_path);
@@ -271,6 +277,7 @@ fn list_databases(dir: &str, segment: &Segment, out: &mut WorkerOut) -> Option<L
             .ok()
             .filter(|m| m.is_file())?;
         let dev = meta.dev();
+        let mtime_ns = std::fs::metadata(dir_to_open(dir)).map_or(0, |m| mtime_ns(&m));
         let wal = wal_stamp(&path);
         let files = vec![FoundFile {
             name: literal.to_string(),
@@ -280,6 +287,7 @@ fn list_databases(dir: &str, segment: &Segment, out: &mut WorkerOut) -> Option<L
         return Some(LeafDir {
             path: dir.to_string(),
             dev,
+            mtime_ns,
             files,
         });
     }
@@ -329,12 +337,13 @@ fn list_databases(dir: &str, segment: &Segment, out: &mut WorkerOut) -> Option<L
             }
         }
     }
-    let dev = std::fs::metadata(dir_to_open(dir))
-        .map(|m| m.dev())
-        .unwrap_or(0);
+    let (dev, mtime_ns) = std::fs::metadata(dir_to_open(dir))
+        .map(|m| (m.dev(), mtime_ns(&m)))
+        .unwrap_or((0, 0));
     Some(LeafDir {
         path: dir.to_string(),
         dev,
+        mtime_ns,
         files,
     })
 }
@@ -347,6 +356,31 @@ mod tests {
     fn touch(path: &std::path::Path) {
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(path, b"").unwrap();
+    }
+
+    /// A connection-per-write app without the extension leaves no `-wal` behind (SQLite
+    /// deletes it when the last connection closes); the scan still sees the write.
+    #[test]
+    fn a_write_that_left_no_wal_is_seen_through_its_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_str().unwrap();
+        let dir = tmp.path().join("t");
+        touch(&dir.join("a.db"));
+        touch(&dir.join("b.db"));
+        let pattern = Pattern::new(&format!("{root}/*/*.db")).unwrap();
+        let mut arena = Arena::new(pattern.root());
+        scan(&pattern, &mut arena).unwrap();
+        // Past the scan's one-second margin for coarse file-system clocks.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert!(scan(&pattern, &mut arena).unwrap().diff.changed.is_empty());
+        // What the close of such a connection does: a -wal comes and goes, the file changes.
+        fs::write(dir.join("a.db-wal"), b"x").unwrap();
+        fs::write(dir.join("a.db"), b"written").unwrap();
+        fs::remove_file(dir.join("a.db-wal")).unwrap();
+        let changed = scan(&pattern, &mut arena).unwrap().diff.changed;
+        let a = arena.lookup_path(&format!("{root}/t/a.db")).unwrap();
+        assert_eq!(changed, vec![a]);
+        assert!(scan(&pattern, &mut arena).unwrap().diff.changed.is_empty());
     }
 
     #[test]

@@ -532,9 +532,13 @@ impl Replicator {
         &self,
         header: Header,
     ) -> Result<(PathBuf, Encoder<BufWriter<File>>), ReplicateError> {
+        // Unique per file: the agent's replicators share one temporary directory, and two
+        // databases often reach the same TXID at the same moment.
+        static FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let tmp = self.tmp_dir.join(format!(
-            "{}-{:016x}.ltx.tmp",
+            "{}-{}-{:016x}.ltx.tmp",
             std::process::id(),
+            FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             header.max_txid
         ));
         let out = BufWriter::new(File::create(&tmp).map_err(self.io_err("create temporary LTX"))?);

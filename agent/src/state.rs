@@ -31,6 +31,10 @@ pub struct Position {
 }
 
 /// The state database.
+/// The stamp saved for a hot database: it matches no `-wal`, so a database that was hot when
+/// the agent stopped is always looked at again.
+pub const HOT_STAMP: u64 = u64::MAX;
+
 pub struct StateStore {
     /// One connection shared by every replicator of the agent: a hot database costs no
     /// descriptor here, and saves are a few microseconds each.
@@ -74,6 +78,10 @@ impl StateStore {
                  updated_ms INTEGER NOT NULL,
                  PRIMARY KEY (db, replica)
              ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS meta(
+                 key TEXT PRIMARY KEY,
+                 value INTEGER NOT NULL
+             ) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS wal_stamps(
                  db TEXT PRIMARY KEY,
                  stamp INTEGER NOT NULL
@@ -96,46 +104,61 @@ impl StateStore {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The `-wal` stamp (size and mtime, see `arena::WalStamp`) of every database that was
-    /// demoted cleanly: a database whose `-wal` still has it was not written since.
-    pub fn wal_stamps(&self) -> Result<std::collections::HashMap<String, u64>, StateError> {
+    /// When the agent first watched these databases (CLOCK_REALTIME ns): `now` on the first
+    /// call ever, the same value on every later one.
+    pub fn watch_start_ns(&self, now: u64) -> Result<u64, StateError> {
+        let conn = self.lock();
+        conn.execute(
+            "INSERT OR IGNORE INTO meta VALUES ('watch_start_ns', ?1)",
+            [now as i64],
+        )
+        .map_err(self.err("save watch start"))?;
+        conn.query_row(
+            "SELECT value FROM meta WHERE key = 'watch_start_ns'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|v| v as u64)
+        .map_err(self.err("load watch start"))
+    }
+
+    /// Calls `f` with every saved `-wal` stamp (see [`StateStore::set_wal_stamps`]), streamed so
+    /// a hundred thousand databases cost no map in memory.
+    pub fn for_each_wal_stamp(&self, mut f: impl FnMut(&str, u64)) -> Result<usize, StateError> {
         let conn = self.lock();
         let mut stmt = conn
             .prepare("SELECT db, stamp FROM wal_stamps")
             .map_err(self.err("prepare stamps"))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-            })
-            .map_err(self.err("load stamps"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(self.err("load stamps"))
+        let mut rows = stmt.query([]).map_err(self.err("load stamps"))?;
+        let mut count = 0;
+        while let Some(row) = rows.next().map_err(self.err("load stamps"))? {
+            let db: String = row.get(0).map_err(self.err("decode stamp"))?;
+            let stamp: i64 = row.get(1).map_err(self.err("decode stamp"))?;
+            f(&db, stamp as u64);
+            count += 1;
+        }
+        Ok(count)
     }
 
-    /// Records `db`'s `-wal` stamp when it goes cold (`None`: it is hot, forget the stamp).
-    pub fn set_wal_stamp(&self, db: &str, stamp: Option<u64>) -> Result<(), StateError> {
-        let conn = self.lock();
-        let result = match stamp {
-            Some(stamp) => conn.execute(
-                "INSERT OR REPLACE INTO wal_stamps VALUES (?1, ?2)",
-                rusqlite::params![db, stamp as i64],
-            ),
-            None => conn.execute("DELETE FROM wal_stamps WHERE db = ?1", [db]),
-        };
-        result.map(drop).map_err(self.err("save stamp"))
-    }
-
-    /// Every database with a saved position.
-    pub fn databases(&self) -> Result<std::collections::HashSet<String>, StateError> {
-        let conn = self.lock();
-        let mut stmt = conn
-            .prepare("SELECT DISTINCT db FROM positions")
-            .map_err(self.err("prepare databases"))?;
-        let rows = stmt
-            .query_map([], |r| r.get::<_, String>(0))
-            .map_err(self.err("load databases"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(self.err("load databases"))
+    /// Saves `-wal` stamps: the stamp a database had when the agent last knew it replicated
+    /// (or first saw it), or [`HOT_STAMP`] while it is hot. At the next start, a database whose
+    /// `-wal` no longer has its saved stamp was written since and is caught up.
+    pub fn set_wal_stamps<'a>(
+        &self,
+        stamps: impl IntoIterator<Item = (&'a str, u64)>,
+    ) -> Result<(), StateError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(self.err("begin"))?;
+        {
+            let mut stmt = tx
+                .prepare_cached("INSERT OR REPLACE INTO wal_stamps VALUES (?1, ?2)")
+                .map_err(self.err("prepare stamp"))?;
+            for (db, stamp) in stamps {
+                stmt.execute(rusqlite::params![db, stamp as i64])
+                    .map_err(self.err("save stamp"))?;
+            }
+        }
+        tx.commit().map_err(self.err("commit stamps"))
     }
 
     /// The saved position of `db` replicated to `replica`.

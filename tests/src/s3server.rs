@@ -31,6 +31,7 @@ const START_TRIES: usize = 3;
 pub struct S3Server {
     child: Child,
     port: u16,
+    log_path: PathBuf,
     _log_dir: tempfile::TempDir,
 }
 
@@ -86,6 +87,7 @@ impl S3Server {
         let mut server = S3Server {
             child,
             port,
+            log_path: log_path.clone(),
             _log_dir: log_dir,
         };
         let deadline = Instant::now() + START_TIMEOUT;
@@ -105,6 +107,16 @@ impl S3Server {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Every HTTP request the server logged so far, one line each (`"PUT /key HTTP/1.1" 200`).
+    pub fn requests(&self) -> Vec<String> {
+        fs::read_to_string(&self.log_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(" HTTP/1.1\""))
+            .map(str::to_string)
+            .collect()
     }
 
     /// `http://127.0.0.1:PORT`.

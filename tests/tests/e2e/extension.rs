@@ -7,6 +7,7 @@ const FUNCTIONS: &[&str] = &[
     "multidb_autocheckpoint",
     "multidb_status",
     "multidb_version",
+    "multidb_wait",
 ];
 
 #[test]
@@ -90,4 +91,32 @@ fn sql_scripts_print_their_documented_output() {
         let got: Vec<&str> = out.stdout.lines().collect();
         assert_eq!(got, expected, "{}", script.display());
     }
+}
+
+#[test]
+fn multidb_wait_checks_its_argument_and_times_out_without_an_agent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("t.db");
+    for bad in ["'soon'", "-1", "3600001", "1.5", "NULL"] {
+        let out = sqlite3_with_extension(&db, &format!("SELECT multidb_wait({bad});"));
+        assert_ne!(out.code, 0, "multidb_wait({bad}) must fail");
+        assert!(
+            out.stderr
+                .contains("multidb_wait: 1st argument (timeout_ms) must be an integer"),
+            "{}",
+            out.stderr
+        );
+    }
+    // Nothing committed by this process: nothing to wait for.
+    let out = sqlite3_with_extension(&db, "SELECT multidb_wait(0);");
+    assert_eq!(out.stdout.trim(), "1", "{}", out.stderr);
+    // A commit and no agent: 0 once the timeout passed.
+    let started = std::time::Instant::now();
+    let out = sqlite3_with_extension(
+        &db,
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1); SELECT multidb_wait(150);",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout.lines().last(), Some("0"));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(150));
 }

@@ -1,5 +1,6 @@
 //! End-to-end tests: one binary, a module per topic.
 
+mod agent;
 mod checkpoint;
 mod cli;
 mod extension;
