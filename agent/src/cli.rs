@@ -36,6 +36,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The seed's walkthrough on this machine: 24 databases, the agent, a write, a restore
+    Demo(crate::demo::DemoArgs),
     /// Run the sidecar: discover, watch commits, replicate written databases until SIGTERM
     Agent {
         /// Also back up, once, every database that has never been replicated (otherwise a
@@ -186,6 +188,7 @@ impl From<anyhow::Error> for Failure {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
+        Command::Demo(args) => crate::demo::run(args)?,
         Command::Agent { baseline } => {
             let config = load_config(&cli)?;
             crate::signals::catch_interrupts();

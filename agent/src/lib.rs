@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cli;
 pub mod compaction;
 pub mod config;
+pub mod demo;
 pub mod discovery;
 pub mod generate;
 pub mod ltx;

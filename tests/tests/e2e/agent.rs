@@ -664,3 +664,41 @@ fn agent_refuses_what_it_cannot_do() {
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("no agent answers"), "{}", out.stderr);
 }
+
+/// `multidb demo`, the README's first command, runs start to end, again over its own earlier
+/// run, and refuses a directory it did not make.
+#[test]
+fn demo_runs_and_reruns() {
+    let tmp = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let out = run(multidb(tmp.path()).arg("demo"));
+        assert_eq!(out.code, 0, "demo failed:\n{}\n{}", out.stdout, out.stderr);
+        for expected in [
+            "1. created 24 SQLite databases",
+            "discovers 24 databases",
+            "multidb_wait(10000) returned 1",
+            "multidb_status(): tier hot",
+            "level 9 TXID 1-",
+            "checksums and integrity_check verified, all",
+            "rows equal to the source",
+            "says tier cold",
+        ] {
+            assert!(
+                out.stdout.contains(expected),
+                "missing `{expected}` in:\n{}",
+                out.stdout
+            );
+        }
+    }
+    let foreign = tmp.path().join("mine");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "keep me").unwrap();
+    let out = run(multidb(tmp.path()).args(["demo", "--dir", "mine"]));
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("was not made by `multidb demo`"),
+        "{}",
+        out.stderr
+    );
+    assert!(foreign.join("notes.txt").exists());
+}
