@@ -48,9 +48,9 @@ const EVENT_QUEUE: usize = 65_536;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A commit from an inode the arena does not know asks for a rescan, at most this often.
 const RESCAN_AFTER_UNKNOWN: Duration = Duration::from_secs(1);
-/// Descriptors per hot database: SQLite's database, `-wal` and `-shm`, plus the raw database
-/// descriptor the replicator reads pages through.
-const FDS_PER_HOT: u64 = 4;
+/// Descriptors per hot database: SQLite's database, `-wal` and `-shm` (pages are read
+/// through SQLite's own descriptor, see `sqlfile`).
+const FDS_PER_HOT: u64 = 3;
 /// Descriptors the process needs besides hot databases (state, ring, sockets, checkpoint and
 /// WAL-reading descriptors of busy workers, temporary files).
 const FDS_BASE: u64 = 64 + 4 * SYNC_WORKERS as u64;
@@ -889,12 +889,13 @@ impl Scheduler<'_> {
             self.waiting_set = self.waiting.iter().map(|&(id, _)| id).collect();
         }
         let now = layout::now_ns();
-        let written = diff.changed.iter().chain(
-            diff.added
-                .iter()
-                .filter(|&&id| self.arena.wal(id) != WalStamp::NONE),
-        );
-        let written: Vec<DbId> = written.copied().collect();
+        // A database created since the last scan is new content, unless it is still an empty
+        // file (its first write will show in its `-wal`).
+        let created = diff.added.iter().filter(|&&id| {
+            self.arena.wal(id) != WalStamp::NONE
+                || std::fs::metadata(self.arena.path(id)).is_ok_and(|m| m.len() > 0)
+        });
+        let written: Vec<DbId> = diff.changed.iter().chain(created).copied().collect();
         for id in written {
             self.on_write(id, now);
         }

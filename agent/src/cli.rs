@@ -162,6 +162,11 @@ pub enum BenchCommand {
     Commit(crate::bench::CommitArgs),
     /// Commit-to-replica latency, page throughput, restore vs cp, idle S3 requests
     Replicate(crate::bench::ReplicateArgs),
+    /// The agent at host scale: 100,000 discovered, idle cost, then 1,000 hot at 10,000 commits/s
+    Agent(crate::bench::AgentArgs),
+    /// A writer process for `bench agent`
+    #[command(hide = true)]
+    AgentWriter(crate::bench::WriterArgs),
     /// Run a command and print its wall time (ns) and peak RSS (bytes): the benchmarks' trampoline
     #[command(hide = true)]
     Measure {
@@ -302,6 +307,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Bench(BenchCommand::Discovery(args)) => crate::bench::discovery(args)?,
         Command::Bench(BenchCommand::Commit(args)) => crate::bench::commit(args)?,
         Command::Bench(BenchCommand::Replicate(args)) => crate::bench::replicate(args)?,
+        Command::Bench(BenchCommand::Agent(args)) => crate::bench::agent(args)?,
+        Command::Bench(BenchCommand::AgentWriter(args)) => crate::bench::agent_writer(args)?,
         Command::Bench(BenchCommand::Measure { command }) => crate::bench::measure(command)?,
     }
     Ok(())

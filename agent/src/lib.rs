@@ -18,6 +18,7 @@ pub mod replicate;
 pub mod restore;
 pub mod ring;
 pub mod signals;
+pub mod sqlfile;
 pub mod state;
 pub mod status;
 pub mod time;

@@ -121,9 +121,9 @@ enum Recovery {
 
 /// Replicates one database to one replica.
 pub struct Replicator {
-    // Field order is drop order: the connections close before the raw descriptor.
     conn: rusqlite::Connection,
-    db_file: File,
+    /// The database file, read through `conn`'s own descriptor (see [`crate::sqlfile`]).
+    db_file: crate::sqlfile::MainFile,
     db_path: PathBuf,
     wal_path: PathBuf,
     replica: Box<dyn ReplicaClient>,
@@ -158,7 +158,6 @@ impl Replicator {
                 source,
             }
         };
-        let db_file = File::open(db).map_err(io_err("open"))?;
         let conn = open_connection(db).map_err(|source| ReplicateError::Sqlite {
             db: name.clone(),
             op: "open",
@@ -174,6 +173,7 @@ impl Replicator {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(ReplicateError::NotWal { db: name, mode });
         }
+        let db_file = crate::sqlfile::MainFile::of(&conn).map_err(io_err("open"))?;
         std::fs::create_dir_all(tmp_dir).map_err(io_err("create temp directory"))?;
         let mut wal_path = db.as_os_str().to_owned();
         wal_path.push("-wal");
@@ -572,35 +572,22 @@ impl Replicator {
 
     fn read_db_page(&self, pgno: u32, page: &mut [u8]) -> Result<(), ReplicateError> {
         let offset = u64::from(pgno - 1) * page.len() as u64;
-        page.fill(0);
-        let mut filled = 0;
-        while filled < page.len() {
-            match self
-                .db_file
-                .read_at(&mut page[filled..], offset + filled as u64)
-            {
-                Ok(0) => break, // past the end: the page reads as zeros, as SQLite would
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.io_err("read database page")(e)),
-            }
-        }
+        // Past the end the page reads as zeros, as SQLite would.
+        self.db_file
+            .read_at(page, offset)
+            .map_err(self.io_err("read database page"))?;
         Ok(())
     }
 
     /// The page size and size in pages of the database file itself.
     fn db_file_geometry(&self) -> Result<(u32, u32), ReplicateError> {
         let mut head = [0u8; 100];
-        let len = self
-            .db_file
-            .metadata()
-            .map_err(self.io_err("stat database"))?
-            .len();
+        let len = self.db_file.len().map_err(self.io_err("stat database"))?;
         if len < 100 {
             return Ok((0, 0));
         }
         self.db_file
-            .read_exact_at(&mut head, 0)
+            .read_at(&mut head, 0)
             .map_err(self.io_err("read database header"))?;
         let page_size = match u16::from_be_bytes([head[16], head[17]]) {
             1 => 65536,

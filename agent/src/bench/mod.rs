@@ -13,7 +13,9 @@ use crate::discovery;
 use crate::generate::{self, Layout};
 use crate::pattern::Pattern;
 
+mod agent;
 mod replication;
+pub use agent::{agent, writer as agent_writer, AgentArgs, WriterArgs};
 pub use replication::{replicate, ReplicateArgs};
 
 #[derive(Debug, clap::Args)]

@@ -702,3 +702,126 @@ fn demo_runs_and_reruns() {
     );
     assert!(foreign.join("notes.txt").exists());
 }
+
+/// An idle host: 10,000 discovered databases to an S3 replica, nothing written for 60 s. The
+/// S3 server sees no request at all and the agent uses under 1% of a core. Then one write
+/// shows the same agent does reach the server (so the silence was not a broken client).
+#[test]
+fn idle_host_makes_no_request_and_costs_no_cpu() {
+    let server = multidb_tests::s3server::S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    let out = run(multidb(tmp.path())
+        .args(["generate", "--root"])
+        .arg(&root)
+        .args([
+            "--projects",
+            "10",
+            "--databases",
+            "10",
+            "--branches",
+            "10",
+            "--tenants",
+            "10",
+        ]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let config = tmp.path().join("multidb.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "multi_db:\n  discovery_pattern: \"{root}/*/databases/*/branches/*/tenants/*.db\"\n  scan_interval: 10s\n  state_dir: \"{state}\"\n  replica_template:\n    type: s3\n    bucket: {bucket}\n    endpoint: \"{endpoint}\"\n    path: \"idle/{{{{project}}}}/{{{{database}}}}/{{{{branch}}}}/{{{{tenant}}}}\"\n",
+            root = root.display(),
+            state = tmp.path().join("state").display(),
+            bucket = multidb_tests::s3server::BUCKET,
+            endpoint = server.endpoint(),
+        ),
+    )
+    .unwrap();
+    let ring = tmp.path().join("ring");
+    let mut command = Command::new(multidb_bin());
+    command
+        .current_dir(tmp.path())
+        .env("MULTIDB_RING", &ring)
+        .env("MULTIDB_LOG", "warn")
+        .arg("--config")
+        .arg(&config)
+        .arg("agent")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    server.apply_env(&mut command);
+    let mut child = command.spawn().unwrap();
+    let status = |config: &Path| -> Option<serde_json::Value> {
+        let out = run(multidb(tmp.path())
+            .arg("--config")
+            .arg(config)
+            .args(["status", "--json"]));
+        (out.code == 0).then(|| serde_json::from_str(&out.stdout).unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&config).is_none_or(|s| s["tiers"]["discovered"] != 10_000) {
+        assert!(
+            Instant::now() < deadline,
+            "agent did not discover 10,000 databases"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let requests_before = server.requests().len();
+    let pid = child.id();
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let rest = stat.rsplit_once(')').unwrap().1;
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        f[0] + f[1]
+    };
+    let cpu_before = cpu();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(60));
+    let ticks = cpu() - cpu_before;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let share = ticks as f64 / hz / started.elapsed().as_secs_f64();
+    let new_requests: Vec<String> = server.requests().split_off(requests_before);
+    assert!(
+        new_requests.is_empty(),
+        "an idle agent sent requests: {new_requests:?}"
+    );
+    assert!(
+        share < 0.01,
+        "an idle agent used {:.2}% of a core",
+        share * 100.0
+    );
+    eprintln!(
+        "idle 60 s over 10,000 databases: 0 requests, {:.3}% of a core",
+        share * 100.0
+    );
+
+    // One write (without the extension: found by the next scan) reaches the server.
+    let mut dbs = Vec::new();
+    collect_dbs(&root, &mut dbs);
+    let db = dbs.iter().min().unwrap();
+    let out = run(Command::new("sqlite3")
+        .arg(db)
+        .arg("PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1);"));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server
+        .requests()
+        .iter()
+        .skip(requests_before)
+        .all(|r| !r.contains("PUT"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the written database was never uploaded"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
