@@ -35,8 +35,10 @@ impl MainFile {
                 (&mut file as *mut *mut ffi::sqlite3_file).cast::<c_void>(),
             )
         };
-        // SAFETY (read of `pMethods`): a non-null file object from SQLite is initialised.
-        if rc != ffi::SQLITE_OK || file.is_null() || unsafe { (*file).pMethods.is_null() } {
+        let no_methods = !file.is_null()
+            // SAFETY: a non-null file object handed out by SQLite is initialised.
+            && unsafe { (*file).pMethods.is_null() };
+        if rc != ffi::SQLITE_OK || file.is_null() || no_methods {
             return Err(io::Error::other(format!(
                 "SQLite gave no file object for the database (code {rc})"
             )));
@@ -50,7 +52,7 @@ impl MainFile {
     }
 
     /// The file's size in bytes.
-    pub fn len(&self) -> io::Result<u64> {
+    pub fn size(&self) -> io::Result<u64> {
         let size_fn = self
             .methods()
             .xFileSize
@@ -96,7 +98,7 @@ mod tests {
             .unwrap();
         let file = MainFile::of(&conn).unwrap();
         let on_disk = std::fs::read(&path).unwrap();
-        assert_eq!(file.len().unwrap(), on_disk.len() as u64);
+        assert_eq!(file.size().unwrap(), on_disk.len() as u64);
         let mut head = [0u8; 100];
         assert!(file.read_at(&mut head, 0).unwrap());
         assert_eq!(&head[..], &on_disk[..100]);
