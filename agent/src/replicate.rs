@@ -582,7 +582,7 @@ impl Replicator {
     /// The page size and size in pages of the database file itself.
     fn db_file_geometry(&self) -> Result<(u32, u32), ReplicateError> {
         let mut head = [0u8; 100];
-        let len = self.db_file.len().map_err(self.io_err("stat database"))?;
+        let len = self.db_file.size().map_err(self.io_err("stat database"))?;
         if len < 100 {
             return Ok((0, 0));
         }
