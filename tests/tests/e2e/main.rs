@@ -4,6 +4,7 @@ mod agent;
 mod checkpoint;
 mod cli;
 mod extension;
+mod litestream;
 mod replicate;
 mod ring;
 mod s3;
