@@ -437,9 +437,10 @@ impl Arena {
             if diff.added.contains(&id) || diff.changed.contains(&id) {
                 continue;
             }
+            // An empty file holds nothing yet; its first write shows in its `-wal`.
             let modified = std::fs::metadata(self.path(id)).is_ok_and(|m| {
                 let ns = (m.mtime() as u64).saturating_mul(1_000_000_000) + m.mtime_nsec() as u64;
-                ns >= since
+                m.len() > 0 && ns >= since
             });
             if modified {
                 diff.changed.push(id);

@@ -26,7 +26,8 @@ use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 /// `MDBRING1` read as a little-endian integer.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MDBRING1");
 /// Bumped on any incompatible layout change; a ring of another version is not used.
-pub const VERSION: u32 = 1;
+/// 2: the status table's hash changed (entries of version 1 would be looked up elsewhere).
+pub const VERSION: u32 = 2;
 /// Bytes before the first slot: one page, so slots start page-aligned.
 pub const HEADER_SIZE: usize = 4096;
 /// One cache line per slot: a producer and the consumer never share a line mid-record.
@@ -234,8 +235,15 @@ pub const STUCK_SLOT_NS: u64 = 500_000_000;
 pub const STUCK_RUN_NS: u64 = 5_000_000;
 
 fn mix(a: u64, b: u64) -> u64 {
-    let x = (a ^ b.rotate_left(29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    x ^ (x >> 31)
+    // MurmurHash3's 64-bit finalizer over both words: every input bit reaches every output
+    // bit, so inodes that differ only in high bits (as files made in one burst do) do not
+    // crowd into one probe window of the status table.
+    let mut x = a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
 }
 
 /// The check word of a record's first slot: binds the words to the ticket, so a stale or torn

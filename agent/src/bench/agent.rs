@@ -333,12 +333,14 @@ pub fn agent(args: &AgentArgs) -> anyhow::Result<()> {
         status["lag_ms"]["p50"], status["lag_ms"]["p99"], status["lag_ms"]["samples"]
     );
     println!(
-        "  agent CPU {:.2} cores (goal ≤ 1), RSS {} now, {} peak (goal ≤ 256 MB); {} syncs, {} sync errors",
+        "  agent CPU {:.2} cores (goal ≤ 1), RSS {} now, {} peak (goal ≤ 256 MB); {} syncs, {} sync errors; ring: {} commit records read, {} dropped",
         load_cpu,
         mb(load_rss),
         mb(peak_rss),
         status["syncs"],
-        status["sync_errors"]
+        status["sync_errors"],
+        status["ring_commits"],
+        status["tiers"]["ring_dropped"]
     );
     println!(
         "  per hot database beyond the idle agent: {:.2} descriptors, {:.1} KB (goal ≤ 3 fds, ≤ 128 KB)",

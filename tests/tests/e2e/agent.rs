@@ -749,7 +749,7 @@ fn idle_host_makes_no_request_and_costs_no_cpu() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     server.apply_env(&mut command);
-    let mut child = command.spawn().unwrap();
+    let mut child = KillOnDrop(command.spawn().unwrap());
     let status = |config: &Path| -> Option<serde_json::Value> {
         let out = run(multidb(tmp.path())
             .arg("--config")
@@ -766,7 +766,7 @@ fn idle_host_makes_no_request_and_costs_no_cpu() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let requests_before = server.requests().len();
-    let pid = child.id();
+    let pid = child.0.id();
     let cpu = || {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         let rest = stat.rsplit_once(')').unwrap().1;
@@ -823,5 +823,15 @@ fn idle_host_makes_no_request_and_costs_no_cpu() {
     }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
+}
+
+/// A child process that a failing test must not leave running.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
