@@ -897,8 +897,28 @@ fn open_connection(db: &Path) -> rusqlite::Result<rusqlite::Connection> {
         db,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
+    // A thousand of these stay open in the agent: no lookaside buffers (SQLite's default is
+    // tens of KB per connection) and a page cache of 16 KiB, since pages are read through
+    // `sqlfile`, not through this cache; only the pin's one-row query uses it.
+    // SAFETY: the connection is open and idle; LOOKASIDE with a null buffer and zero sizes
+    // disables lookaside for it.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_db_config(
+            conn.handle(),
+            rusqlite::ffi::SQLITE_DBCONFIG_LOOKASIDE,
+            std::ptr::null_mut::<std::ffi::c_void>(),
+            0i32,
+            0i32,
+        )
+    };
+    if rc != rusqlite::ffi::SQLITE_OK {
+        tracing::debug!(
+            rc,
+            "disabling lookaside failed; continuing with SQLite's default"
+        );
+    }
     conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
-    conn.execute_batch("PRAGMA wal_autocheckpoint=0")?;
+    conn.execute_batch("PRAGMA wal_autocheckpoint=0; PRAGMA cache_size=-16")?;
     conn.set_db_config(
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
         true,
