@@ -835,3 +835,74 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// With `addr` set, Prometheus metrics are served on loopback: per-tier gauges, sync counters,
+/// bytes uploaded and the lag histogram, counting a real write.
+#[test]
+fn prometheus_metrics_are_served() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let site = Site::new(
+        [1, 1, 1, 2],
+        4,
+        &format!("  sync_interval: 50ms\n  addr: \":{port}\"\n"),
+    );
+    let agent = site.start_agent();
+    let out = run(Command::new("sqlite3")
+        .env("MULTIDB_RING", &site.ring)
+        .arg(&site.dbs[0])
+        .arg(format!(".load {}", extension().display()))
+        .arg("CREATE TABLE m(x); INSERT INTO m VALUES (1); SELECT multidb_wait(10000);"));
+    assert_eq!(out.stdout.trim(), "1", "{}", out.stderr);
+    // The gauges are refreshed every 250 ms.
+    std::thread::sleep(Duration::from_millis(600));
+    let fetch = |path: &str| {
+        use std::io::Read;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).unwrap();
+        body
+    };
+    let metrics = fetch("/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    for expected in [
+        "multidb_databases{tier=\"hot\"} 1\n",
+        "multidb_databases{tier=\"cold\"} 1\n",
+        "multidb_databases_discovered 2\n",
+        "multidb_promotions_total 1\n",
+        "multidb_snapshots_total 1\n",
+        "multidb_sync_errors_total 0\n",
+        "# TYPE multidb_lag_seconds histogram\n",
+        "multidb_lag_seconds_bucket{le=\"+Inf\"} ",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected:?} in:\n{metrics}"
+        );
+    }
+    let uploaded: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("multidb_uploaded_bytes_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(uploaded > 0);
+    assert!(fetch("/nothing").starts_with("HTTP/1.1 404"));
+    let human = run(multidb(site.tmp.path())
+        .arg("--config")
+        .arg(&site.config)
+        .arg("status"));
+    assert_eq!(human.code, 0);
+    assert!(
+        human
+            .stdout
+            .contains("2 databases, 1 hot (max 4), 1 cold, 0 waiting"),
+        "{}",
+        human.stdout
+    );
+    assert_eq!(agent.stop(), 0);
+}
