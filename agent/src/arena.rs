@@ -409,8 +409,10 @@ impl Arena {
     /// Catches writes a `-wal` stamp cannot show: a connection that was the database's only one
     /// checkpoints and deletes the `-wal` when it closes, so a write leaves no `-wal` behind.
     /// Creating and deleting the `-wal` changes the directory, though: when a leaf directory's
-    /// mtime moved, its databases without a `-wal` are stat'ed, and those modified since the
-    /// previous scan started are reported as changed. Quiet directories cost nothing.
+    /// mtime moved, its databases without a `-wal` are stat'ed, and one modified after the
+    /// directory's previous mtime (SQLite's last change to a database it closes is that
+    /// `-wal` deletion, after the checkpoint wrote the file), or since the previous scan
+    /// started, is reported as changed. Quiet directories cost nothing.
     pub fn check_leaf_dir(
         &mut self,
         components: &[&str],
@@ -418,9 +420,6 @@ impl Arena {
         files: &[FoundFile],
         diff: &mut Diff,
     ) {
-        /// File-system timestamps can lag the clock by a tick; a second of margin makes a
-        /// write racing the previous scan count as changed rather than go unseen.
-        const MARGIN_NS: u64 = 1_000_000_000;
         use std::os::unix::fs::MetadataExt;
         let Some(dir) = self.find_dir(components) else {
             return;
@@ -429,7 +428,7 @@ impl Arena {
         if before == 0 || before == mtime_ns || self.previous_scan_started_ns == 0 {
             return;
         }
-        let since = self.previous_scan_started_ns.saturating_sub(MARGIN_NS);
+        let since_scan = self.previous_scan_started_ns;
         for file in files.iter().filter(|f| f.wal == WalStamp::NONE) {
             let Some(id) = self.find_record(dir, file.name.as_bytes()) else {
                 continue;
@@ -440,7 +439,7 @@ impl Arena {
             // An empty file holds nothing yet; its first write shows in its `-wal`.
             let modified = std::fs::metadata(self.path(id)).is_ok_and(|m| {
                 let ns = (m.mtime() as u64).saturating_mul(1_000_000_000) + m.mtime_nsec() as u64;
-                m.len() > 0 && ns >= since
+                m.len() > 0 && (ns > before || ns >= since_scan)
             });
             if modified {
                 diff.changed.push(id);
