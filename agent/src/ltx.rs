@@ -1,9 +1,10 @@
 //! The LTX file format, version 3: the unit every replica stores, shared with Litestream v0.5.
 //!
-//! This module owns the byte layout and the two checksums; the streaming [`Encoder`],
-//! [`Decoder`] and [`compact`] live in submodules built on them. The format is the one the
-//! README of superfly/ltx (main branch) specifies and its Go code writes (ltx v0.5.2,
-//! Litestream v0.5.16). The `litetx` crate speaks the older v1 layout, hence this codec.
+//! This module owns the byte layout and the two checksums (their CRC in `crc64`); the
+//! streaming [`Encoder`], [`Decoder`] and [`compact`] live in submodules built on them. The
+//! format is the one the README of superfly/ltx (main branch) specifies and its Go code writes
+//! (ltx v0.5.2, Litestream v0.5.16). The `litetx` crate speaks the older v1 layout, hence this
+//! codec.
 //!
 //! A file is four sections, all integers big-endian unless said otherwise:
 //!
@@ -26,13 +27,14 @@
 //! fail to decode with a page-header or checksum error.
 
 mod compact;
+mod crc64;
 mod decode;
 mod encode;
 
 use std::io::{self, Read};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crc::{Crc, Digest, Table, CRC_64_GO_ISO};
+use crc64::{Crc64Digest, Shift};
 
 pub use compact::{compact, Compacted};
 pub use decode::Decoder;
@@ -69,15 +71,9 @@ pub const MAX_PAGE_SIZE: u32 = 65536;
 /// SQLite's PENDING_BYTE: the page holding it (the lock page) is never stored or checksummed.
 const PENDING_BYTE: u64 = 0x4000_0000;
 
-/// CRC-64 with the ISO polynomial as Go's `hash/crc64` computes it (`crc64.ISO`). Sixteen
-/// tables because every page byte is hashed twice (file and database checksum).
-static CRC64_ISO: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_GO_ISO);
-
-/// A running CRC-ISO-64.
-type Crc64Digest = Digest<'static, u64, Table<16>>;
-
+/// A running CRC-64 with the ISO polynomial as Go's `hash/crc64` computes it (`crc64.ISO`).
 fn crc64_digest() -> Crc64Digest {
-    CRC64_ISO.digest()
+    Crc64Digest::new()
 }
 
 /// Everything that can be wrong with an LTX file or with a request to write one.
@@ -450,6 +446,15 @@ pub fn checksum_page(pgno: u32, data: &[u8]) -> u64 {
     CHECKSUM_FLAG | digest.finalize()
 }
 
+/// [`checksum_page`] from the page's [`crc64::raw`] CRC, which the file checksum needs too;
+/// `shift` is [`Shift::page`] of its page size.
+fn checksum_page_from_raw(pgno: u32, raw: u64, shift: &Shift) -> u64 {
+    let mut digest = crc64_digest();
+    digest.update(&pgno.to_be_bytes());
+    digest.append(raw, shift);
+    CHECKSUM_FLAG | digest.finalize()
+}
+
 /// Adds a page checksum to a database checksum, or removes it: XOR is its own inverse, so
 /// replacing a page is `toggle(toggle(db, old), new)`.
 pub fn toggle_page_checksum(database_checksum: u64, page_checksum: u64) -> u64 {
@@ -711,16 +716,23 @@ mod tests {
     #[test]
     fn crc64_is_go_iso_per_catalog_check_value_and_bitwise_reference() {
         // The catalog's check value is the CRC of "123456789".
-        assert_eq!(CRC64_ISO.checksum(b"123456789"), 0xB909_56C7_75A4_1001);
+        let checksum = |bytes: &[u8]| {
+            let mut digest = crc64_digest();
+            digest.update(bytes);
+            digest.finalize()
+        };
+        assert_eq!(checksum(b"123456789"), 0xB909_56C7_75A4_1001);
         assert_eq!(reference_crc64(b"123456789"), 0xB909_56C7_75A4_1001);
         let inputs: [&[u8]; 4] = [b"", b"a", b"hello, world", &[0xFF; 1000]];
         for input in inputs {
-            assert_eq!(
-                CRC64_ISO.checksum(input),
-                reference_crc64(input),
-                "{input:?}"
-            );
+            assert_eq!(checksum(input), reference_crc64(input), "{input:?}");
         }
+        let page: Vec<u8> = (0..4096u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        let shift = Shift::page(4096).unwrap();
+        assert_eq!(
+            checksum_page_from_raw(9, crc64::raw(&page), shift),
+            checksum_page(9, &page)
+        );
     }
 
     #[test]

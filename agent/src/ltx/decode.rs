@@ -6,21 +6,30 @@
 //! must therefore write to a temporary file and keep it only once [`Decoder::next_page`] has
 //! returned `None` (restore does so).
 
-use std::io::{BufReader, Read};
+use std::io::{BufRead, BufReader, Read};
 
 use lz4_flex::block::{decompress_into, decompress_into_with_dict, get_maximum_output_size};
 
 use super::{
-    be_u64, checksum_page, crc64_digest, read_error, read_full, toggle_page_checksum, Crc64Digest,
-    Header, LtxError, PageHeader, PageIndexEntry, Result, Trailer, CHECKSUM_FLAG,
-    EMPTY_DATABASE_CHECKSUM, HEADER_SIZE, PAGE_FLAG_SIZE, PAGE_HEADER_SIZE, TRAILER_SIZE,
+    be_u64, checksum_page_from_raw, crc64, crc64_digest, read_error, read_full,
+    toggle_page_checksum, Crc64Digest, Header, LtxError, PageHeader, PageIndexEntry, Result, Shift,
+    Trailer, CHECKSUM_FLAG, EMPTY_DATABASE_CHECKSUM, HEADER_SIZE, PAGE_FLAG_SIZE, PAGE_HEADER_SIZE,
+    TRAILER_SIZE,
 };
 
-/// Reads one LTX file from `R` (buffered internally).
-pub struct Decoder<R: Read> {
-    input: BufReader<R>,
+/// Input buffered by [`Decoder::new`]: enough for the small files of an incremental chain.
+const DEFAULT_BUFFER: usize = 8 * 1024;
+
+/// Reads one LTX file from buffered input `B`: a [`BufReader`] that [`Decoder::new`] puts
+/// around any reader, or bytes already in memory ([`Decoder::buffered`]).
+pub struct Decoder<B: BufRead> {
+    input: B,
     header: Header,
     file_digest: Crc64Digest,
+    /// Moves a CRC register past one page: each page is hashed once for both checksums.
+    shift: &'static Shift,
+    /// The page checksum of the page [`Decoder::next_page`] returned last.
+    page_checksum: u64,
     /// Bytes read so far: the offset of the next frame.
     offset: u64,
     prev_pgno: u32,
@@ -33,19 +42,36 @@ pub struct Decoder<R: Read> {
     trailer: Option<Trailer>,
 }
 
-impl<R: Read> Decoder<R> {
+impl<R: Read> Decoder<BufReader<R>> {
     /// Reads and validates the header.
     pub fn new(input: R) -> Result<Self> {
-        let mut input = BufReader::new(input);
+        Self::with_capacity(DEFAULT_BUFFER, input)
+    }
+
+    /// Reads and validates the header, buffering `capacity` bytes of input at a time: a large
+    /// buffer saves read calls and lets most payloads decompress straight out of it.
+    pub fn with_capacity(capacity: usize, input: R) -> Result<Self> {
+        Decoder::buffered(BufReader::with_capacity(capacity, input))
+    }
+}
+
+impl<B: BufRead> Decoder<B> {
+    /// Reads and validates the header of input that is buffered already. A byte slice (a
+    /// mapped file, say) is read without a copy: every payload decompresses straight out of it.
+    pub fn buffered(mut input: B) -> Result<Self> {
         let mut bytes = [0u8; HEADER_SIZE];
         input.read_exact(&mut bytes).map_err(read_error("header"))?;
         let header = Header::decode(&bytes)?;
+        let page_size = header.page_size;
+        let shift = Shift::page(page_size).ok_or(LtxError::InvalidPageSize { page_size })?;
         let mut file_digest = crc64_digest();
         file_digest.update(&bytes);
         Ok(Decoder {
             input,
             header,
             file_digest,
+            shift,
+            page_checksum: 0,
             offset: HEADER_SIZE as u64,
             prev_pgno: 0,
             database_checksum: EMPTY_DATABASE_CHECKSUM,
@@ -62,6 +88,12 @@ impl<R: Read> Decoder<R> {
     /// The trailer, once the file has been read to its end and verified.
     pub fn trailer(&self) -> Option<&Trailer> {
         self.trailer.as_ref()
+    }
+
+    /// The page checksum ([`super::checksum_page`]) of the page [`Decoder::next_page`]
+    /// returned last, computed in the same pass as the file checksum.
+    pub fn page_checksum(&self) -> u64 {
+        self.page_checksum
     }
 
     /// Where each frame read so far sits; the whole, verified index once the file has ended.
@@ -96,19 +128,29 @@ impl<R: Read> Decoder<R> {
             let mut size = [0u8; 4];
             self.read_hashed(&mut size, "page size prefix")?;
             let size = u32::from_be_bytes(size) as usize;
-            let Some(payload) = self.compressed.get_mut(..size) else {
+            if size > self.compressed.len() {
                 let reason = format!("compressed size {size} exceeds the LZ4 bound of a page");
                 return Err(LtxError::Decompress { pgno, reason });
+            }
+            // Straight out of the input buffer when the payload is all there, copied first
+            // when it straddles the buffer's end.
+            let buffered = self.input.fill_buf().map_err(read_error("page data"))?;
+            let result = if let Some(payload) = buffered.get(..size) {
+                let result = decompress_into(payload, page);
+                self.input.consume(size);
+                result
+            } else {
+                let payload = &mut self.compressed[..size];
+                self.input
+                    .read_exact(payload)
+                    .map_err(read_error("page data"))?;
+                decompress_into(payload, page)
             };
-            self.input
-                .read_exact(payload)
-                .map_err(read_error("page data"))?;
             self.offset += size as u64;
-            let decompressed =
-                decompress_into(payload, page).map_err(|e| LtxError::Decompress {
-                    pgno,
-                    reason: e.to_string(),
-                })?;
+            let decompressed = result.map_err(|e| LtxError::Decompress {
+                pgno,
+                reason: e.to_string(),
+            })?;
             if decompressed != page.len() {
                 let reason = format!("{decompressed} bytes instead of {page_size}");
                 return Err(LtxError::Decompress { pgno, reason });
@@ -122,11 +164,13 @@ impl<R: Read> Decoder<R> {
             self.offset += counted.count;
         }
         // The page, not its payload, is what the file checksum covers.
-        self.file_digest.update(page);
+        let raw = crc64::raw(page);
+        self.file_digest.append(raw, self.shift);
+        self.page_checksum = checksum_page_from_raw(pgno, raw, self.shift);
 
         if self.header.is_snapshot() && self.header.tracks_checksums() {
             self.database_checksum =
-                toggle_page_checksum(self.database_checksum, checksum_page(pgno, page));
+                toggle_page_checksum(self.database_checksum, self.page_checksum);
         }
         let size = self.offset - frame_offset;
         self.index.push(PageIndexEntry {
@@ -341,7 +385,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::super::test_support::*;
-    use super::super::{Encoder, PAGE_SIZE_PREFIX};
+    use super::super::{checksum_page, Encoder, PAGE_SIZE_PREFIX};
     use super::*;
 
     fn page_contents(page_size: usize) -> impl Strategy<Value = Vec<u8>> {
@@ -458,6 +502,30 @@ mod tests {
         }
     }
 
+    /// Input in memory is read in place, every payload straight out of it; a small buffer
+    /// splits payloads across refills. Both read what the default buffer reads.
+    #[test]
+    fn any_buffering_reads_the_same() {
+        let pages: Pages = (1..=40u32)
+            .map(|pgno| (pgno, (0..4096u32).map(|i| (i * pgno / 7) as u8).collect()))
+            .collect();
+        let bytes = encode_file(header(4096, 40, 1, 1), &pages, None);
+        let expected = decode_all(&bytes).unwrap();
+        fn read_all<B: BufRead>(mut decoder: Decoder<B>) -> (Header, Pages, Trailer) {
+            let mut page = vec![0u8; 4096];
+            let mut read = Vec::new();
+            while let Some(pgno) = decoder.next_page(&mut page).unwrap() {
+                assert_eq!(decoder.page_checksum(), checksum_page(pgno, &page));
+                read.push((pgno, page.clone()));
+            }
+            (*decoder.header(), read, *decoder.trailer().unwrap())
+        }
+        let in_place = Decoder::buffered(bytes.as_slice()).unwrap();
+        assert_eq!(read_all(in_place), expected);
+        let small = Decoder::with_capacity(1000, bytes.as_slice()).unwrap();
+        assert_eq!(read_all(small), expected);
+    }
+
     #[test]
     fn pages_arrive_one_at_a_time_and_the_trailer_only_at_the_end() {
         let pages: Pages = vec![(1, vec![1; 512]), (2, vec![2; 512])];
@@ -466,6 +534,7 @@ mod tests {
         let mut page = vec![0u8; 512];
         assert_eq!(decoder.next_page(&mut page).unwrap(), Some(1));
         assert_eq!(page, pages[0].1);
+        assert_eq!(decoder.page_checksum(), checksum_page(1, &page));
         assert!(decoder.trailer().is_none());
         assert!(matches!(
             decoder.next_page(&mut [0u8; 100]),
@@ -475,6 +544,7 @@ mod tests {
             })
         ));
         assert_eq!(decoder.next_page(&mut page).unwrap(), Some(2));
+        assert_eq!(decoder.page_checksum(), checksum_page(2, &page));
         assert_eq!(decoder.next_page(&mut page).unwrap(), None);
         assert!(decoder.trailer().is_some());
         assert_eq!(decoder.next_page(&mut page).unwrap(), None, "stays ended");
