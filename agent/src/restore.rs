@@ -73,9 +73,12 @@ pub fn plan(files: &[FileInfo], target: Target) -> anyhow::Result<Vec<FileInfo>>
             .max()
             .context("no file in the replica is that old")?,
     };
+    // Any file that starts at TXID 1 holds the whole database, whatever its level: Litestream
+    // writes no level-9 snapshot in its first snapshot interval (a day), so its level-0 file
+    // 1-1 is the only full copy until then.
     let snapshot = files
         .iter()
-        .filter(|f| f.level == SNAPSHOT_LEVEL && f.max_txid <= target_txid)
+        .filter(|f| (f.level == SNAPSHOT_LEVEL || f.min_txid == 1) && f.max_txid <= target_txid)
         .max_by_key(|f| f.max_txid)
         .with_context(|| format!("no snapshot at or before TXID {target_txid}"))?;
     let mut chain = vec![snapshot.clone()];

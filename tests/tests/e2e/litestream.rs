@@ -460,11 +460,8 @@ fn multidb_restores_what_litestream_replicates() {
 
 /// A Litestream replica has no level-9 snapshot until its first snapshot interval (a day by
 /// default) has passed: its level-0 file 1-1 is the whole database. Litestream restores from
-/// it; multidb's restore plan starts only from level-9 snapshots and says "no snapshot at or
-/// before TXID N".
+/// it, and so does multidb: its restore plan starts from any file whose min TXID is 1.
 #[test]
-#[ignore = "multidb restore needs a level-9 snapshot; Litestream writes none in its first day \
-            (restore::plan should start from any file whose min TXID is 1)"]
 fn multidb_restores_a_litestream_replica_before_its_first_snapshot() {
     let tmp = tempfile::tempdir().unwrap();
     let db = new_db(tmp.path());
