@@ -633,30 +633,23 @@ fn count_files(dir: &Path) -> usize {
 fn agent_refuses_what_it_cannot_do() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("multidb.yml");
-    std::fs::write(
-        &config,
-        "multi_db:\n  discovery_pattern: \"/nonexistent/*.db\"\n",
-    )
-    .unwrap();
-    let out = run(multidb(tmp.path())
-        .env("MULTIDB_RING", tmp.path().join("ring"))
-        .arg("--config")
-        .arg(&config)
-        .arg("agent"));
-    assert_ne!(out.code, 0);
-    assert!(out.stderr.contains("no replica_template"), "{}", out.stderr);
-    std::fs::write(
-        &config,
-        "multi_db:\n  discovery_pattern: \"/nonexistent/*.db\"\n  max_active: 2000000000\n  replica_template:\n    path: /tmp/r/{{1}}\n",
-    )
-    .unwrap();
-    let out = run(multidb(tmp.path())
-        .env("MULTIDB_RING", tmp.path().join("ring"))
-        .arg("--config")
-        .arg(&config)
-        .arg("agent"));
-    assert_ne!(out.code, 0);
-    assert!(out.stderr.contains("max_active"), "{}", out.stderr);
+    let base = "multi_db:\n  discovery_pattern: \"/nonexistent/*.db\"\n";
+    for (extra, expected) in [
+        ("", "no replica_template"),
+        (
+            "  max_active: 2000000000\n  replica_template:\n    path: /tmp/r/{{1}}\n",
+            "max_active",
+        ),
+    ] {
+        std::fs::write(&config, format!("{base}{extra}")).unwrap();
+        let out = run(multidb(tmp.path())
+            .env("MULTIDB_RING", tmp.path().join("ring"))
+            .arg("--config")
+            .arg(&config)
+            .arg("agent"));
+        assert_ne!(out.code, 0);
+        assert!(out.stderr.contains(expected), "{}", out.stderr);
+    }
     let out = run(multidb(tmp.path())
         .arg("--config")
         .arg(&config)
