@@ -927,8 +927,7 @@ impl Scheduler<'_> {
                     self.ring.remove_status(hot.dev, hot.ino);
                 }
             }
-            self.waiting
-                .retain(|&(id, _)| self.arena.ids().any(|live| live == id));
+            self.waiting.retain(|&(id, _)| self.arena.is_live(id));
             self.waiting_set = self.waiting.iter().map(|&(id, _)| id).collect();
         }
         let now = layout::now_ns();
@@ -1011,12 +1010,7 @@ impl Scheduler<'_> {
 
 /// Whether the database file or its `-wal` was modified at or after `since_ns`.
 fn modified_since(db: &str, since_ns: u64) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let mtime = |path: &str| {
-        std::fs::metadata(path).map_or(0, |m| {
-            (m.mtime() as u64).saturating_mul(1_000_000_000) + m.mtime_nsec() as u64
-        })
-    };
+    let mtime = |path: &str| std::fs::metadata(path).map_or(0, |m| crate::arena::mtime_ns(&m));
     mtime(db).max(mtime(&format!("{db}-wal"))) >= since_ns
 }
 

@@ -51,12 +51,16 @@ impl WalStamp {
         WalStamp((size << 32) | (mtime_ns as u64 & 0xffff_ffff))
     }
 
-    /// The stamp of `path`'s `-wal` now.
+    /// The stamp of `db_path`'s `-wal` now (NONE when it is missing or not a regular file).
+    /// Discovery and the agent both take stamps here, so theirs compare equal.
     pub fn of_wal(db_path: &str) -> WalStamp {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(format!("{db_path}-wal")).map_or(WalStamp::NONE, |m| {
-            WalStamp::new(m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec())
-        })
+        let mut wal = String::with_capacity(db_path.len() + 4);
+        wal.push_str(db_path);
+        wal.push_str("-wal");
+        match std::fs::symlink_metadata(&wal) {
+            Ok(m) if m.is_file() => WalStamp::new(m.len(), mtime_ns(&m) as i64),
+            _ => WalStamp::NONE,
+        }
     }
 
     /// The packed value, for the state database.
@@ -80,6 +84,13 @@ pub struct FoundFile {
     pub name: String,
     pub ino: u64,
     pub wal: WalStamp,
+}
+
+/// A file's modification time in nanoseconds since the epoch (CLOCK_REALTIME, the agent's
+/// clock).
+pub fn mtime_ns(m: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    (m.mtime() as u64).saturating_mul(1_000_000_000) + m.mtime_nsec() as u64
 }
 
 /// What a scan changed.
@@ -280,7 +291,8 @@ impl Arena {
         (0..self.rec_flags.len() as u32).filter(|&id| self.is_live(id))
     }
 
-    fn is_live(&self, id: DbId) -> bool {
+    /// Whether `id` names a database (ids of removed ones are free for reuse).
+    pub fn is_live(&self, id: DbId) -> bool {
         self.rec_flags
             .get(id as usize)
             .is_some_and(|f| f & FLAG_LIVE != 0)
@@ -416,16 +428,15 @@ impl Arena {
     pub fn check_leaf_dir(
         &mut self,
         components: &[&str],
-        mtime_ns: u64,
+        dir_mtime_ns: u64,
         files: &[FoundFile],
         diff: &mut Diff,
     ) {
-        use std::os::unix::fs::MetadataExt;
         let Some(dir) = self.find_dir(components) else {
             return;
         };
-        let before = std::mem::replace(&mut self.dirs[dir as usize].mtime_ns, mtime_ns);
-        if before == 0 || before == mtime_ns || self.previous_scan_started_ns == 0 {
+        let before = std::mem::replace(&mut self.dirs[dir as usize].mtime_ns, dir_mtime_ns);
+        if before == 0 || before == dir_mtime_ns || self.previous_scan_started_ns == 0 {
             return;
         }
         let since_scan = self.previous_scan_started_ns;
@@ -438,7 +449,7 @@ impl Arena {
             }
             // An empty file holds nothing yet; its first write shows in its `-wal`.
             let modified = std::fs::metadata(self.path(id)).is_ok_and(|m| {
-                let ns = (m.mtime() as u64).saturating_mul(1_000_000_000) + m.mtime_nsec() as u64;
+                let ns = mtime_ns(&m);
                 m.len() > 0 && (ns > before || ns >= since_scan)
             });
             if modified {

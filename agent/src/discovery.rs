@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::arena::{Arena, Diff, FoundFile, WalStamp};
+use crate::arena::{mtime_ns, Arena, Diff, FoundFile, WalStamp};
 use crate::pattern::{Pattern, Segment};
 
 /// Suffixes of the files SQLite keeps beside a database; they are never databases themselves.
@@ -254,20 +254,6 @@ fn list_subdirs(dir: &str, segment: &Segment, out: &mut WorkerOut) {
     }
 }
 
-fn mtime_ns(m: &std::fs::Metadata) -> u64 {
-    (m.mtime() as u64).saturating_mul(1_000_000_000) + m.mtime_nsec() as u64
-}
-
-fn wal_stamp(db_path: &str) -> WalStamp {
-    let mut wal = String::with_capacity(db_path.len() + 4);
-    wal.push_str(db_path);
-    wal.push_str("-wal");
-    match std::fs::symlink_metadata(&wal) {
-        Ok(m) if m.is_file() => WalStamp::new(m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec()),
-        _ => WalStamp::NONE,
-    }
-}
-
 /// Lists the databases in one directory of the last level.
 fn list_databases(dir: &str, segment: &Segment, out: &mut WorkerOut) -> Option<LeafDir> {
     if let Some(literal) = segment.literal() {
@@ -278,7 +264,7 @@ fn list_databases(dir: &str, segment: &Segment, out: &mut WorkerOut) -> Option<L
             .filter(|m| m.is_file())?;
         let dev = meta.dev();
         let mtime_ns = std::fs::metadata(dir_to_open(dir)).map_or(0, |m| mtime_ns(&m));
-        let wal = wal_stamp(&path);
+        let wal = WalStamp::of_wal(&path);
         let files = vec![FoundFile {
             name: literal.to_string(),
             ino: meta.ino(),
@@ -333,7 +319,7 @@ fn list_databases(dir: &str, segment: &Segment, out: &mut WorkerOut) -> Option<L
         wals.sort_unstable();
         for file in &mut files {
             if wals.binary_search(&file.name).is_ok() {
-                file.wal = wal_stamp(&join(dir, &file.name));
+                file.wal = WalStamp::of_wal(&join(dir, &file.name));
             }
         }
     }
