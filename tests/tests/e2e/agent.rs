@@ -366,16 +366,22 @@ fn written(db: &Path) -> bool {
     contents(db).contains_key("writes")
 }
 
+/// The site for the load tests: 1,000 databases, `max_active: 10`, rescans every
+/// second (writers without the extension are seen by them), short batches and idle timeout.
+fn thousand_databases_max_active_ten() -> Site {
+    Site::new(
+        [2, 5, 10, 10],
+        10,
+        "  scan_interval: 1s\n  sync_interval: 100ms\n  idle_timeout: 2s\n",
+    )
+}
+
 /// The load: 1,000 databases, `max_active: 10`, 20 writers with libmultidb (half
 /// connection-per-transaction) and two without, for 30 s. Afterwards every written database
 /// restores equal, the hot set never passed 10, and no replica history has a gap.
 #[test]
 fn a_thousand_databases_twenty_writers_max_active_ten() {
-    let site = Site::new(
-        [2, 5, 10, 10],
-        10,
-        "  scan_interval: 1s\n  sync_interval: 100ms\n  idle_timeout: 2s\n",
-    );
+    let site = thousand_databases_max_active_ten();
     assert_eq!(site.dbs.len(), 1000);
     let agent = site.start_agent();
     let seconds = 30.0;
@@ -428,11 +434,7 @@ fn a_thousand_databases_twenty_writers_max_active_ten() {
 /// afterwards every database converges and restores equal to its source.
 #[test]
 fn agent_killed_ten_times_under_load_converges() {
-    let site = Site::new(
-        [2, 5, 10, 10],
-        10,
-        "  scan_interval: 1s\n  sync_interval: 100ms\n  idle_timeout: 2s\n",
-    );
+    let site = thousand_databases_max_active_ten();
     let seconds = 25.0;
     let mut agent = site.start_agent();
     let mut writers = Vec::new();
