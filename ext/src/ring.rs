@@ -20,6 +20,9 @@
 //!
 //! Everything read from the file is untrusted: the geometry is checked against the file size
 //! before use, every record carries a check word, and a bad record is counted and skipped.
+//! Tickets advance with wrapping arithmetic: no ring lives to post 2^64 records, but a
+//! corrupted or hostile header can put `head` or `tail` anywhere, and an overflow must not
+//! panic a producer's commit hook or the agent.
 
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
@@ -502,9 +505,9 @@ impl Ring {
             let pos = head.load(Ordering::Relaxed);
             let mut stale = false;
             for i in 0..k {
-                let seq = self.seq(pos + i).load(Ordering::Acquire);
-                if seq != pos + i {
-                    if seq < pos + i {
+                let seq = self.seq(pos.wrapping_add(i)).load(Ordering::Acquire);
+                if seq != pos.wrapping_add(i) {
+                    if seq < pos.wrapping_add(i) {
                         return None; // the consumer has not freed this slot: full
                     }
                     stale = true; // another producer moved on; reload head
@@ -513,7 +516,12 @@ impl Ring {
             }
             if !stale
                 && head
-                    .compare_exchange_weak(pos, pos + k, Ordering::AcqRel, Ordering::Relaxed)
+                    .compare_exchange_weak(
+                        pos,
+                        pos.wrapping_add(k),
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    )
                     .is_ok()
             {
                 return Some(pos);
@@ -526,7 +534,7 @@ impl Ring {
     /// Publishes ticket `t`; fails if the consumer abandoned it meanwhile.
     fn publish(&self, t: u64) -> bool {
         self.seq(t)
-            .compare_exchange(t, t + 1, Ordering::Release, Ordering::Relaxed)
+            .compare_exchange(t, t.wrapping_add(1), Ordering::Release, Ordering::Relaxed)
             .is_ok()
     }
 
@@ -579,7 +587,7 @@ impl Ring {
             return false;
         };
         for (i, chunk) in path.chunks(CONT_BYTES).enumerate() {
-            let ticket = t + 1 + i as u64;
+            let ticket = t.wrapping_add(1 + i as u64);
             let mut buf = [0u8; CONT_BYTES];
             buf[..chunk.len()].copy_from_slice(chunk);
             for (j, word) in buf.chunks_exact(8).enumerate() {
@@ -601,7 +609,7 @@ impl Ring {
         // published sees the whole record.
         let mut ok = true;
         for i in 1..=cont {
-            ok &= self.publish(t + i);
+            ok &= self.publish(t.wrapping_add(i));
         }
         ok &= self.publish(t);
         if ok {
@@ -705,7 +713,7 @@ impl Ring {
         let tail_field = self.u64_at(off::TAIL);
         let t = tail_field.load(Ordering::Relaxed);
         let seq = self.seq(t).load(Ordering::Acquire);
-        if seq == t + 1 {
+        if seq == t.wrapping_add(1) {
             consumer.stuck_since_ns = None;
             consumer.in_stuck_run = false;
             return self.take(t);
@@ -729,20 +737,26 @@ impl Ring {
             // The producer died between claim and publish: free the slot for the next lap.
             if self
                 .seq(t)
-                .compare_exchange(t, t + self.slots, Ordering::AcqRel, Ordering::Relaxed)
+                .compare_exchange(
+                    t,
+                    t.wrapping_add(self.slots),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
                 .is_err()
             {
                 return Pop::Pending; // published just now; read it next time
             }
-            tail_field.store(t + 1, Ordering::Release);
+            tail_field.store(t.wrapping_add(1), Ordering::Release);
             self.u64_at(off::SKIPPED).fetch_add(1, Ordering::Relaxed);
             consumer.stuck_since_ns = None;
             consumer.in_stuck_run = true;
             return Pop::Skipped;
         }
         // Neither free nor published: the slot holds garbage. Count, reset and move on.
-        self.seq(t).store(t + self.slots, Ordering::Release);
-        tail_field.store(t + 1, Ordering::Release);
+        self.seq(t)
+            .store(t.wrapping_add(self.slots), Ordering::Release);
+        tail_field.store(t.wrapping_add(1), Ordering::Release);
         self.u64_at(off::INVALID).fetch_add(1, Ordering::Relaxed);
         Pop::Skipped
     }
@@ -764,7 +778,7 @@ impl Ring {
         let tail_field = self.u64_at(off::TAIL);
         if check != check_word(t, &words) || !valid_shape {
             self.release(t, 1);
-            tail_field.store(t + 1, Ordering::Release);
+            tail_field.store(t.wrapping_add(1), Ordering::Release);
             self.u64_at(off::INVALID).fetch_add(1, Ordering::Relaxed);
             return Pop::Skipped;
         }
@@ -779,14 +793,19 @@ impl Ring {
             })
         } else {
             let cont = nslots - 1;
-            let all_published =
-                (1..=cont).all(|i| self.seq(t + i).load(Ordering::Acquire) == t + i + 1);
+            let all_published = (1..=cont).all(|i| {
+                let ticket = t.wrapping_add(i);
+                self.seq(ticket).load(Ordering::Acquire) == ticket.wrapping_add(1)
+            });
             let mut path = Vec::with_capacity(words[4] as usize);
             if all_published {
                 for i in 1..=cont {
                     for j in 0..CONT_BYTES / 8 {
                         path.extend_from_slice(
-                            &self.word(t + i, j).load(Ordering::Relaxed).to_ne_bytes(),
+                            &self
+                                .word(t.wrapping_add(i), j)
+                                .load(Ordering::Relaxed)
+                                .to_ne_bytes(),
                         );
                     }
                 }
@@ -794,7 +813,7 @@ impl Ring {
             }
             if !all_published || path_hash(&path) != words[3] {
                 self.release(t, 1);
-                tail_field.store(t + 1, Ordering::Release);
+                tail_field.store(t.wrapping_add(1), Ordering::Release);
                 self.u64_at(off::INVALID).fetch_add(1, Ordering::Relaxed);
                 return Pop::Skipped;
             }
@@ -807,13 +826,15 @@ impl Ring {
             }
         };
         self.release(t, nslots);
-        tail_field.store(t + nslots, Ordering::Release);
+        tail_field.store(t.wrapping_add(nslots), Ordering::Release);
         Pop::Record(record)
     }
 
     fn release(&self, t: u64, n: u64) {
         for i in 0..n {
-            self.seq(t + i).store(t + i + self.slots, Ordering::Release);
+            let ticket = t.wrapping_add(i);
+            self.seq(ticket)
+                .store(ticket.wrapping_add(self.slots), Ordering::Release);
         }
     }
 
@@ -825,7 +846,7 @@ impl Ring {
         let observed = wake.load(Ordering::SeqCst);
         sleeping.store(1, Ordering::SeqCst);
         let t = self.u64_at(off::TAIL).load(Ordering::Relaxed);
-        if self.seq(t).load(Ordering::SeqCst) == t + 1 {
+        if self.seq(t).load(Ordering::SeqCst) == t.wrapping_add(1) {
             sleeping.store(0, Ordering::SeqCst);
             return;
         }
@@ -1074,6 +1095,37 @@ mod tests {
                 RingError::BadMagic
             );
         }
+    }
+
+    /// Found by the `ring_records` fuzz target: a header whose `tail` is u64::MAX (the
+    /// minimised input) made the consumer's ticket arithmetic overflow, a panic in the agent;
+    /// `head` there did the same to producers. Tickets wrap, records crossing the wrap included.
+    #[test]
+    fn regression_10_fuzz_tickets_wrap_at_the_end_of_their_space() {
+        let (_mem, ring) = Mem::ring(8, 8);
+        ring.u64_at(off::TAIL).store(u64::MAX, Ordering::Relaxed);
+        let mut c = Consumer::default();
+        assert_eq!(ring.pop(&mut c, 0), Pop::Skipped);
+        assert_eq!(ring.stats().tail, 0);
+
+        let (_mem, ring) = Mem::ring(8, 8);
+        let start = u64::MAX - 1;
+        for i in 0..8 {
+            let t = start.wrapping_add(i);
+            ring.seq(t).store(t, Ordering::Relaxed);
+        }
+        ring.u64_at(off::HEAD).store(start, Ordering::Relaxed);
+        ring.u64_at(off::TAIL).store(start, Ordering::Relaxed);
+        let path = vec![b'p'; 100]; // three slots: tickets u64::MAX - 1, u64::MAX, 0
+        assert!(ring.push_registration(5, 6, 7, &path));
+        assert!(ring.push_commit(&commit(1)));
+        match ring.pop(&mut c, 0) {
+            Pop::Record(Record::Register { path: p, .. }) => assert_eq!(p, path),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ring.pop(&mut c, 0), Pop::Record(Record::Commit(commit(1))));
+        assert_eq!(ring.pop(&mut c, 0), Pop::Empty);
+        assert_eq!(ring.stats().invalid, 0);
     }
 
     #[test]
