@@ -135,7 +135,12 @@ impl ReplicaClient for FileReplica {
 
     fn create_identity(&self, body: &[u8]) -> Result<bool, ReplicaError> {
         use std::os::unix::fs::OpenOptionsExt;
-        fs::create_dir_all(&self.root).map_err(self.io(&self.root, "create directory"))?;
+        // Owner-only, as the identity file: the directory's names are a database's fields.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(self.io(&self.root, "create directory"))?;
         let path = self.root.join(super::IDENTITY_NAME);
         let tmp = self.root.join(format!(
             ".{}.{}.tmp",
