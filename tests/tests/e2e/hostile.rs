@@ -436,12 +436,21 @@ fn regression_10_smaller_cases() {
     );
 
     // An OS error is said once.
+    let replica = dir.join("r");
+    let level = replica.join("ltx/9");
+    fs::create_dir_all(&level).unwrap();
+    fs::write(level.join("0000000000000001-0000000000000001.ltx"), b"").unwrap();
     let out = run(multidb(dir)
-        .args(["restore", "-o", "/nonexistent-multidb/x.db"])
-        .arg(format!("file://{}", dir.display())));
-    assert_ne!(out.code, 0);
+        .args(["restore", "-o"])
+        .arg(dir.join("missing/x.db"))
+        .arg(format!("file://{}", replica.display())));
+    assert_eq!(out.code, 1, "{}", out.stderr);
     let line = out.stderr.lines().last().unwrap_or_default().to_string();
-    assert!(line.matches("(os error").count() <= 1, "{line}");
+    assert_eq!(line.matches("(os error 2)").count(), 1, "{line}");
+    assert!(
+        !dir.join("missing").exists(),
+        "a restore makes no parent directories"
+    );
 
     // Names with newlines, tabs and escapes print as one escaped line.
     let db = dir.join("data/p/databases/d/branches/ma\nin/tenants/a\tb\u{1b}[2J.db");
