@@ -40,7 +40,7 @@ use crate::replicate::{
 use crate::ring::RingFile;
 use crate::state::{StateStore, HOT_STAMP};
 use crate::status::{Metrics, Tiers};
-use multidb::ring::{self as layout, reason, Record, Status, TIER_COLD, TIER_HOT, TIER_REFUSED};
+use multidb::ring::{self as layout, reason, Record, Status};
 
 /// Sync workers. A sync waits mostly on I/O (two fsyncs to a directory, a PUT to S3), so
 /// many more workers than cores keep 1,000 hot databases at one sync per second each: with 8,

@@ -27,7 +27,7 @@ impl Scheduler<'_> {
         }
     }
 
-    pub(super) fn status_of(hot: &Hot, tier: u32) -> Status {
+    pub(super) fn status_of(hot: &Hot, tier: Tier) -> Status {
         Status {
             dev: hot.dev,
             ino: hot.ino,
@@ -45,7 +45,7 @@ impl Scheduler<'_> {
             .ring_file
             .ring()
             .status(dev, ino)
-            .is_some_and(|s| s.tier == TIER_COLD || s.tier == TIER_REFUSED);
+            .is_some_and(|s| s.tier == Tier::Cold || s.tier == Tier::Refused);
         if still_cold {
             self.ring_file.ring().remove_status(dev, ino);
         }
@@ -63,7 +63,7 @@ impl Scheduler<'_> {
         self.ring_file.ring().remove_status(hot.dev, hot.ino);
         hot.dev = dev;
         hot.ino = ino;
-        let status = Self::status_of(hot, TIER_HOT);
+        let status = Self::status_of(hot, Tier::Hot);
         self.publish(status);
     }
 
@@ -125,7 +125,7 @@ impl Scheduler<'_> {
         self.publish(Status {
             dev,
             ino,
-            tier: TIER_REFUSED,
+            tier: Tier::Refused,
             reason: code,
             ..Status::default()
         });
@@ -206,7 +206,7 @@ impl Scheduler<'_> {
         let statuses: Vec<Status> = self
             .hot
             .values()
-            .map(|h| Self::status_of(h, TIER_HOT))
+            .map(|h| Self::status_of(h, Tier::Hot))
             .collect();
         for status in statuses {
             self.publish(status);
@@ -217,7 +217,7 @@ impl Scheduler<'_> {
             self.publish(Status {
                 dev,
                 ino,
-                tier: TIER_REFUSED,
+                tier: Tier::Refused,
                 reason: code,
                 ..Status::default()
             });

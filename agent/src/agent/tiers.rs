@@ -74,7 +74,7 @@ impl Scheduler<'_> {
                     self.publish(Status {
                         dev,
                         ino,
-                        tier: TIER_REFUSED,
+                        tier: Tier::Refused,
                         reason: reason::OUTSIDE_PATTERN,
                         ..Status::default()
                     });
@@ -105,7 +105,7 @@ impl Scheduler<'_> {
         if hot.pending_since_ns == 0 {
             hot.pending_since_ns = time_ns.max(1);
             // Lag shows from the first unreplicated commit, not from the next sync's end.
-            let status = Self::status_of(hot, TIER_HOT);
+            let status = Self::status_of(hot, Tier::Hot);
             self.publish(status);
         }
         let hot = self.hot.get_mut(&id).expect("checked above");
@@ -220,7 +220,7 @@ impl Scheduler<'_> {
             wal_frames: previous.map_or(0, |s| s.replicated_frames),
             last_sync_ns: previous.map_or(0, |s| s.last_sync_ns),
         };
-        self.publish(Self::status_of(&hot, TIER_HOT));
+        self.publish(Self::status_of(&hot, Tier::Hot));
         self.hot.insert(id, hot);
     }
 
@@ -365,7 +365,7 @@ impl Scheduler<'_> {
         if hot.demoting && hot.due.is_none() {
             hot.due = Some(Instant::now());
         }
-        let status = Self::status_of(&self.hot[&done.id], TIER_HOT);
+        let status = Self::status_of(&self.hot[&done.id], Tier::Hot);
         self.publish(status);
     }
 
@@ -383,7 +383,7 @@ impl Scheduler<'_> {
         {
             tracing::warn!(db = %hot.path, error = %e, "saving the WAL stamp failed");
         }
-        self.publish(Self::status_of(&hot, TIER_COLD));
+        self.publish(Self::status_of(&hot, Tier::Cold));
         self.cold_entries.push_back((hot.dev, hot.ino));
         tracing::debug!(db = %hot.path, txid = hot.txid, "demoted to cold");
         if hot.dirty {

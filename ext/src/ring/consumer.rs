@@ -36,7 +36,7 @@ impl Ring<'_> {
     pub fn start_run(&self, pid: u32, generation: u64) {
         for index in 0..self.status_entries {
             let entry = self.read_status(self.status_offset(index));
-            if entry.tier != TIER_EMPTY {
+            if entry.tier != Tier::Empty {
                 self.write_status(index, &Status::default());
             }
         }

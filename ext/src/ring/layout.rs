@@ -6,7 +6,7 @@
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MDBRING1");
 /// Bumped on any incompatible layout change; a ring of another version is not used.
 /// 2: the status table's hash changed (entries of version 1 would be looked up elsewhere).
-/// 3: status entries carry a refusal reason and the tier [`TIER_REFUSED`] (a version-2 reader
+/// 3: status entries carry a refusal reason and the tier [`Tier::Refused`] (a version-2 reader
 /// would take a refused database for a cold, replicated one).
 pub const VERSION: u32 = 3;
 /// Bytes before the first slot: one page, so slots start page-aligned.
@@ -48,15 +48,49 @@ pub(super) const MAX_PROBE: usize = 32;
 pub const KIND_COMMIT: u8 = 1;
 pub const KIND_REGISTER: u8 = 2;
 
-/// Status tiers as stored.
-pub const TIER_EMPTY: u32 = 0;
-pub const TIER_COLD: u32 = 1;
-pub const TIER_HOT: u32 = 2;
-pub const TIER_TOMBSTONE: u32 = 3;
-/// The agent knows the database and does not replicate it; `Status::reason` says why.
-pub const TIER_REFUSED: u32 = 4;
+/// A database's tier, as the agent's arena keeps it and as status entries store it (one
+/// type for both crates). `Empty` and `Tombstone` exist only in the status table.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tier {
+    /// A free status entry (ends a probe).
+    #[default]
+    Empty = 0,
+    /// Known and replicated, not written lately: no handle open.
+    Cold = 1,
+    /// Being replicated continuously.
+    Hot = 2,
+    /// A removed status entry (a probe goes on past it).
+    Tombstone = 3,
+    /// The agent knows the database and does not replicate it; `Status::reason` says why.
+    Refused = 4,
+}
 
-/// Why a database is not replicated, as stored in a [`TIER_REFUSED`] entry. The codes are
+impl Tier {
+    /// The tier a stored word names; anything else (the file is untrusted) reads as a
+    /// tombstone, which lookups skip.
+    pub fn from_u32(word: u32) -> Tier {
+        match word {
+            0 => Tier::Empty,
+            1 => Tier::Cold,
+            2 => Tier::Hot,
+            4 => Tier::Refused,
+            _ => Tier::Tombstone,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Empty => "empty",
+            Tier::Cold => "cold",
+            Tier::Hot => "hot",
+            Tier::Tombstone => "removed",
+            Tier::Refused => "refused",
+        }
+    }
+}
+
+/// Why a database is not replicated, as stored in a [`Tier::Refused`] entry. The codes are
 /// part of the layout: add new ones, never renumber.
 pub mod reason {
     pub const NONE: u32 = 0;
@@ -186,7 +220,7 @@ pub struct Commit {
 pub struct Status {
     pub dev: u64,
     pub ino: u64,
-    pub tier: u32,
+    pub tier: Tier,
     /// The last TXID in the replica.
     pub replicated_txid: u64,
     /// The WAL frame count the replica covers.
@@ -196,7 +230,7 @@ pub struct Status {
     pub last_sync_ns: u64,
     /// When the oldest commit not yet in the replica was seen; 0 when caught up.
     pub pending_since_ns: u64,
-    /// With [`TIER_REFUSED`]: one of the [`reason`] codes.
+    /// With [`Tier::Refused`]: one of the [`reason`] codes.
     pub reason: u32,
 }
 

@@ -418,7 +418,7 @@ mod tests {
         let s = |ino| Status {
             dev: 1,
             ino,
-            tier: TIER_HOT,
+            tier: Tier::Hot,
             replicated_txid: ino * 10,
             ..Status::default()
         };

@@ -24,10 +24,10 @@ impl Ring<'_> {
                 if self.u32_at(base).load(Ordering::Relaxed) != seq {
                     continue;
                 }
-                if entry.tier == TIER_EMPTY {
+                if entry.tier == Tier::Empty {
                     return None;
                 }
-                if entry.tier != TIER_TOMBSTONE && entry.dev == dev && entry.ino == ino {
+                if entry.tier != Tier::Tombstone && entry.dev == dev && entry.ino == ino {
                     return Some(entry);
                 }
                 break;
@@ -39,7 +39,7 @@ impl Ring<'_> {
     pub(super) fn read_status(&self, base: usize) -> Status {
         let w = |i: usize| self.u64_at(base + 8 + 8 * i).load(Ordering::Relaxed);
         Status {
-            tier: self.u32_at(base + 4).load(Ordering::Relaxed),
+            tier: Tier::from_u32(self.u32_at(base + 4).load(Ordering::Relaxed)),
             dev: w(0),
             ino: w(1),
             replicated_txid: w(2),
@@ -58,18 +58,18 @@ impl Ring<'_> {
         for probe in 0..MAX_PROBE.min(self.status_entries) {
             let index = (start + probe) % self.status_entries;
             let entry = self.read_status(self.status_offset(index));
-            if entry.tier != TIER_EMPTY
-                && entry.tier != TIER_TOMBSTONE
+            if entry.tier != Tier::Empty
+                && entry.tier != Tier::Tombstone
                 && entry.dev == status.dev
                 && entry.ino == status.ino
             {
                 self.write_status(index, status);
                 return true;
             }
-            if entry.tier == TIER_TOMBSTONE && free.is_none() {
+            if entry.tier == Tier::Tombstone && free.is_none() {
                 free = Some(index);
             }
-            if entry.tier == TIER_EMPTY {
+            if entry.tier == Tier::Empty {
                 self.write_status(free.unwrap_or(index), status);
                 return true;
             }
@@ -89,12 +89,12 @@ impl Ring<'_> {
         for probe in 0..MAX_PROBE.min(self.status_entries) {
             let index = (start + probe) % self.status_entries;
             let entry = self.read_status(self.status_offset(index));
-            if entry.tier == TIER_EMPTY {
+            if entry.tier == Tier::Empty {
                 return;
             }
-            if entry.tier != TIER_TOMBSTONE && entry.dev == dev && entry.ino == ino {
+            if entry.tier != Tier::Tombstone && entry.dev == dev && entry.ino == ino {
                 let tomb = Status {
-                    tier: TIER_TOMBSTONE,
+                    tier: Tier::Tombstone,
                     ..Status::default()
                 };
                 self.write_status(index, &tomb);
@@ -109,7 +109,8 @@ impl Ring<'_> {
         let before = seq.load(Ordering::Relaxed);
         seq.store(before | 1, Ordering::Relaxed);
         fence(Ordering::Release);
-        self.u32_at(base + 4).store(s.tier, Ordering::Relaxed);
+        self.u32_at(base + 4)
+            .store(s.tier as u32, Ordering::Relaxed);
         let words = [
             s.dev,
             s.ino,
