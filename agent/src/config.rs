@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use crate::pattern::{Pattern, Template};
+use crate::discover::pattern::{Pattern, Template};
 
 /// `max_active` when the file does not say: enough hot databases for a busy host, few enough
 /// that their file handles (3 each) fit the usual 4096-descriptor limit.
@@ -108,14 +108,14 @@ impl ReplicaTemplate {
     /// The replica of the database whose pattern fields are `fields`.
     pub fn url_for(
         &self,
-        fields: &crate::pattern::Fields,
-    ) -> Result<crate::replica::ReplicaUrl, crate::pattern::TemplateError> {
+        fields: &crate::discover::pattern::Fields,
+    ) -> Result<crate::replica::ReplicaUrl, crate::discover::pattern::TemplateError> {
         let path = self.path.expand(fields)?;
         // The whole location, not its parts: values that are each harmless can still meet
         // literal text in a `..`, or leave a `.` or an empty component that a file system or
         // an S3 server folds into another database's location.
-        if let Some(why) = crate::pattern::location_fault(&path) {
-            return Err(crate::pattern::TemplateError::new(format!(
+        if let Some(why) = crate::discover::pattern::location_fault(&path) {
+            return Err(crate::discover::pattern::TemplateError::new(format!(
                 "replica location `{path}` of the database with {fields} {why}"
             )));
         }
@@ -144,7 +144,7 @@ pub struct MultiDb {
     pub sync_interval: Duration,
     pub idle_timeout: Duration,
     /// Compaction, snapshot and retention policy.
-    pub policy: crate::compaction::Policy,
+    pub policy: crate::replicate::compaction::Policy,
     /// Where the agent keeps positions and its status socket (relative to the config file).
     pub state_dir: PathBuf,
     /// Prometheus metrics listen address, if any (a bare `:PORT` means loopback).
@@ -161,6 +161,23 @@ pub struct Config {
 }
 
 impl Config {
+    /// Where `fields`' database is replicated, as a path or URL: `None` without a replica
+    /// template, the reason when the location is refused. The agent's own expansion, so what
+    /// is listed is what would be replicated (or refused).
+    pub fn replica_location(
+        &self,
+        fields: &crate::discover::pattern::Fields,
+    ) -> Option<Result<String, String>> {
+        let replica = self.multi_db.replica.as_ref()?;
+        Some(match replica.url_for(fields) {
+            Ok(crate::replica::ReplicaUrl::File(path)) => Ok(path.display().to_string()),
+            Ok(crate::replica::ReplicaUrl::S3(location)) => {
+                Ok(format!("s3://{}/{}", location.bucket, location.prefix))
+            }
+            Err(e) => Err(e.to_string()),
+        })
+    }
+
     /// A configuration with defaults for everything but the pattern.
     pub fn with_pattern(pattern: Pattern) -> Config {
         Config {
@@ -171,7 +188,7 @@ impl Config {
                 scan_interval: DEFAULT_SCAN_INTERVAL,
                 sync_interval: DEFAULT_SYNC_INTERVAL,
                 idle_timeout: DEFAULT_IDLE_TIMEOUT,
-                policy: crate::compaction::Policy::default(),
+                policy: crate::replicate::compaction::Policy::default(),
                 state_dir: PathBuf::from(DEFAULT_STATE_DIR),
                 addr: None,
                 replica: None,
@@ -245,8 +262,8 @@ impl Config {
         };
         let sync_interval = duration(&m.sync_interval, "sync_interval", DEFAULT_SYNC_INTERVAL)?;
         let idle_timeout = duration(&m.idle_timeout, "idle_timeout", DEFAULT_IDLE_TIMEOUT)?;
-        let defaults = crate::compaction::Policy::default();
-        let policy = crate::compaction::Policy {
+        let defaults = crate::replicate::compaction::Policy::default();
+        let policy = crate::replicate::compaction::Policy {
             snapshot_interval: duration(
                 &m.snapshot_interval,
                 "snapshot_interval",
@@ -312,7 +329,7 @@ fn replica_template(
     let path = Template::new(&path_text, pattern.names())
         .map_err(|e| at(&field("path"), &e.to_string()))?;
     // A template whose literal text is not canonical would refuse every database: say so now.
-    let sample = crate::pattern::Fields(
+    let sample = crate::discover::pattern::Fields(
         pattern
             .names()
             .iter()
@@ -322,7 +339,7 @@ fn replica_template(
     if let Some(why) = path
         .expand(&sample)
         .ok()
-        .and_then(|p| crate::pattern::location_fault(&p))
+        .and_then(|p| crate::discover::pattern::location_fault(&p))
     {
         return Err(at(&field("path"), &format!("`{path_text}` {why}")));
     }
@@ -581,7 +598,7 @@ multi_db:
         let c = Config::parse(SEED, "multidb.yml", None).unwrap().multi_db;
         assert_eq!(c.sync_interval, DEFAULT_SYNC_INTERVAL);
         assert_eq!(c.idle_timeout, DEFAULT_IDLE_TIMEOUT);
-        assert_eq!(c.policy, crate::compaction::Policy::default());
+        assert_eq!(c.policy, crate::replicate::compaction::Policy::default());
         assert_eq!(c.addr, None);
         let text = "multi_db:\n  discovery_pattern: \"/d/*.db\"\n  sync_interval: 200ms\n  idle_timeout: 5s\n  retention: 1h\n  state_dir: st\n  addr: \":9464\"\n";
         let dir = tempfile::tempdir().unwrap();

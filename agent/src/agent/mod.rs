@@ -25,21 +25,24 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use crossbeam_channel::{select, Receiver, Sender};
 
+pub mod lock;
 mod published;
 mod reader;
 mod recovery;
+pub mod ring;
+pub mod status;
 mod tiers;
 mod worker;
 
-use crate::arena::{Arena, DbId, Tier, WalStamp};
+use crate::agent::ring::RingFile;
+use crate::agent::status::{Metrics, Tiers};
 use crate::config::Config;
+use crate::discover::arena::{Arena, DbId, Tier, WalStamp};
 use crate::replica::ReplicaUrl;
+use crate::replicate::state::{StateStore, HOT_STAMP};
 use crate::replicate::{
     ReplicateError, Replicator, Synced, CHECKPOINT_INTERVAL, MAINTENANCE_INTERVAL,
 };
-use crate::ring::RingFile;
-use crate::state::{StateStore, HOT_STAMP};
-use crate::status::{Metrics, Tiers};
 use multidb::ring::{self as layout, reason, Record, Status};
 
 /// Sync workers. A sync waits mostly on I/O (two fsyncs to a directory, a PUT to S3), so
@@ -200,7 +203,7 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let config = &options.config;
     let multi = &config.multi_db;
     // Before anything else: a second agent on this state directory stops here.
-    let _lock = crate::lock::AgentLock::acquire(&multi.state_dir)?;
+    let _lock = crate::agent::lock::AgentLock::acquire(&multi.state_dir)?;
     let template = multi.replica.clone().context(
         "the configuration has no replica_template: the agent needs to know where replicas go",
     )?;
@@ -215,11 +218,11 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         status_entries(multi.max_active),
     )?);
     let slots = (layout::DEFAULT_SLOTS, status_entries(multi.max_active));
-    let socket = crate::status::socket_path(&multi.state_dir);
-    crate::status::serve_status(&socket, metrics.clone())
+    let socket = crate::agent::status::socket_path(&multi.state_dir);
+    crate::agent::status::serve_status(&socket, metrics.clone())
         .with_context(|| format!("serving status on {}", socket.display()))?;
     if let Some(addr) = multi.addr {
-        crate::status::serve_metrics(addr, metrics.clone())
+        crate::agent::status::serve_metrics(addr, metrics.clone())
             .with_context(|| format!("serving metrics on {addr}"))?;
     }
     let tmp_dir = multi.state_dir.join("tmp");
@@ -230,7 +233,7 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     // Before the scan: a write racing with it is then newer than the watch start.
     let watch_start_ns = store.watch_start_ns(layout::now_ns())?;
     let started = Instant::now();
-    let (mut arena, _) = crate::cli::discover(config)?;
+    let (mut arena, _) = crate::discover::discover(config)?;
     tracing::info!(
         databases = arena.len(),
         ms = started.elapsed().as_millis() as u64,
@@ -426,7 +429,8 @@ struct Refusal {
 
 /// Whether the database file or its `-wal` was modified at or after `since_ns`.
 fn modified_since(db: &str, since_ns: u64) -> bool {
-    let mtime = |path: &str| std::fs::metadata(path).map_or(0, |m| crate::arena::mtime_ns(&m));
+    let mtime =
+        |path: &str| std::fs::metadata(path).map_or(0, |m| crate::discover::arena::mtime_ns(&m));
     mtime(db).max(mtime(&format!("{db}-wal"))) >= since_ns
 }
 

@@ -145,8 +145,11 @@ impl Scheduler<'_> {
     /// collisions that ended (one of the two was removed or renamed).
     pub(super) fn check_collisions(&mut self) {
         let started = Instant::now();
-        let shared =
-            crate::collisions::find(self.arena, &self.config.multi_db.pattern, &self.template);
+        let shared = crate::discover::collisions::find(
+            self.arena,
+            &self.config.multi_db.pattern,
+            &self.template,
+        );
         let ended: Vec<DbId> = self
             .refused
             .iter()
@@ -157,7 +160,7 @@ impl Scheduler<'_> {
             self.unrefuse(id);
         }
         for (&id, &other) in &shared {
-            let location = crate::collisions::location_of(
+            let location = crate::discover::collisions::location_of(
                 self.arena,
                 &self.config.multi_db.pattern,
                 &self.template,

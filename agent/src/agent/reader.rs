@@ -41,7 +41,7 @@ fn read_ring(
     metrics: &Metrics,
     mut stop: impl FnMut() -> bool,
 ) {
-    crate::ring::read_loop(
+    crate::agent::ring::read_loop(
         ring,
         |_, _| closed.get() || stop(),
         |record| {

@@ -97,13 +97,14 @@ impl Scheduler<'_> {
     pub(super) fn rescan(&mut self) {
         self.last_scan = Instant::now();
         self.rescan_soon = None;
-        let report = match crate::discovery::scan(&self.config.multi_db.pattern, self.arena) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "scan failed");
-                return;
-            }
-        };
+        let report =
+            match crate::discover::discovery::scan(&self.config.multi_db.pattern, self.arena) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "scan failed");
+                    return;
+                }
+            };
         self.metrics.scans.fetch_add(1, Ordering::Relaxed);
         self.last_scan_ms = report.elapsed.as_millis() as u64;
         for (dir, why) in &report.unreadable {

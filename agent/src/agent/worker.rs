@@ -82,12 +82,15 @@ impl WorkerContext {
 pub(super) fn maintain(
     job: &MaintenanceJob,
     tmp_dir: &std::path::Path,
-    policy: &crate::compaction::Policy,
+    policy: &crate::replicate::compaction::Policy,
 ) {
     let run = || match job.url.client() {
-        Ok(client) => {
-            crate::compaction::maintain_logged(client.as_ref(), tmp_dir, policy, &job.path)
-        }
+        Ok(client) => crate::replicate::compaction::maintain_logged(
+            client.as_ref(),
+            tmp_dir,
+            policy,
+            &job.path,
+        ),
         Err(e) => tracing::warn!(db = %job.path, error = %e, "compaction or retention failed"),
     };
     if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {

@@ -27,12 +27,17 @@ use std::time::{Instant, SystemTime};
 
 use crate::ltx::{self, Encoder, Header};
 use crate::replica::{ReplicaClient, ReplicaError, SNAPSHOT_LEVEL};
-use crate::wal::{self, WalHeader, WalPosition};
+use wal::{WalHeader, WalPosition};
 
 mod checkpoint;
+pub mod compaction;
+pub mod restore;
 mod resume;
 mod run;
 mod ship;
+pub mod sqlfile;
+pub mod state;
+pub mod wal;
 
 pub use run::{run_with, RunOptions};
 
@@ -150,8 +155,8 @@ enum Recovery {
 /// Replicates one database to one replica.
 pub struct Replicator {
     conn: rusqlite::Connection,
-    /// The database file, read through `conn`'s own descriptor (see [`crate::sqlfile`]).
-    db_file: crate::sqlfile::MainFile,
+    /// The database file, read through `conn`'s own descriptor (see [`crate::replicate::sqlfile`]).
+    db_file: crate::replicate::sqlfile::MainFile,
     db_path: PathBuf,
     wal_path: PathBuf,
     replica: Box<dyn ReplicaClient>,
@@ -160,7 +165,7 @@ pub struct Replicator {
     pinned: bool,
     page: Vec<u8>,
     /// Where positions are saved after each acknowledged upload, if anywhere.
-    store: Option<std::sync::Arc<crate::state::StateStore>>,
+    store: Option<std::sync::Arc<crate::replicate::state::StateStore>>,
     /// (device, inode) of the file `conn` opened.
     file_id: (u64, u64),
     /// Whether the replica's identity was found to name this database (or was created).
@@ -215,7 +220,7 @@ impl Replicator {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(ReplicateError::NotWal { db: name, mode });
         }
-        let db_file = crate::sqlfile::MainFile::of(&conn).map_err(io_err("open"))?;
+        let db_file = crate::replicate::sqlfile::MainFile::of(&conn).map_err(io_err("open"))?;
         std::fs::create_dir_all(tmp_dir).map_err(io_err("create temp directory"))?;
         let mut wal_path = db.as_os_str().to_owned();
         wal_path.push("-wal");
@@ -251,7 +256,10 @@ impl Replicator {
 
     /// Saves positions in `store` after every upload and resumes from it after a restart,
     /// so a restart does not list and read the replica.
-    pub fn with_state(mut self, store: std::sync::Arc<crate::state::StateStore>) -> Replicator {
+    pub fn with_state(
+        mut self,
+        store: std::sync::Arc<crate::replicate::state::StateStore>,
+    ) -> Replicator {
         self.store = Some(store);
         self
     }

@@ -53,7 +53,7 @@ impl Replicator {
         let (Some(store), Some(state)) = (&self.store, &self.state) else {
             return;
         };
-        let position = crate::state::Position {
+        let position = crate::replicate::state::Position {
             txid: state.txid,
             page_size: state.page_size,
             db_pages: state.db_pages,

@@ -27,7 +27,7 @@ pub fn run_with(
     db: &Path,
     replica: Box<dyn ReplicaClient>,
     tmp_dir: &Path,
-    store: Option<std::sync::Arc<crate::state::StateStore>>,
+    store: Option<std::sync::Arc<crate::replicate::state::StateStore>>,
     options: RunOptions,
     stop: &dyn Fn() -> bool,
     on_sync: &mut dyn FnMut(&Synced),
@@ -39,7 +39,7 @@ pub fn run_with(
     }
     let mut backoff = options.poll;
     let mut last_stamp = None;
-    let policy = crate::compaction::Policy::default();
+    let policy = crate::replicate::compaction::Policy::default();
     let mut last_maintenance = Instant::now();
     let mut written_since_maintenance = false;
     let mut last_checkpoint = Instant::now();
@@ -88,7 +88,7 @@ pub fn run_with(
             && last_maintenance.elapsed() >= MAINTENANCE_INTERVAL
             && !options.once
         {
-            crate::compaction::maintain_logged(
+            crate::replicate::compaction::maintain_logged(
                 replicator.replica.as_ref(),
                 tmp_dir,
                 &policy,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use multidb::ring::{Status, Tier};
-use multidb_agent::ring::RingFile;
+use multidb_agent::agent::ring::RingFile;
 use rusqlite::Connection;
 
 const FRAME: u64 = 4096 + 24;

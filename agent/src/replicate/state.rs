@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use crate::wal::WalPosition;
+use crate::replicate::wal::WalPosition;
 
 /// Why the state database could not be used.
 #[derive(Debug, thiserror::Error)]

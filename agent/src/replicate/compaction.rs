@@ -47,7 +47,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::ltx::{self, LtxError};
 use crate::replica::{FileInfo, ReplicaClient, ReplicaError, SNAPSHOT_LEVEL};
-use crate::restore::{self, Target};
+use crate::replicate::restore::{self, Target};
 
 /// Level 1 compaction interval: Litestream v0.5's default for level 1 (`30s`).
 pub const LEVEL1_INTERVAL: Duration = Duration::from_secs(30);
@@ -315,7 +315,8 @@ impl Scratch {
             crate::replica::file_name(min, max)
         ));
         let _ = fs::remove_dir_all(&dir);
-        crate::state::private_dir(&dir).map_err(local(&dir, "create temporary directory"))?;
+        crate::replicate::state::private_dir(&dir)
+            .map_err(local(&dir, "create temporary directory"))?;
         Ok(Scratch { dir })
     }
 }

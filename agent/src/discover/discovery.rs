@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::arena::{mtime_ns, Arena, Diff, FoundFile, WalStamp};
-use crate::pattern::{Pattern, Segment};
+use crate::discover::arena::{mtime_ns, Arena, Diff, FoundFile, WalStamp};
+use crate::discover::pattern::{Pattern, Segment};
 
 /// Suffixes of the files SQLite keeps beside a database; they are never databases themselves.
 const SIDECARS: [&str; 3] = ["-wal", "-shm", "-journal"];

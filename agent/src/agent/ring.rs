@@ -173,7 +173,7 @@ impl RingFile {
             // past the header.
             Err(_) => unsafe { Ring::header_only(map.as_mut_ptr(), len) },
         };
-        if let Err(e) = crate::lock::flock_exclusive(&file) {
+        if let Err(e) = crate::agent::lock::flock_exclusive(&file) {
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 return Err(RingFileError::Busy {
                     path: path.to_path_buf(),
@@ -229,7 +229,7 @@ impl RingFile {
         let result = (|| {
             let size = layout::file_size(slots, status_entries);
             file.set_len(size as u64).map_err(|e| io_err("size", e))?;
-            crate::lock::flock_exclusive(&file).map_err(|e| io_err("lock", e))?;
+            crate::agent::lock::flock_exclusive(&file).map_err(|e| io_err("lock", e))?;
             // SAFETY: we just created and sized the file; nobody else maps it until it is
             // linked into place.
             let mut map = unsafe { memmap2::MmapOptions::new().map_mut(&file) }
@@ -250,6 +250,9 @@ impl RingFile {
                 reason: e.to_string(),
             })?;
             ring.start_run(std::process::id(), ring.generation());
+            // Alive from the moment it is linked into place: an application that maps it at
+            // once must not take the new ring for one without an agent.
+            ring.heartbeat(std::process::id(), layout::now_ns());
             Ok((map, ring))
         })();
         match result {
@@ -411,7 +414,7 @@ pub struct TailArgs {
 pub fn tail(path: &Path, args: &TailArgs) -> anyhow::Result<()> {
     let file = RingFile::create_or_open(path, args.slots, args.status_entries)?;
     let ring = file.ring();
-    crate::signals::catch_interrupts();
+    crate::cli::signals::catch_interrupts();
     eprintln!(
         "multidb: reading {} ({} slots); Ctrl-C to stop",
         path.display(),
@@ -426,7 +429,7 @@ pub fn tail(path: &Path, args: &TailArgs) -> anyhow::Result<()> {
     let counts = read_loop(
         ring,
         |_, quiet| {
-            crate::signals::interrupted()
+            crate::cli::signals::interrupted()
                 || write_error.borrow().is_some()
                 || idle.is_some_and(|d| quiet >= d)
         },
