@@ -28,16 +28,27 @@ use crossbeam_channel::{select, Receiver, Sender};
 use crate::arena::{Arena, DbId, Tier, WalStamp};
 use crate::config::Config;
 use crate::replica::ReplicaUrl;
-use crate::replicate::{Replicator, Synced, CHECKPOINT_INTERVAL, MAINTENANCE_INTERVAL};
+use crate::replicate::{
+    ReplicateError, Replicator, Synced, CHECKPOINT_INTERVAL, MAINTENANCE_INTERVAL,
+};
 use crate::ring::RingFile;
 use crate::state::{StateStore, HOT_STAMP};
 use crate::status::{Metrics, Tiers};
-use multidb::ring::{self as layout, Record, Status, TIER_COLD, TIER_HOT};
+use multidb::ring::{self as layout, reason, Record, Status, TIER_COLD, TIER_HOT, TIER_REFUSED};
 
 /// Sync workers. A sync waits mostly on I/O (two fsyncs to a directory, a PUT to S3), so
 /// many more workers than cores keep 1,000 hot databases at one sync per second each: with 8,
 /// `bench agent` managed about 700 syncs/s on a 2-core machine and lag p99 passed 2 s.
 pub const SYNC_WORKERS: usize = 32;
+/// Maintenance workers (compaction, snapshots, retention). Separate from the sync workers, so
+/// a slow store's LISTs and GETs for compaction never hold up the next commit's upload.
+pub const MAINTENANCE_WORKERS: usize = 4;
+/// Past this age of the oldest unreplicated commit the agent logs a warning (once per
+/// episode): replication has stalled, not just slowed.
+pub const LAG_WARNING: Duration = Duration::from_secs(60);
+/// A database refused because its replica holds another database is tried again after
+/// this long (the user may have fixed the location), not at every write.
+const IDENTITY_RETRY: Duration = Duration::from_secs(60);
 /// How long SIGTERM waits for the final syncs before exiting anyway.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The scheduler's longest sleep: how often gauges and idle demotions are looked at.
@@ -69,7 +80,7 @@ pub struct Options {
 
 enum Event {
     Commit { dev: u64, ino: u64, time_ns: u64 },
-    Register { path: Vec<u8> },
+    Register { dev: u64, ino: u64, path: Vec<u8> },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -86,8 +97,14 @@ struct Job {
     url: ReplicaUrl,
     replicator: Option<Replicator>,
     checkpoint_due: bool,
-    maintain: bool,
     started_ns: u64,
+}
+
+/// Compaction, snapshots and retention of one replica, on a maintenance worker.
+struct MaintenanceJob {
+    id: DbId,
+    path: String,
+    url: ReplicaUrl,
 }
 
 struct Done {
@@ -97,14 +114,49 @@ struct Done {
     result: Result<Option<Synced>, String>,
     started_ns: u64,
     checkpointed: bool,
-    maintained: bool,
     /// The `-wal` stamp taken before a demotion's final sync.
     stamp: WalStamp,
     wal_frames: u64,
     txid: u64,
-    /// The database is not in WAL mode (or is an empty file): nothing to replicate until a
-    /// WAL write, which the ring or a scan will report.
-    not_wal: bool,
+    /// The database is not to be replicated (not in WAL mode, or its replica holds another
+    /// database): a [`reason`] code and the message.
+    refusal: Option<(u32, String)>,
+    /// The file at the path is not the one the job's replicator had open.
+    replaced: bool,
+    /// (device, inode) of the file the replicator reads.
+    file_id: Option<(u64, u64)>,
+}
+
+impl Done {
+    fn new(job: &Job) -> Done {
+        Done {
+            id: job.id,
+            kind: job.kind,
+            replicator: None,
+            result: Ok(None),
+            started_ns: job.started_ns,
+            checkpointed: false,
+            stamp: WalStamp::NONE,
+            wal_frames: 0,
+            txid: 0,
+            refusal: None,
+            replaced: false,
+            file_id: None,
+        }
+    }
+
+    /// Classifies a failed open or sync.
+    fn failed(&mut self, e: &ReplicateError) {
+        self.result = Err(e.to_string());
+        match e {
+            ReplicateError::NotWal { .. } => self.refusal = Some((reason::NOT_WAL, e.to_string())),
+            ReplicateError::Identity { .. } => {
+                self.refusal = Some((reason::IDENTITY, e.to_string()))
+            }
+            ReplicateError::Replaced { .. } => self.replaced = true,
+            _ => {}
+        }
+    }
 }
 
 /// A hot database, as the scheduler tracks it.
@@ -128,7 +180,8 @@ struct Hot {
     demoting: bool,
     wal_stamp: WalStamp,
     last_checkpoint: Instant,
-    last_maintenance: Instant,
+    last_maintenance_start: Instant,
+    /// New files in the replica since the last maintenance pass was queued.
     written_since_maintenance: bool,
     failures: u32,
     txid: u64,
@@ -140,6 +193,8 @@ struct Hot {
 pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let config = &options.config;
     let multi = &config.multi_db;
+    // Before anything else: a second agent on this state directory stops here.
+    let _lock = crate::lock::AgentLock::acquire(&multi.state_dir)?;
     let template = multi.replica.clone().context(
         "the configuration has no replica_template: the agent needs to know where replicas go",
     )?;
@@ -154,6 +209,7 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         status_entries(multi.max_active),
     )?;
     let ring = ring_file.ring();
+    let slots = (layout::DEFAULT_SLOTS, status_entries(multi.max_active));
     let socket = crate::status::socket_path(&multi.state_dir);
     crate::status::serve_status(&socket, metrics.clone())
         .with_context(|| format!("serving status on {}", socket.display()))?;
@@ -179,7 +235,14 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
 
     let (event_tx, event_rx) = crossbeam_channel::bounded(EVENT_QUEUE);
     let reader_stop = Arc::new(AtomicBool::new(false));
-    let reader = spawn_ring_reader(ring, event_tx, reader_stop.clone(), metrics.clone())?;
+    let (ring_tx, ring_rx) = crossbeam_channel::unbounded();
+    let reader = spawn_ring_reader(
+        ring,
+        ring_rx,
+        event_tx,
+        reader_stop.clone(),
+        metrics.clone(),
+    )?;
     let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
     let mut workers = Vec::new();
@@ -188,14 +251,13 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         let ctx = WorkerContext {
             tmp_dir: tmp_dir.clone(),
             store: store.clone(),
-            policy: multi.policy,
         };
         workers.push(
             std::thread::Builder::new()
                 .name(format!("sync-{n}"))
                 .spawn(move || {
                     for job in jobs {
-                        if done.send(ctx.work(job)).is_err() {
+                        if done.send(ctx.work_catching_panics(job)).is_err() {
                             return;
                         }
                     }
@@ -203,12 +265,41 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         );
     }
     drop(done_tx);
+    let (maintenance_tx, maintenance_rx) = crossbeam_channel::unbounded::<MaintenanceJob>();
+    let (maintained_tx, maintained_rx) = crossbeam_channel::unbounded::<DbId>();
+    for n in 0..MAINTENANCE_WORKERS {
+        let (jobs, done) = (maintenance_rx.clone(), maintained_tx.clone());
+        let (tmp_dir, policy) = (tmp_dir.clone(), multi.policy);
+        // Not joined at shutdown: a maintenance pass on a slow store may take minutes, and
+        // an interrupted one is finished by the next (see `compaction`).
+        std::thread::Builder::new()
+            .name(format!("maintain-{n}"))
+            .spawn(move || {
+                for job in jobs {
+                    maintain(&job, &tmp_dir, &policy);
+                    if done.send(job.id).is_err() {
+                        return;
+                    }
+                }
+            })?;
+    }
+    drop(maintained_tx);
 
     let mut scheduler = Scheduler {
         config,
         template,
         arena: &mut arena,
         ring,
+        ring_file,
+        old_rings: Vec::new(),
+        ring_path: options.ring_path.clone(),
+        ring_slots: slots,
+        ring_tx,
+        ring_warned: false,
+        refused: HashMap::new(),
+        maintenance: maintenance_tx,
+        maintaining: HashSet::new(),
+        lag_warned: false,
         store: &store,
         metrics: &metrics,
         jobs: job_tx,
@@ -221,12 +312,14 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         rescan_soon: None,
         last_wal_poll: Instant::now(),
     };
+    scheduler.check_collisions();
     scheduler.recover(watch_start_ns, options.baseline)?;
-    scheduler.main_loop(&event_rx, &done_rx, options.stop.as_ref());
+    scheduler.main_loop(&event_rx, &done_rx, &maintained_rx, options.stop.as_ref());
     scheduler.shut_down(&done_rx);
     reader_stop.store(true, Ordering::Relaxed);
-    drop(scheduler);
+    // The reader maps the scheduler's rings: it ends before they are unmapped.
     let _ = reader.join();
+    drop(scheduler);
     for w in workers {
         let _ = w.join();
     }
@@ -276,8 +369,11 @@ fn raise_fd_limit(max_active: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The ring reader: turns records into events, and moves to a new ring when the scheduler
+/// sends one (the old file was deleted or replaced under the agent).
 fn spawn_ring_reader(
     ring: layout::Ring,
+    new_rings: Receiver<layout::Ring>,
     events: Sender<Event>,
     stop: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
@@ -286,68 +382,136 @@ fn spawn_ring_reader(
         .name("ring".into())
         .spawn(move || {
             let closed = std::cell::Cell::new(false);
-            crate::ring::read_loop(
-                ring,
-                |_, _| closed.get() || stop.load(Ordering::Relaxed),
-                |record| {
-                    let event = match record {
-                        Record::Commit(c) => {
-                            metrics.ring_commits.fetch_add(1, Ordering::Relaxed);
-                            Event::Commit {
-                                dev: c.dev,
-                                ino: c.ino,
-                                time_ns: c.time_ns,
-                            }
-                        }
-                        Record::Register { path, .. } => Event::Register { path: path.clone() },
-                    };
-                    closed.set(events.send(event).is_err());
-                },
-            );
+            let mut ring = ring;
+            loop {
+                let next = std::cell::Cell::new(None);
+                read_ring(ring, &events, &closed, &metrics, || {
+                    if let Ok(new) = new_rings.try_recv() {
+                        next.set(Some(new));
+                    }
+                    stop.load(Ordering::Relaxed) || next.get().is_some()
+                });
+                match next.get() {
+                    Some(new) if !closed.get() => ring = new,
+                    _ => return,
+                }
+            }
         })
+}
+
+fn read_ring(
+    ring: layout::Ring,
+    events: &Sender<Event>,
+    closed: &std::cell::Cell<bool>,
+    metrics: &Metrics,
+    mut stop: impl FnMut() -> bool,
+) {
+    crate::ring::read_loop(
+        ring,
+        |_, _| closed.get() || stop(),
+        |record| {
+            let event = match record {
+                Record::Commit(c) => {
+                    metrics.ring_commits.fetch_add(1, Ordering::Relaxed);
+                    Event::Commit {
+                        dev: c.dev,
+                        ino: c.ino,
+                        time_ns: c.time_ns,
+                    }
+                }
+                Record::Register { dev, ino, path, .. } => Event::Register {
+                    dev: *dev,
+                    ino: *ino,
+                    path: path.clone(),
+                },
+            };
+            closed.set(events.send(event).is_err());
+        },
+    );
+}
+
+/// One maintenance pass over a replica; failures are logged and retried at the next pass.
+fn maintain(job: &MaintenanceJob, tmp_dir: &std::path::Path, policy: &crate::compaction::Policy) {
+    let run = || -> Result<crate::compaction::Report, String> {
+        let client = job.url.client().map_err(|e| e.to_string())?;
+        crate::compaction::maintain(client.as_ref(), tmp_dir, SystemTime::now(), policy)
+            .map_err(|e| e.to_string())
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(Ok(report)) if !report.is_empty() => {
+            tracing::info!(db = %job.path, compacted = report.compacted.len(), snapshot = report.snapshot.is_some(), deleted = report.deleted.len(), "maintenance")
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(db = %job.path, error = %e, "compaction or retention failed"),
+        Err(panic) => {
+            tracing::error!(db = %job.path, panic = %panic_message(&panic), "maintenance panicked; it runs again at the next pass")
+        }
+    }
+}
+
+/// The text of a caught panic.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 struct WorkerContext {
     tmp_dir: PathBuf,
     store: Arc<StateStore>,
-    policy: crate::compaction::Policy,
 }
 
 impl WorkerContext {
+    /// [`WorkerContext::work`], with a panic turned into that database's failed sync (its
+    /// replicator is dropped, so the next attempt opens the database afresh): a bug hit by
+    /// one database never leaves it "busy" or takes a worker away.
+    fn work_catching_panics(&self, job: Job) -> Done {
+        let mut failed = Done::new(&job);
+        let path = job.path.clone();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.work(job))) {
+            Ok(done) => done,
+            Err(panic) => {
+                let message = panic_message(&panic);
+                tracing::error!(db = %path.display(), panic = %message, "sync panicked");
+                failed.result = Err(format!("sync panicked: {message}"));
+                failed
+            }
+        }
+    }
+
     fn work(&self, job: Job) -> Done {
-        let mut done = Done {
-            id: job.id,
-            kind: job.kind,
-            replicator: None,
-            result: Ok(None),
-            started_ns: job.started_ns,
-            checkpointed: false,
-            maintained: false,
-            stamp: WalStamp::NONE,
-            wal_frames: 0,
-            txid: 0,
-            not_wal: false,
-        };
+        let mut done = Done::new(&job);
+        #[cfg(test)]
+        if job.path.to_string_lossy().contains("panic-in-sync") {
+            panic!("injected by a test");
+        }
         let mut replicator = match job.replicator {
             Some(r) => r,
             None => match self.open(&job) {
                 Ok(r) => r,
                 Err(e) => {
-                    done.not_wal = matches!(
-                        e.downcast_ref::<crate::replicate::ReplicateError>(),
-                        Some(crate::replicate::ReplicateError::NotWal { .. })
-                    );
-                    done.result = Err(format!("{e:#}"));
+                    done.failed(&e);
                     return done;
                 }
             },
         };
+        done.file_id = Some(replicator.file_id());
         if job.kind == JobKind::Demote {
             // Taken before the final sync: a commit after it changes the stamp, so a restart
             // sees the database as written since.
             done.stamp = WalStamp::of_wal(&job.path.to_string_lossy());
         }
-        done.result = replicator.sync().map_err(|e| e.to_string());
+        match replicator.sync() {
+            Ok(synced) => done.result = Ok(synced),
+            Err(e) => {
+                done.failed(&e);
+                if done.replaced || done.refusal.is_some() {
+                    return done; // the replicator (and every handle on the old file) goes
+                }
+            }
+        }
         if done.result.is_ok() {
             if let Err(e) = replicator.repin() {
                 tracing::warn!(db = %job.path.display(), error = %e, "moving the read transaction failed");
@@ -357,23 +521,6 @@ impl WorkerContext {
                 Ok(ran) => done.checkpointed = ran,
                 Err(e) => tracing::warn!(db = %job.path.display(), error = %e, "checkpoint failed"),
             }
-            if job.maintain {
-                match crate::compaction::maintain(
-                    replicator.replica(),
-                    &self.tmp_dir,
-                    SystemTime::now(),
-                    &self.policy,
-                ) {
-                    Ok(report) if !report.is_empty() => {
-                        tracing::info!(db = %job.path.display(), compacted = report.compacted.len(), snapshot = report.snapshot.is_some(), deleted = report.deleted.len(), "maintenance")
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(db = %job.path.display(), error = %e, "compaction or retention failed")
-                    }
-                }
-                done.maintained = true;
-            }
         }
         done.txid = replicator.txid();
         done.wal_frames = replicator.wal_frames();
@@ -382,8 +529,11 @@ impl WorkerContext {
         done
     }
 
-    fn open(&self, job: &Job) -> anyhow::Result<Replicator> {
-        let client = job.url.client()?;
+    fn open(&self, job: &Job) -> Result<Replicator, ReplicateError> {
+        let client = job.url.client().map_err(|source| ReplicateError::Replica {
+            db: job.path.display().to_string(),
+            source,
+        })?;
         Ok(Replicator::open(&job.path, client, &self.tmp_dir)?.with_state(self.store.clone()))
     }
 }
@@ -392,7 +542,23 @@ struct Scheduler<'a> {
     config: &'a Config,
     template: crate::config::ReplicaTemplate,
     arena: &'a mut Arena,
+    /// The ring being read (a copy of `ring_file`'s view).
     ring: layout::Ring,
+    ring_file: RingFile,
+    /// Rings replaced under the agent: kept mapped, as producers may still write to them.
+    old_rings: Vec<RingFile>,
+    ring_path: PathBuf,
+    ring_slots: (u32, u32),
+    /// Hands a new ring to the reader.
+    ring_tx: Sender<layout::Ring>,
+    ring_warned: bool,
+    /// Databases under the pattern that are not replicated: a [`reason`] code, the message,
+    /// and when it was decided.
+    refused: HashMap<DbId, Refusal>,
+    maintenance: Sender<MaintenanceJob>,
+    /// Databases with a maintenance pass queued or running.
+    maintaining: HashSet<DbId>,
+    lag_warned: bool,
     store: &'a StateStore,
     metrics: &'a Metrics,
     jobs: Sender<Job>,
@@ -407,6 +573,13 @@ struct Scheduler<'a> {
     last_scan_ms: u64,
     rescan_soon: Option<Instant>,
     last_wal_poll: Instant,
+}
+
+/// Why a database is not replicated.
+struct Refusal {
+    code: u32,
+    message: String,
+    since: Instant,
 }
 
 impl Scheduler<'_> {
@@ -461,6 +634,7 @@ impl Scheduler<'_> {
         &mut self,
         events: &Receiver<Event>,
         done: &Receiver<Done>,
+        maintained: &Receiver<DbId>,
         stop: &(dyn Fn() -> bool + Send + Sync),
     ) {
         let ticker = crossbeam_channel::tick(TICK);
@@ -481,6 +655,11 @@ impl Scheduler<'_> {
                 recv(done) -> finished => {
                     if let Ok(finished) = finished {
                         self.on_done(finished);
+                    }
+                }
+                recv(maintained) -> id => {
+                    if let Ok(id) = id {
+                        self.maintaining.remove(&id);
                     }
                 }
                 recv(ticker) -> _ => {}
@@ -508,11 +687,24 @@ impl Scheduler<'_> {
                 Some(id) => self.on_write(id, time_ns),
                 None => self.ask_rescan(),
             },
-            Event::Register { path } => {
-                let known = std::str::from_utf8(&path)
-                    .ok()
-                    .is_some_and(|p| self.arena.lookup_path(p).is_some());
-                if !known {
+            Event::Register { dev, ino, path } => {
+                let path = String::from_utf8_lossy(&path);
+                if self.arena.lookup_path(&path).is_some() {
+                    return;
+                }
+                if self.config.multi_db.pattern.parse(&path).is_err() {
+                    // An application writes a database the agent will never replicate: say so
+                    // to its `multidb_wait` and `multidb_status()` at once.
+                    tracing::debug!(db = %path, "written through libmultidb but outside the discovery pattern");
+                    self.publish(Status {
+                        dev,
+                        ino,
+                        tier: TIER_REFUSED,
+                        reason: reason::OUTSIDE_PATTERN,
+                        ..Status::default()
+                    });
+                    self.cold_entries.push_back((dev, ino));
+                } else {
                     self.ask_rescan();
                 }
             }
@@ -527,15 +719,21 @@ impl Scheduler<'_> {
 
     /// A commit to `id` was made at `time_ns`.
     fn on_write(&mut self, id: DbId, time_ns: u64) {
-        let Some(hot) = self.hot.get_mut(&id) else {
+        if !self.hot.contains_key(&id) {
             self.request_promotion(id, time_ns);
             return;
-        };
+        }
+        self.follow_inode(id);
+        let hot = self.hot.get_mut(&id).expect("checked above");
         hot.last_write = Instant::now();
         hot.dirty = true;
         if hot.pending_since_ns == 0 {
             hot.pending_since_ns = time_ns.max(1);
+            // Lag shows from the first unreplicated commit, not from the next sync's end.
+            let status = Self::status_of(hot, TIER_HOT);
+            self.publish(status);
         }
+        let hot = self.hot.get_mut(&id).expect("checked above");
         if !hot.busy && hot.due.is_none() {
             hot.due = Some(sync_time(
                 hot.last_sync_start,
@@ -545,6 +743,18 @@ impl Scheduler<'_> {
     }
 
     fn request_promotion(&mut self, id: DbId, time_ns: u64) {
+        if let Some(refusal) = self.refused.get(&id) {
+            let retry = match refusal.code {
+                // A database switched to WAL mode is replicated from its next write.
+                reason::NOT_WAL => true,
+                reason::IDENTITY => refusal.since.elapsed() >= IDENTITY_RETRY,
+                // Collisions and bad locations change only with the tree or the config.
+                _ => false,
+            };
+            if !retry {
+                return;
+            }
+        }
         if self.waiting_set.insert(id) {
             self.waiting.push_back((id, time_ns.max(1)));
         }
@@ -594,11 +804,15 @@ impl Scheduler<'_> {
         let url = match self.template.url_for(&fields) {
             Ok(url) => url,
             Err(e) => {
-                self.metrics.record_error(&path, e.to_string());
-                tracing::warn!(db = %path, error = %e, "not replicated: bad replica path");
+                self.refuse(
+                    id,
+                    reason::BAD_LOCATION,
+                    format!("{path}: not replicated: {e}"),
+                );
                 return;
             }
         };
+        self.unrefuse(id);
         let (dev, ino) = self.arena.inode(id);
         let previous = self.ring.status(dev, ino);
         self.arena.set_tier(id, Tier::Hot);
@@ -624,7 +838,7 @@ impl Scheduler<'_> {
             demoting: false,
             wal_stamp: self.arena.wal(id),
             last_checkpoint: now,
-            last_maintenance: now,
+            last_maintenance_start: now,
             written_since_maintenance: false,
             failures: 0,
             txid: previous.map_or(0, |s| s.replicated_txid),
@@ -668,8 +882,6 @@ impl Scheduler<'_> {
             JobKind::Sync
         };
         let now = Instant::now();
-        let maintain = hot.written_since_maintenance
-            && (kind == JobKind::Demote || hot.last_maintenance.elapsed() >= MAINTENANCE_INTERVAL);
         let job = Job {
             id,
             kind,
@@ -677,7 +889,6 @@ impl Scheduler<'_> {
             url: hot.url.clone(),
             replicator: hot.replicator.take(),
             checkpoint_due: hot.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL,
-            maintain,
             started_ns: layout::now_ns(),
         };
         hot.busy = true;
@@ -692,25 +903,39 @@ impl Scheduler<'_> {
     }
 
     fn on_done(&mut self, done: Done) {
-        if done.not_wal {
-            self.drop_not_wal(done.id);
+        if let Some((code, message)) = done.refusal {
+            self.refuse(done.id, code, message);
             return;
         }
-        let Some(hot) = self.hot.get_mut(&done.id) else {
+        if !self.hot.contains_key(&done.id) {
             return;
-        };
+        }
+        if let Some((dev, ino)) = done.file_id {
+            self.move_status(done.id, dev, ino);
+        }
+        let hot = self.hot.get_mut(&done.id).expect("checked above");
         hot.busy = false;
         hot.replicator = done.replicator;
+        if done.replaced {
+            // A new file at the path: its history starts with a snapshot at the next sync,
+            // by a replicator that opens it afresh (this job dropped every handle on the old).
+            tracing::info!(db = %hot.path, "database file replaced at its path; its replica continues with a snapshot of the new file");
+            hot.dirty = true;
+            hot.due = Some(Instant::now());
+            if hot.pending_since_ns == 0 {
+                hot.pending_since_ns = hot.in_flight_since_ns.max(1);
+            }
+            hot.in_flight_since_ns = 0;
+            self.ask_rescan();
+            return;
+        }
         hot.txid = done.txid.max(hot.txid);
         hot.wal_frames = done.wal_frames;
         if done.checkpointed {
             hot.last_checkpoint = Instant::now();
             self.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
         }
-        if done.maintained {
-            hot.last_maintenance = Instant::now();
-            hot.written_since_maintenance = false;
-        }
+        let mut maintain = false;
         match &done.result {
             Ok(synced) => {
                 hot.failures = 0;
@@ -721,7 +946,7 @@ impl Scheduler<'_> {
                 }
                 hot.in_flight_since_ns = 0;
                 if let Some(s) = synced {
-                    hot.written_since_maintenance = true;
+                    maintain = true;
                     self.metrics.syncs.fetch_add(1, Ordering::Relaxed);
                     self.metrics
                         .bytes_uploaded
@@ -745,7 +970,11 @@ impl Scheduler<'_> {
                 tracing::error!(db = %hot.path, error = %e, retry_ms = backoff.as_millis() as u64, "sync failed");
             }
         }
+        if maintain {
+            hot.written_since_maintenance = true;
+        }
         let demoted = done.kind == JobKind::Demote && done.result.is_ok();
+        self.schedule_maintenance(done.id, demoted);
         if demoted {
             self.finish_demotion(done.id, done.stamp);
             self.fill_hot_tier();
@@ -763,26 +992,6 @@ impl Scheduler<'_> {
         }
         let status = Self::status_of(&self.hot[&done.id], TIER_HOT);
         self.publish(status);
-    }
-
-    /// A database that is not in WAL mode leaves the hot tier at once instead of holding a
-    /// slot while retrying; its stamp is saved so a restart does not try again either.
-    fn drop_not_wal(&mut self, id: DbId) {
-        let Some(hot) = self.hot.remove(&id) else {
-            return;
-        };
-        self.arena.set_tier(id, Tier::Cold);
-        let stamp = WalStamp::of_wal(&hot.path);
-        self.arena.set_wal(id, stamp);
-        if let Err(e) = self
-            .store
-            .set_wal_stamps([(hot.path.as_str(), stamp.raw())])
-        {
-            tracing::warn!(db = %hot.path, error = %e, "saving the WAL stamp failed");
-        }
-        self.ring.remove_status(hot.dev, hot.ino);
-        tracing::debug!(db = %hot.path, "not in WAL mode: not replicated until it is");
-        self.fill_hot_tier();
     }
 
     fn finish_demotion(&mut self, id: DbId, stamp: WalStamp) {
@@ -838,11 +1047,8 @@ impl Scheduler<'_> {
             replicated_txid: hot.txid,
             replicated_frames: hot.wal_frames,
             last_sync_ns: hot.last_sync_ns,
-            pending_since_ns: if hot.pending_since_ns != 0 {
-                hot.pending_since_ns
-            } else {
-                hot.in_flight_since_ns
-            },
+            pending_since_ns: oldest_ns([hot.pending_since_ns, hot.in_flight_since_ns]),
+            reason: reason::NONE,
         }
     }
 
@@ -850,7 +1056,7 @@ impl Scheduler<'_> {
         let still_cold = self
             .ring
             .status(dev, ino)
-            .is_some_and(|s| s.tier == TIER_COLD);
+            .is_some_and(|s| s.tier == TIER_COLD || s.tier == TIER_REFUSED);
         if still_cold {
             self.ring.remove_status(dev, ino);
         }
@@ -864,6 +1070,7 @@ impl Scheduler<'_> {
         if scan_due {
             self.rescan();
         }
+        self.check_ring();
         if self.last_wal_poll.elapsed() >= multi.sync_interval {
             self.last_wal_poll = Instant::now();
             self.poll_hot_wals();
@@ -927,6 +1134,8 @@ impl Scheduler<'_> {
                     self.ring.remove_status(hot.dev, hot.ino);
                 }
             }
+            self.refused.retain(|id, _| self.arena.is_live(*id));
+            self.maintaining.retain(|id| self.arena.is_live(*id));
             self.waiting.retain(|&(id, _)| self.arena.is_live(id));
             self.waiting_set = self.waiting.iter().map(|&(id, _)| id).collect();
         }
@@ -938,6 +1147,9 @@ impl Scheduler<'_> {
                 || std::fs::metadata(self.arena.path(id)).is_ok_and(|m| m.len() > 0)
         });
         let written: Vec<DbId> = diff.changed.iter().chain(created).copied().collect();
+        if !diff.added.is_empty() || !diff.removed.is_empty() {
+            self.check_collisions();
+        }
         for id in written {
             self.on_write(id, now);
         }
@@ -950,9 +1162,33 @@ impl Scheduler<'_> {
         );
     }
 
-    fn update_gauges(&self) {
+    fn update_gauges(&mut self) {
         let stats = self.ring.stats();
         let hot = self.hot.len() as u64;
+        let now = layout::now_ns();
+        let oldest = oldest_ns(
+            self.hot
+                .values()
+                .flat_map(|h| [h.pending_since_ns, h.in_flight_since_ns])
+                .chain(self.waiting.iter().map(|&(_, since)| since)),
+        );
+        let oldest_ms = if oldest == 0 {
+            0
+        } else {
+            now.saturating_sub(oldest) / 1_000_000
+        };
+        let bound = LAG_WARNING.as_millis() as u64;
+        if oldest_ms >= bound && !self.lag_warned {
+            self.lag_warned = true;
+            let errors = self.metrics.report(0)["errors"].clone();
+            tracing::warn!(oldest_unreplicated_ms = oldest_ms, errors = %errors, "replication is stalled: a commit is not in the replica after {} s", LAG_WARNING.as_secs());
+        } else if oldest_ms < bound / 2 && self.lag_warned {
+            self.lag_warned = false;
+            tracing::info!(
+                oldest_unreplicated_ms = oldest_ms,
+                "replication caught up again"
+            );
+        }
         self.metrics.set_tiers(Tiers {
             discovered: self.arena.len() as u64,
             hot,
@@ -966,7 +1202,210 @@ impl Scheduler<'_> {
             ring_skipped: stats.skipped,
             ring_fill: stats.fill(),
             ring_capacity: stats.capacity,
+            refused: self.refused.len() as u64,
+            oldest_unreplicated_ms: oldest_ms,
         });
+    }
+
+    /// Queues a maintenance pass for `id` when its replica got new files and the interval
+    /// passed (or it was just demoted), unless one is queued or running.
+    fn schedule_maintenance(&mut self, id: DbId, now_or_never: bool) {
+        let Some(hot) = self.hot.get_mut(&id) else {
+            return;
+        };
+        if !hot.written_since_maintenance || self.maintaining.contains(&id) {
+            return;
+        }
+        if !now_or_never && hot.last_maintenance_start.elapsed() < MAINTENANCE_INTERVAL {
+            return;
+        }
+        hot.last_maintenance_start = Instant::now();
+        hot.written_since_maintenance = false;
+        self.maintaining.insert(id);
+        let job = MaintenanceJob {
+            id,
+            path: hot.path.clone(),
+            url: hot.url.clone(),
+        };
+        if self.maintenance.send(job).is_err() {
+            tracing::error!("the maintenance workers are gone");
+        }
+    }
+
+    /// Moves `id`'s status entry to the file its replicator reads, when that is not the one
+    /// it was published for (the file was replaced at its path).
+    fn move_status(&mut self, id: DbId, dev: u64, ino: u64) {
+        let Some(hot) = self.hot.get_mut(&id) else {
+            return;
+        };
+        if (hot.dev, hot.ino) == (dev, ino) {
+            return;
+        }
+        self.ring.remove_status(hot.dev, hot.ino);
+        hot.dev = dev;
+        hot.ino = ino;
+        let status = Self::status_of(hot, TIER_HOT);
+        self.publish(status);
+    }
+
+    /// A scan saw a new inode at a hot database's path: every handle on the old file goes
+    /// (unless a job holds them; it notices the replacement itself) and the next sync opens
+    /// the new file, whose history starts with a snapshot.
+    fn follow_inode(&mut self, id: DbId) {
+        let (dev, ino) = self.arena.inode(id);
+        let Some(hot) = self.hot.get_mut(&id) else {
+            return;
+        };
+        if (hot.dev, hot.ino) == (dev, ino) {
+            return;
+        }
+        tracing::info!(db = %hot.path, "database file replaced at its path; its replica continues with a snapshot of the new file");
+        if !hot.busy {
+            hot.replicator = None;
+        }
+        self.move_status(id, dev, ino);
+    }
+
+    /// Stops replicating `id` (if it is hot) and publishes why, for `multidb_wait`,
+    /// `multidb_status()`, `multidb status` and the metrics. Warns once per database.
+    fn refuse(&mut self, id: DbId, code: u32, message: String) {
+        let (dev, ino) = self.arena.inode(id);
+        if let Some(hot) = self.hot.remove(&id) {
+            self.arena.set_tier(id, Tier::Cold);
+            let stamp = WalStamp::of_wal(&hot.path);
+            self.arena.set_wal(id, stamp);
+            if let Err(e) = self
+                .store
+                .set_wal_stamps([(hot.path.as_str(), stamp.raw())])
+            {
+                tracing::warn!(db = %hot.path, error = %e, "saving the WAL stamp failed");
+            }
+            if (hot.dev, hot.ino) != (dev, ino) {
+                self.ring.remove_status(hot.dev, hot.ino);
+            }
+        }
+        self.waiting_set.remove(&id);
+        self.waiting.retain(|&(w, _)| w != id);
+        let repeated = self
+            .refused
+            .get(&id)
+            .is_some_and(|r| r.code == code && r.message == message);
+        if !repeated {
+            tracing::warn!(db = %self.arena.path(id), reason = %message, "not replicated");
+        }
+        self.metrics
+            .record_refusal(&self.arena.path(id), message.clone());
+        self.refused.insert(
+            id,
+            Refusal {
+                code,
+                message,
+                since: Instant::now(),
+            },
+        );
+        self.publish(Status {
+            dev,
+            ino,
+            tier: TIER_REFUSED,
+            reason: code,
+            ..Status::default()
+        });
+        self.fill_hot_tier();
+    }
+
+    /// Forgets a refusal that no longer holds.
+    fn unrefuse(&mut self, id: DbId) {
+        if self.refused.remove(&id).is_some() {
+            let (dev, ino) = self.arena.inode(id);
+            self.ring.remove_status(dev, ino);
+            self.metrics.clear_error(&self.arena.path(id));
+        }
+    }
+
+    /// Refuses every database that shares its replica location with another, and forgets
+    /// collisions that ended (one of the two was removed or renamed).
+    fn check_collisions(&mut self) {
+        let started = Instant::now();
+        let shared =
+            crate::collisions::find(self.arena, &self.config.multi_db.pattern, &self.template);
+        let ended: Vec<DbId> = self
+            .refused
+            .iter()
+            .filter(|(id, r)| r.code == reason::COLLISION && !shared.contains_key(id))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ended {
+            self.unrefuse(id);
+        }
+        for (&id, &other) in &shared {
+            let location = crate::collisions::location_of(
+                self.arena,
+                &self.config.multi_db.pattern,
+                &self.template,
+                id,
+            )
+            .unwrap_or_default();
+            let message = format!(
+                "replica location shared with {}: both are refused (location {location}); give the template every field that tells them apart",
+                self.arena.path(other)
+            );
+            self.refuse(id, reason::COLLISION, message);
+        }
+        tracing::debug!(
+            databases = self.arena.len(),
+            shared = shared.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "replica locations checked"
+        );
+    }
+
+    /// Makes a new ring when the file at the ring's path is no longer ours (deleted, or
+    /// replaced), so applications find the agent again within seconds.
+    fn check_ring(&mut self) {
+        if self.ring_file.still_at_path() {
+            return;
+        }
+        let (slots, entries) = self.ring_slots;
+        let fresh = match RingFile::create_or_open(&self.ring_path, slots, entries) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                if !self.ring_warned {
+                    self.ring_warned = true;
+                    tracing::error!(ring = %self.ring_path.display(), error = %e, "the ring file was removed or replaced and cannot be made again; applications cannot signal commits (scans still find them)");
+                }
+                return;
+            }
+        };
+        self.ring_warned = false;
+        let old = std::mem::replace(&mut self.ring_file, fresh);
+        old.ring().retire();
+        self.old_rings.push(old);
+        self.ring = self.ring_file.ring();
+        let _ = self.ring_tx.send(self.ring);
+        tracing::warn!(ring = %self.ring_path.display(), "the ring file was removed or replaced; made a new one");
+        // The new table: every hot and refused database again.
+        self.cold_entries.clear();
+        let statuses: Vec<Status> = self
+            .hot
+            .values()
+            .map(|h| Self::status_of(h, TIER_HOT))
+            .collect();
+        for status in statuses {
+            self.publish(status);
+        }
+        let refused: Vec<(DbId, u32)> = self.refused.iter().map(|(&id, r)| (id, r.code)).collect();
+        for (id, code) in refused {
+            let (dev, ino) = self.arena.inode(id);
+            self.publish(Status {
+                dev,
+                ino,
+                tier: TIER_REFUSED,
+                reason: code,
+                ..Status::default()
+            });
+        }
+        // Commits signalled into the old ring after it was removed: a scan finds them.
+        self.rescan_soon = Some(Instant::now() + Duration::from_secs(3));
     }
 
     /// Final sync, checkpoint and close of every hot database, for at most
@@ -1014,6 +1453,11 @@ fn modified_since(db: &str, since_ns: u64) -> bool {
     mtime(db).max(mtime(&format!("{db}-wal"))) >= since_ns
 }
 
+/// The oldest of some "since" times (ns), ignoring zeros (none); 0 when all are zero.
+fn oldest_ns(times: impl IntoIterator<Item = u64>) -> u64 {
+    times.into_iter().filter(|&t| t != 0).min().unwrap_or(0)
+}
+
 /// When a sync should start for a commit seen now: at once after a quiet spell, otherwise
 /// one `sync_interval` after the previous sync started.
 fn sync_time(last_start: Option<Instant>, interval: Duration) -> Instant {
@@ -1045,6 +1489,38 @@ mod tests {
         assert!(sync_time(Some(long_ago), interval) <= Instant::now());
         let just_now = Instant::now();
         assert_eq!(sync_time(Some(just_now), interval), just_now + interval);
+    }
+
+    #[test]
+    fn a_panicking_sync_is_that_database_s_failure_not_the_worker_s() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = WorkerContext {
+            tmp_dir: dir.path().join("tmp"),
+            store: Arc::new(StateStore::open(&dir.path().join("state")).unwrap()),
+        };
+        let job = Job {
+            id: 7,
+            kind: JobKind::Sync,
+            path: dir.path().join("panic-in-sync.db"),
+            url: ReplicaUrl::File(dir.path().join("replica")),
+            replicator: None,
+            checkpoint_due: false,
+            started_ns: 1,
+        };
+        let done = ctx.work_catching_panics(job);
+        assert_eq!(done.id, 7);
+        let error = done.result.unwrap_err();
+        assert!(
+            error.contains("sync panicked: injected by a test"),
+            "{error}"
+        );
+        assert!(done.replicator.is_none());
+    }
+
+    #[test]
+    fn oldest_ignores_the_zeros() {
+        assert_eq!(oldest_ns([0, 5, 3, 0]), 3);
+        assert_eq!(oldest_ns([0, 0]), 0);
     }
 
     #[test]

@@ -275,6 +275,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let replica = replica_for(&cli, source)?;
             let client = replica.client().map_err(anyhow::Error::from)?;
+            check_replica_identity(client.as_ref(), source)?;
             let target = match (txid, timestamp) {
                 (Some(t), _) => crate::restore::Target::Txid(*t),
                 (None, Some(when)) => crate::restore::Target::Time(*when),
@@ -349,6 +350,32 @@ fn parse_txid(text: &str) -> Result<u64, String> {
 
 /// The replica named by `source`: a URL, or a database path expanded through the
 /// configuration's `replica_template`.
+/// Restoring a database by its path: the replica its template names must hold that
+/// database's history (its identity object says whose), never another's.
+fn check_replica_identity(
+    client: &dyn crate::replica::ReplicaClient,
+    source: &str,
+) -> Result<(), Failure> {
+    if source.starts_with("file://") || source.starts_with("s3://") {
+        return Ok(()); // a URL names the replica itself
+    }
+    let Some(bytes) = client.read_identity().map_err(anyhow::Error::from)? else {
+        return Ok(()); // written before identities, or by Litestream
+    };
+    let holder = crate::replica::identity_database(&bytes)
+        .map_err(|why| anyhow::anyhow!("{}: {why}", client.url()))?;
+    let absolute = std::path::absolute(source)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| source.to_string());
+    if holder == source || holder == absolute {
+        return Ok(());
+    }
+    Err(Failure::Runtime(anyhow::anyhow!(
+        "{source}: the replica {} holds the history of {holder}, not of this database; refusing to restore another database's data (restore it by its URL if that is what you want)",
+        client.url()
+    )))
+}
+
 fn replica_for(cli: &Cli, source: &str) -> Result<ReplicaUrl, Failure> {
     if source.starts_with("file://") || source.starts_with("s3://") {
         return ReplicaUrl::parse(source).map_err(|e| Failure::Usage(e.into()));
@@ -438,6 +465,18 @@ fn databases(config: &Config, json: bool, count: bool) -> anyhow::Result<()> {
         writeln!(out, "{}", arena.len())?;
     } else {
         let pattern = &config.multi_db.pattern;
+        let shared = match &config.multi_db.replica {
+            Some(template) => crate::collisions::find(&arena, pattern, template),
+            None => Default::default(),
+        };
+        let refused = |id: u32| {
+            shared.get(&id).map(|other| {
+                format!(
+                    "replica location shared with {}: both are refused",
+                    arena.path(*other)
+                )
+            })
+        };
         let mut rows: Vec<(String, u32)> = arena.ids().map(|id| (arena.path(id), id)).collect();
         rows.sort_unstable();
         if json {
@@ -447,7 +486,10 @@ fn databases(config: &Config, json: bool, count: bool) -> anyhow::Result<()> {
                     let fields = pattern
                         .fields_of(&arena.components(*id))
                         .unwrap_or_default();
-                    database_json(config, path, Some(arena.tier(*id).as_str()), &fields)
+                    let mut json =
+                        database_json(config, path, Some(arena.tier(*id).as_str()), &fields);
+                    json["refused"] = refused(*id).into();
+                    json
                 })
                 .collect();
             serde_json::to_writer_pretty(&mut out, &list)?;
@@ -456,10 +498,11 @@ fn databases(config: &Config, json: bool, count: bool) -> anyhow::Result<()> {
             for (path, id) in &rows {
                 let components = arena.components(*id);
                 let fields = pattern.fields_of(&components).unwrap_or_default();
-                let replica = match replica_location(config, &fields) {
-                    None => "-".to_string(),
-                    Some(Ok(r)) => r,
-                    Some(Err(e)) => format!("(not replicated: {e})"),
+                let replica = match (refused(*id), replica_location(config, &fields)) {
+                    (Some(why), _) => format!("refused: {why}"),
+                    (None, None) => "-".to_string(),
+                    (None, Some(Ok(r))) => r,
+                    (None, Some(Err(e))) => format!("(not replicated: {e})"),
                 };
                 writeln!(
                     out,

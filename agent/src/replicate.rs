@@ -67,6 +67,18 @@ pub enum ReplicateError {
     },
     #[error("{db}: not in WAL mode (journal_mode={mode}); multidb replicates WAL databases")]
     NotWal { db: String, mode: String },
+    /// The replica location holds another database's history (or an identity that cannot
+    /// be read): appending would mix two histories, so nothing is written.
+    #[error("{db}: the replica {location} holds the history of {holder}, not of this database; refusing to write to it (another database, configuration or host uses this location; remove its multidb.json only if that history is no longer wanted)")]
+    Identity {
+        db: String,
+        location: String,
+        holder: String,
+    },
+    /// The file at the database's path is not the one this replicator opened (deleted,
+    /// recreated or replaced by `mv`): its history ends here.
+    #[error("{db}: the database file was replaced or removed at its path")]
+    Replaced { db: String },
 }
 
 /// What one sync did.
@@ -133,6 +145,10 @@ pub struct Replicator {
     page: Vec<u8>,
     /// Where positions are saved after each acknowledged upload, if anywhere.
     store: Option<std::sync::Arc<crate::state::StateStore>>,
+    /// (device, inode) of the file `conn` opened.
+    file_id: (u64, u64),
+    /// Whether the replica's identity was found to name this database (or was created).
+    identity_checked: bool,
 }
 
 impl Drop for Replicator {
@@ -158,11 +174,21 @@ impl Replicator {
                 source,
             }
         };
+        let stat_id = |op| {
+            std::fs::metadata(db)
+                .map(|m| (m.dev(), m.ino()))
+                .map_err(io_err(op))
+        };
+        let before = stat_id("stat")?;
         let conn = open_connection(db).map_err(|source| ReplicateError::Sqlite {
             db: name.clone(),
             op: "open",
             source,
         })?;
+        // The file SQLite opened is the one at the path before and after the open.
+        if stat_id("stat")? != before {
+            return Err(ReplicateError::Replaced { db: name });
+        }
         let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .map_err(|source| ReplicateError::Sqlite {
@@ -188,7 +214,61 @@ impl Replicator {
             pinned: false,
             page: Vec::new(),
             store: None,
+            file_id: before,
+            identity_checked: false,
         })
+    }
+
+    /// (device, inode) of the database file this replicator reads.
+    pub fn file_id(&self) -> (u64, u64) {
+        self.file_id
+    }
+
+    /// Whether the path no longer names the file this replicator opened.
+    pub fn replaced(&self) -> bool {
+        std::fs::metadata(&self.db_path).map_or(true, |m| (m.dev(), m.ino()) != self.file_id)
+    }
+
+    /// Makes sure the replica holds this database's history: its identity object names this
+    /// database, or there was none and this call created it (exclusively: of two writers
+    /// racing for an empty location, one wins). Checked once per replicator, before its first
+    /// write.
+    fn check_identity(&mut self) -> Result<(), ReplicateError> {
+        if self.identity_checked {
+            return Ok(());
+        }
+        let mine = self.name();
+        let refuse = |holder: String| ReplicateError::Identity {
+            db: mine.clone(),
+            location: self.replica.url(),
+            holder,
+        };
+        for _ in 0..2 {
+            match self.replica.read_identity().map_err(self.replica_err())? {
+                Some(bytes) => {
+                    return match crate::replica::identity_database(&bytes) {
+                        Ok(holder) if holder == mine => {
+                            self.identity_checked = true;
+                            Ok(())
+                        }
+                        Ok(holder) => Err(refuse(holder)),
+                        Err(why) => Err(refuse(format!("an unreadable identity ({why})"))),
+                    };
+                }
+                None => {
+                    let body = crate::replica::identity_json(&mine);
+                    if self
+                        .replica
+                        .create_identity(&body)
+                        .map_err(self.replica_err())?
+                    {
+                        self.identity_checked = true;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Err(refuse("an identity that keeps changing".into()))
     }
 
     fn name(&self) -> String {
@@ -347,12 +427,20 @@ impl Replicator {
 
     fn sync_pinned(&mut self) -> Result<Option<Synced>, ReplicateError> {
         let wal = self.open_wal()?;
+        // After opening the `-wal` by name: if the path still names our file now, the `-wal`
+        // is not a newer database's (a file recreated at the path brings its own).
+        if self.replaced() {
+            return Err(ReplicateError::Replaced { db: self.name() });
+        }
         if self.state.is_none() {
             if let Some(state) = self.resume_from_store(wal.as_ref())? {
                 self.state = Some(state);
+                // A saved position means this agent wrote here, after checking the identity.
+                self.identity_checked = true;
             }
         }
         if self.state.is_none() {
+            self.check_identity()?;
             match self.recover(wal.as_ref())? {
                 Recovery::Resume(state) => self.state = Some(state),
                 Recovery::Empty => {

@@ -74,6 +74,11 @@ pub struct Tiers {
     pub ring_skipped: u64,
     pub ring_fill: u64,
     pub ring_capacity: u64,
+    /// Databases under the pattern that are not replicated (collision, not WAL, bad location,
+    /// replica of another database); each has its reason under `errors`.
+    pub refused: u64,
+    /// Age of the oldest commit not yet in the replica, over every database (0: caught up).
+    pub oldest_unreplicated_ms: u64,
 }
 
 impl Metrics {
@@ -93,8 +98,18 @@ impl Metrics {
         inner.lag_window.push_back(secs);
     }
 
+    /// A database that is not replicated, and why: listed under `errors` like a failing one,
+    /// without counting as a failed sync.
+    pub fn record_refusal(&self, db: &str, message: String) {
+        self.note_error(db, message);
+    }
+
     pub fn record_error(&self, db: &str, message: String) {
         self.sync_errors.fetch_add(1, Ordering::Relaxed);
+        self.note_error(db, message);
+    }
+
+    fn note_error(&self, db: &str, message: String) {
         let mut inner = self.lock();
         if let Some(entry) = inner.errors.get_mut(db) {
             entry.0 += 1;
@@ -160,6 +175,7 @@ impl Metrics {
             "checkpoints": self.checkpoints.load(Ordering::Relaxed),
             "ring_commits": self.ring_commits.load(Ordering::Relaxed),
             "scans": self.scans.load(Ordering::Relaxed),
+            "oldest_unreplicated_ms": inner.tiers.oldest_unreplicated_ms,
             "errors": errors,
         })
     }
@@ -188,6 +204,11 @@ impl Metrics {
         );
         gauge("max_active", "The hot tier's capacity.", t.max_active);
         gauge(
+            "databases_refused",
+            "Databases under the pattern that are not replicated (see multidb status).",
+            t.refused,
+        );
+        gauge(
             "waiting",
             "Written databases waiting for a hot slot.",
             t.waiting,
@@ -196,6 +217,11 @@ impl Metrics {
             out,
             "# HELP multidb_databases Databases by tier.\n# TYPE multidb_databases gauge\nmultidb_databases{{tier=\"hot\"}} {}\nmultidb_databases{{tier=\"cold\"}} {}",
             t.hot, t.cold
+        );
+        let _ = writeln!(
+            out,
+            "# HELP multidb_oldest_unreplicated_seconds Age of the oldest commit not yet in the replica (0: caught up).\n# TYPE multidb_oldest_unreplicated_seconds gauge\nmultidb_oldest_unreplicated_seconds {:.3}",
+            t.oldest_unreplicated_ms as f64 / 1000.0
         );
         let counters: [(&str, &str, u64); 11] = [
             (

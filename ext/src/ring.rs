@@ -27,7 +27,9 @@ use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MDBRING1");
 /// Bumped on any incompatible layout change; a ring of another version is not used.
 /// 2: the status table's hash changed (entries of version 1 would be looked up elsewhere).
-pub const VERSION: u32 = 2;
+/// 3: status entries carry a refusal reason and the tier [`TIER_REFUSED`] (a version-2 reader
+/// would take a refused database for a cold, replicated one).
+pub const VERSION: u32 = 3;
 /// Bytes before the first slot: one page, so slots start page-aligned.
 pub const HEADER_SIZE: usize = 4096;
 /// One cache line per slot: a producer and the consumer never share a line mid-record.
@@ -72,6 +74,36 @@ pub const TIER_EMPTY: u32 = 0;
 pub const TIER_COLD: u32 = 1;
 pub const TIER_HOT: u32 = 2;
 pub const TIER_TOMBSTONE: u32 = 3;
+/// The agent knows the database and does not replicate it; `Status::reason` says why.
+pub const TIER_REFUSED: u32 = 4;
+
+/// Why a database is not replicated, as stored in a [`TIER_REFUSED`] entry. The codes are
+/// part of the layout: add new ones, never renumber.
+pub mod reason {
+    pub const NONE: u32 = 0;
+    /// Not in WAL mode (rollback journal, MEMORY, OFF), or an empty file.
+    pub const NOT_WAL: u32 = 1;
+    /// Another discovered database expands to the same replica location.
+    pub const COLLISION: u32 = 2;
+    /// The path does not match the discovery pattern.
+    pub const OUTSIDE_PATTERN: u32 = 3;
+    /// The expanded replica location is invalid (escapes the root, bad component).
+    pub const BAD_LOCATION: u32 = 4;
+    /// The replica location holds another database's history.
+    pub const IDENTITY: u32 = 5;
+
+    /// A sentence for `multidb_status()` and the agent's reports.
+    pub fn text(code: u32) -> &'static str {
+        match code {
+            NOT_WAL => "not in WAL mode (or empty): only WAL databases are replicated",
+            COLLISION => "shares its replica location with another database; both are refused",
+            OUTSIDE_PATTERN => "does not match the discovery pattern",
+            BAD_LOCATION => "its replica location is invalid (see `multidb databases`)",
+            IDENTITY => "its replica location holds another database's history (replica holds another database)",
+            _ => "not replicated",
+        }
+    }
+}
 
 /// Header field offsets (bytes). Each shared counter sits where producers and the consumer
 /// do not false-share more than they must.
@@ -185,6 +217,8 @@ pub struct Status {
     pub last_sync_ns: u64,
     /// When the oldest commit not yet in the replica was seen; 0 when caught up.
     pub pending_since_ns: u64,
+    /// With [`TIER_REFUSED`]: one of the [`reason`] codes.
+    pub reason: u32,
 }
 
 /// What [`Ring::pop`] found.
@@ -318,6 +352,22 @@ impl Ring {
             slots: u64::from(slots),
             status_entries: entries as usize,
         })
+    }
+
+    /// A view of only the header of a ring whose magic is ours but whose version or
+    /// geometry is not: enough to read its counters and pid and to [`Ring::retire`] it, so
+    /// its producers move to the replacement. It has no slots and no status entries.
+    ///
+    /// # Safety
+    /// As for [`Ring::open`], with `len >= HEADER_SIZE`. Only header methods (`stats`,
+    /// `retire`, `generation`) may be called on the view.
+    pub unsafe fn header_only(base: *mut u8, len: usize) -> Ring {
+        debug_assert!(len >= HEADER_SIZE);
+        Ring {
+            base,
+            slots: 0,
+            status_entries: 0,
+        }
     }
 
     /// Writes a fresh ring into zeroed memory; the magic goes last, so no producer can see a
@@ -610,6 +660,7 @@ impl Ring {
             replicated_frames: w(3),
             last_sync_ns: w(4),
             pending_since_ns: w(5),
+            reason: self.u32_at(base + 56).load(Ordering::Relaxed),
         }
     }
 
@@ -626,6 +677,22 @@ impl Ring {
         self.u32_at(off::AGENT_PID).store(pid, Ordering::Relaxed);
         self.u64_at(off::HEARTBEAT_NS)
             .store(now_ns, Ordering::Relaxed);
+    }
+
+    /// Starts a new agent run on this ring: every status entry of the previous run is
+    /// removed (so no application is told about positions this run did not establish), the
+    /// generation changes (so producers register their paths again) and the pid is set.
+    /// Called before the run's first heartbeat, by the ring's one consumer.
+    pub fn start_run(&self, pid: u32, generation: u64) {
+        for index in 0..self.status_entries {
+            let entry = self.read_status(self.status_offset(index));
+            if entry.tier != TIER_EMPTY {
+                self.write_status(index, &Status::default());
+            }
+        }
+        self.u64_at(off::GENERATION)
+            .store(generation, Ordering::Relaxed);
+        self.u32_at(off::AGENT_PID).store(pid, Ordering::Relaxed);
     }
 
     /// Marks the ring as replaced, so producers map the new file.
@@ -837,6 +904,7 @@ impl Ring {
         for (i, w) in words.iter().enumerate() {
             self.u64_at(base + 8 + 8 * i).store(*w, Ordering::Relaxed);
         }
+        self.u32_at(base + 56).store(s.reason, Ordering::Relaxed);
         seq.store((before | 1).wrapping_add(1), Ordering::Release);
     }
 }

@@ -56,6 +56,17 @@ pub fn ring(now: u64) -> Option<Ring> {
     unsafe { current.as_ref() }.map(|m| m.ring)
 }
 
+/// The current ring, looked for again now (a `stat`, and a map when it changed): for
+/// `multidb_wait` and `multidb_status()`, which may make system calls and must not answer
+/// from a ring the agent replaced a moment ago.
+pub fn ring_now(now: u64) -> Option<Ring> {
+    NEXT_RING_CHECK.store(now + RING_RECHECK_NS, Ordering::Relaxed);
+    refresh();
+    let current = CURRENT.load(Ordering::Acquire);
+    // SAFETY: mappings stored in CURRENT are leaked, never freed.
+    unsafe { current.as_ref() }.map(|m| m.ring)
+}
+
 /// Maps the ring file if it exists and is valid; forgets it if it is gone or replaced.
 fn refresh() {
     let path = ring_path();
@@ -184,6 +195,12 @@ pub fn lookup(hash: u64, path: &[u8], now: u64) -> Option<PathInfo> {
             return Some(info);
         }
     }
+    lookup_fresh(hash, path, now)
+}
+
+/// The (device, inode) of `path` from one `stat` now, updating the cache: a file replaced
+/// at the path a moment ago is seen as the new file.
+pub fn lookup_fresh(hash: u64, path: &[u8], now: u64) -> Option<PathInfo> {
     if path.is_empty() {
         return None;
     }

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use sqlite_loadable::prelude::*;
 use sqlite_loadable::{api as sql, Error, Result};
 
-use crate::ring::{self, Ring, TIER_HOT};
+use crate::ring::{self, Ring, TIER_COLD, TIER_HOT, TIER_REFUSED};
 use crate::{api, guard, hook, shared};
 
 fn ms(ns: u64) -> u64 {
@@ -24,7 +24,12 @@ pub fn multidb_status(context: *mut sqlite3_context, values: &[*mut sqlite3_valu
         // SAFETY: `db` is the open connection running this function; "main" is NUL-terminated.
         let path = unsafe { api::db_filename(db, c"main".as_ptr()) };
         let now = ring::now_ns();
-        let status = report(shared::ring(now), path, now);
+        // Fresh looks, as `multidb_wait` takes them: this is not the commit path.
+        let ring = shared::ring_now(now);
+        if !path.is_empty() {
+            shared::lookup_fresh(ring::path_hash(path), path, now);
+        }
+        let status = report(ring, path, now);
         sql::result_text(context, status.to_string())
     })
 }
@@ -43,7 +48,13 @@ pub fn report(ring: Option<Ring>, path: &[u8], now: u64) -> Value {
     let Some(ring) = ring else {
         return json!({
             "agent": {"running": false, "pid": null, "heartbeat_age_ms": null},
-            "database": {"path": path_text, "tier": "unknown", "committed_frames": committed(cached)},
+            "database": {
+                "path": path_text,
+                "tier": "unknown",
+                "replicated": false,
+                "reason": "no agent is running (no ring file)",
+                "committed_frames": committed(cached),
+            },
             "ring": null,
         });
     };
@@ -55,17 +66,29 @@ pub fn report(ring: Option<Ring>, path: &[u8], now: u64) -> Value {
         shared::lookup(hash, path, now)
     };
     let entry = ids.and_then(|i| ring.status(i.dev, i.ino));
-    let tier = match (alive, entry) {
-        (false, _) => "unknown",
-        (true, Some(e)) if e.tier == TIER_HOT => "hot",
-        (true, _) => "cold",
+    let entry = entry.filter(|_| alive);
+    let tier = match entry.map(|e| e.tier) {
+        _ if !alive => "unknown",
+        Some(TIER_HOT) => "hot",
+        Some(TIER_COLD) => "cold",
+        Some(TIER_REFUSED) => "refused",
+        _ => "unknown",
+    };
+    let replicated = entry.is_some_and(|e| e.tier == TIER_HOT || e.tier == TIER_COLD);
+    let reason = match entry {
+        _ if !alive => Some("no agent is running (its heartbeat stopped)"),
+        Some(e) if e.tier == TIER_REFUSED => Some(ring::reason::text(e.reason)),
+        Some(_) => None,
+        None => Some("the agent has no entry for this database (not written in WAL mode since the agent started, or not under its pattern)"),
     };
     let mut database = json!({
         "path": path_text,
         "tier": tier,
+        "replicated": replicated,
+        "reason": reason,
         "committed_frames": committed(ids),
     });
-    if let (Some(e), Some(obj)) = (entry, database.as_object_mut()) {
+    if let (Some(e), Some(obj)) = (entry.filter(|_| replicated), database.as_object_mut()) {
         obj.insert("replicated_txid".into(), e.replicated_txid.into());
         obj.insert("replicated_frames".into(), e.replicated_frames.into());
         let since_sync = (e.last_sync_ns != 0).then(|| ms(now.saturating_sub(e.last_sync_ns)));

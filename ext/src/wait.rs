@@ -49,23 +49,66 @@ pub fn multidb_wait(context: *mut sqlite3_context, values: &[*mut sqlite3_value]
     })
 }
 
+/// What `multidb_wait` can say about a database at one look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The commit is in the replica.
+    Durable,
+    /// Not yet; the agent replicates the database (or has not decided about it yet).
+    Pending,
+    /// It will not be: no agent, or the agent does not replicate this database.
+    Never,
+}
+
+/// The decision for a database given what the agent published. `committed` is when this
+/// process last committed to it in WAL mode (0: never), `entry` the current run's status
+/// entry for it; `alive` whether the agent's heartbeat is fresh.
+///
+/// Without a WAL commit of its own the process can only promise what the agent states: a
+/// replicated database that is caught up. A database the agent has no entry for, and that
+/// this process never wrote in WAL mode (rollback journal, MEMORY journal, an empty file),
+/// gets 0 at once: nothing will ever make that a durable commit.
+pub fn decide(committed: u64, alive: bool, entry: Option<ring::Status>) -> Decision {
+    if !alive {
+        return Decision::Never;
+    }
+    match entry {
+        Some(e) if e.tier == ring::TIER_REFUSED => Decision::Never,
+        Some(e) if committed == 0 => {
+            if e.pending_since_ns == 0 {
+                Decision::Durable
+            } else {
+                Decision::Pending
+            }
+        }
+        Some(e) if e.last_sync_ns >= committed => Decision::Durable,
+        Some(_) => Decision::Pending,
+        None if committed == 0 => Decision::Never,
+        None => Decision::Pending,
+    }
+}
+
 /// Waits until the last commit this process made to `path` is in the replica.
 pub fn wait(path: &[u8], timeout: Duration) -> bool {
     let hash = ring::path_hash(path);
     let committed = shared::last_commit_time(hash);
-    if committed == 0 {
-        return true; // nothing committed here that could be pending
-    }
     let deadline = std::time::Instant::now() + timeout;
     let mut pause = FIRST_PAUSE;
     loop {
         let now = ring::now_ns();
-        if let (Some(ring), Some(info)) = (shared::ring(now), shared::lookup(hash, path, now)) {
-            let alive = ring.agent_alive(now, ring::AGENT_ALIVE_NS);
-            let entry = ring.status(info.dev, info.ino);
-            if alive && entry.is_some_and(|e| e.last_sync_ns >= committed) {
-                return true;
-            }
+        // Fresh looks (system calls are fine here): a ring replaced or a file recreated a
+        // moment ago must not be judged by a stale mapping or inode.
+        let Some(ring) = shared::ring_now(now) else {
+            return false; // no agent: nothing will replicate the commit
+        };
+        let Some(info) = shared::lookup_fresh(hash, path, now) else {
+            return false; // the database file is gone
+        };
+        let alive = ring.agent_alive(now, ring::AGENT_ALIVE_NS);
+        match decide(committed, alive, ring.status(info.dev, info.ino)) {
+            Decision::Durable => return true,
+            Decision::Never => return false,
+            Decision::Pending => {}
         }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
@@ -73,5 +116,61 @@ pub fn wait(path: &[u8], timeout: Duration) -> bool {
         }
         std::thread::sleep(pause.min(left));
         pause = (pause * 2).min(MAX_PAUSE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::{reason, Status, TIER_COLD, TIER_HOT, TIER_REFUSED};
+
+    fn entry(tier: u32, last_sync_ns: u64, pending_since_ns: u64) -> Option<Status> {
+        Some(Status {
+            tier,
+            last_sync_ns,
+            pending_since_ns,
+            reason: if tier == TIER_REFUSED {
+                reason::NOT_WAL
+            } else {
+                0
+            },
+            ..Status::default()
+        })
+    }
+
+    #[test]
+    fn durable_only_when_a_sync_of_this_run_started_after_the_commit() {
+        assert_eq!(
+            decide(100, true, entry(TIER_HOT, 100, 0)),
+            Decision::Durable
+        );
+        assert_eq!(
+            decide(100, true, entry(TIER_COLD, 150, 0)),
+            Decision::Durable
+        );
+        assert_eq!(
+            decide(100, true, entry(TIER_HOT, 99, 100)),
+            Decision::Pending
+        );
+        // The agent has not heard of the database yet: it may still promote it.
+        assert_eq!(decide(100, true, None), Decision::Pending);
+    }
+
+    #[test]
+    fn never_without_an_agent_or_for_a_refused_database() {
+        assert_eq!(decide(100, false, entry(TIER_HOT, 200, 0)), Decision::Never);
+        assert_eq!(
+            decide(100, true, entry(TIER_REFUSED, 0, 0)),
+            Decision::Never
+        );
+        assert_eq!(decide(0, true, entry(TIER_REFUSED, 0, 0)), Decision::Never);
+    }
+
+    #[test]
+    fn without_a_wal_commit_only_a_caught_up_entry_is_durable() {
+        // Rollback journal, MEMORY journal, empty file: no WAL commit, no entry.
+        assert_eq!(decide(0, true, None), Decision::Never);
+        assert_eq!(decide(0, true, entry(TIER_COLD, 50, 0)), Decision::Durable);
+        assert_eq!(decide(0, true, entry(TIER_HOT, 50, 40)), Decision::Pending);
     }
 }

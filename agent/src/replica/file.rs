@@ -114,6 +114,49 @@ impl ReplicaClient for FileReplica {
         Ok(())
     }
 
+    fn read_identity(&self) -> Result<Option<Vec<u8>>, ReplicaError> {
+        let path = self.root.join(super::IDENTITY_NAME);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(&path, "read")(e)),
+        }
+    }
+
+    fn create_identity(&self, body: &[u8]) -> Result<bool, ReplicaError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::create_dir_all(&self.root).map_err(self.io(&self.root, "create directory"))?;
+        let path = self.root.join(super::IDENTITY_NAME);
+        let tmp = self.root.join(format!(
+            ".{}.{}.tmp",
+            super::IDENTITY_NAME,
+            std::process::id()
+        ));
+        let written = (|| {
+            let mut out = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            out.write_all(body)?;
+            out.sync_all()
+        })();
+        // A link never replaces: of two agents racing, exactly one creates the identity.
+        let linked = written.and_then(|()| fs::hard_link(&tmp, &path));
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                fs::File::open(&self.root)
+                    .and_then(|d| d.sync_all())
+                    .map_err(self.io(&self.root, "sync directory"))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(self.io(&path, "create")(e)),
+        }
+    }
+
     fn delete(&self, files: &[FileInfo]) -> Result<(), ReplicaError> {
         for f in files {
             let path = self.path(f.level, f.min_txid, f.max_txid);

@@ -18,6 +18,33 @@ use std::time::SystemTime;
 /// Level of snapshots (whole databases), as in Litestream.
 pub const SNAPSHOT_LEVEL: u8 = 9;
 
+/// The identity object naming `db` as the database whose history a location holds.
+pub fn identity_json(db: &str) -> Vec<u8> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let body = serde_json::json!({
+        "database": db,
+        "created_by": {"host": host.trim(), "pid": std::process::id()},
+        "created_ms": crate::ltx::unix_millis(SystemTime::now()),
+    });
+    let mut bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
+}
+
+/// The database an identity object names, or why it names none.
+pub fn identity_database(bytes: &[u8]) -> Result<String, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("{IDENTITY_NAME} is not JSON: {e}"))?;
+    value["database"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("{IDENTITY_NAME} has no \"database\" string"))
+}
+
+/// The name of a replica's identity object, at its root: which database's history the
+/// location holds (hazard 11 in DESIGN.md). Litestream ignores it: it lists only levels.
+pub const IDENTITY_NAME: &str = "multidb.json";
+
 /// One LTX file in a replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileInfo {
@@ -95,6 +122,13 @@ pub trait ReplicaClient: Send + Sync {
     fn get(&self, level: u8, min: u64, max: u64, dst: &mut dyn Write) -> Result<(), ReplicaError>;
     /// Deletes files; a file already gone is not an error.
     fn delete(&self, files: &[FileInfo]) -> Result<(), ReplicaError>;
+
+    /// The identity object ([`IDENTITY_NAME`]) at the replica's root, if there is one.
+    fn read_identity(&self) -> Result<Option<Vec<u8>>, ReplicaError>;
+
+    /// Creates the identity object unless one exists (an exclusive create: a link for a
+    /// directory, `If-None-Match: *` for S3). Returns false if one already existed.
+    fn create_identity(&self, body: &[u8]) -> Result<bool, ReplicaError>;
 }
 
 /// A parsed replica URL.

@@ -140,6 +140,15 @@ impl S3Location {
         }
     }
 
+    /// The key of the identity object, `PREFIX/multidb.json`.
+    pub fn identity_key(&self) -> String {
+        if self.prefix.is_empty() {
+            super::IDENTITY_NAME.to_string()
+        } else {
+            format!("{}/{}", self.prefix, super::IDENTITY_NAME)
+        }
+    }
+
     /// The key prefix of one level, `PREFIX/<level:04x>/`, which listings ask for.
     fn level_prefix(&self, level: u8) -> String {
         if self.prefix.is_empty() {
@@ -457,6 +466,42 @@ impl ReplicaClient for S3Replica {
         )
     }
 
+    fn read_identity(&self) -> Result<Option<Vec<u8>>, ReplicaError> {
+        let key = self.location.identity_key();
+        match self.retrying("get", &key, || self.bucket.get_object(&key)) {
+            Ok(response) => Ok(Some(response.bytes().to_vec())),
+            Err(fault)
+                if fault.status == Some(404) && fault.code.as_deref() != Some("NoSuchBucket") =>
+            {
+                Ok(None)
+            }
+            Err(fault) => Err(self.fail("get", &key, &fault)),
+        }
+    }
+
+    fn create_identity(&self, body: &[u8]) -> Result<bool, ReplicaError> {
+        let key = self.location.identity_key();
+        let conditional = self
+            .bucket
+            .with_extra_headers(if_none_match_any())
+            .map_err(|e| ReplicaError::S3 {
+                bucket: self.location.bucket.clone(),
+                key: key.clone(),
+                op: "put",
+                message: e.to_string(),
+            })?;
+        match self.retrying("put", &key, || {
+            conditional
+                .put_object_with_content_type(&key, body, "application/json")
+                .map(drop)
+        }) {
+            Ok(()) => Ok(true),
+            // 412: an identity exists. 409: a concurrent conditional write won.
+            Err(fault) if matches!(fault.status, Some(412) | Some(409)) => Ok(false),
+            Err(fault) => Err(self.fail("put", &key, &fault)),
+        }
+    }
+
     fn list(&self, level: u8) -> Result<Vec<FileInfo>, ReplicaError> {
         let prefix = self.location.level_prefix(level);
         let mut files = Vec::new();
@@ -674,6 +719,17 @@ impl Fault {
         }
         text
     }
+}
+
+/// `If-None-Match: *`: the PUT succeeds only if no object has the key (S3's conditional
+/// create, answered with 412 when one exists).
+fn if_none_match_any() -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::IF_NONE_MATCH,
+        http::HeaderValue::from_static("*"),
+    );
+    headers
 }
 
 /// The text of the first `<tag>…</tag>` in an S3 error body. Only `Code` and `Message` are
