@@ -1019,6 +1019,7 @@ fn integrity_4_no_acknowledgement_for_what_is_not_replicated() {
     assert_eq!(w.wait, "1", "a WAL database is acknowledged: {w}");
     assert_eq!(w.status["database"]["replicated"], true, "{w}");
     assert!(w.status["database"]["reason"].is_null(), "{w}");
+    assert_restores_equal(site.tmp.path(), &site.config, &wal, &[]);
     assert_eq!(agent.stop(), 0);
 }
 
@@ -1027,7 +1028,8 @@ fn integrity_4_no_acknowledgement_for_what_is_not_replicated() {
 // ---------------------------------------------------------------------------------------
 
 /// The ring file deleted under a running agent with writers: within a few seconds it exists
-/// again, `multidb_wait` says 1 for new commits without restarting anything, and a later
+/// again and `multidb_wait` says 1 for new commits without restarting anything; then the same
+/// after the ring is replaced by another (valid, unowned) ring file; and a later
 /// `multidb ring tail` does not become a second consumer.
 #[test]
 fn integrity_5_ring_deleted_under_running_agent_comes_back() {
@@ -1056,7 +1058,6 @@ fn integrity_5_ring_deleted_under_running_agent_comes_back() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let ring_ino = std::fs::metadata(&site.ring).unwrap().ino();
     let (answer, took) = waiter.commit_and_wait(2, 10_000);
     assert_eq!(answer, "1", "multidb_wait works again without a restart");
     eprintln!("first wait after the ring came back: {took:?}");
@@ -1067,6 +1068,30 @@ fn integrity_5_ring_deleted_under_running_agent_comes_back() {
     assert_eq!(w.wait, "1", "{w}");
     assert_eq!(w.status["agent"]["running"], true, "{w}");
     assert_eq!(w.status["agent"]["pid"], agent.pid(), "{w}");
+
+    // Replaced: a copy of the ring (a valid ring file, but not the one the agent reads)
+    // renamed over it. The agent takes the path back; applications follow within seconds.
+    let copy = site.tmp.path().join("ring.copy");
+    std::fs::copy(&site.ring, &copy).unwrap();
+    std::fs::rename(&copy, &site.ring).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let w = commit_and_wait(&site.dbs[1], &site.ring, &mark(&site.dbs[1], "2"), 2_000);
+        if w.wait == "1" && w.status["agent"]["pid"] == agent.pid() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the ring was replaced, commits are not acknowledged within 10 s: {w}\n{}",
+            agent.log_text()
+        );
+    }
+    let (answer, _) = waiter.commit_and_wait(100, 10_000);
+    assert_eq!(
+        answer, "1",
+        "the long-lived connection follows the replaced ring"
+    );
+    let ring_ino = std::fs::metadata(&site.ring).unwrap().ino();
 
     // `multidb ring tail` on the agent's ring does not take its records.
     let mut tail = Command::new(multidb_bin())
@@ -1157,6 +1182,7 @@ fn integrity_6_status_of_a_previous_agent_run_is_never_served() {
     assert_eq!(w.wait, "1", "{w}");
     assert_eq!(w.status["database"]["replicated"], true, "{w}");
     assert_eq!(w.status["agent"]["pid"], agent.pid(), "{w}");
+    assert_restores_equal(site.tmp.path(), &site.config, &globex, &[]);
     assert_eq!(agent.stop(), 0);
 }
 
