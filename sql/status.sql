@@ -14,7 +14,7 @@ SELECT name FROM pragma_function_list WHERE name LIKE 'multidb%' ORDER BY name;
 -- No agent and no ring: the tier is unknown and SQLite's own checkpoint policy applies.
 -- (An in-memory database has an empty path.)
 SELECT multidb_status();
--- => {"agent":{"heartbeat_age_ms":null,"pid":null,"running":false},"database":{"committed_frames":null,"path":"","tier":"unknown"},"ring":null}
+-- => {"agent":{"heartbeat_age_ms":null,"pid":null,"running":false},"database":{"committed_frames":null,"path":"","reason":"no agent is running (no ring file)","replicated":false,"tier":"unknown"},"ring":null}
 
 -- Fields one by one, with SQLite's JSON functions.
 SELECT json_extract(multidb_status(), '$.agent.running'), json_extract(multidb_status(), '$.database.tier');

@@ -403,6 +403,16 @@ pub fn print_human(v: &Value) {
         "ring: {} commits read, {} dropped, {} invalid; last scan {} ms",
         v["ring_commits"], t["ring_dropped"], t["ring_invalid"], t["last_scan_ms"]
     );
+    let oldest = v["oldest_unreplicated_ms"].as_u64().unwrap_or(0);
+    if oldest == 0 {
+        println!("replicas: caught up; {} refused", t["refused"]);
+    } else {
+        println!(
+            "replicas: oldest commit not yet in the replica is {:.1} s old; {} refused",
+            oldest as f64 / 1000.0,
+            t["refused"]
+        );
+    }
     if let Some(errors) = v["errors"].as_array() {
         for e in errors {
             println!(

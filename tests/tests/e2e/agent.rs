@@ -574,7 +574,7 @@ fn restart_catches_up_only_what_changed() {
     let site = Site::new(
         [1, 1, 1, 3],
         4,
-        "  idle_timeout: 1s\n  sync_interval: 50ms\n",
+        "  idle_timeout: 1s\n  sync_interval: 50ms\n  scan_interval: 2s\n",
     );
     let agent = site.start_agent();
     for db in &site.dbs {
