@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::arena::Arena;
-use crate::config::{Config, ReplicaKind};
+use crate::config::Config;
 use crate::discovery::{self, ScanReport};
 use crate::generate::{self, Layout};
 use crate::pattern::Fields;
@@ -175,6 +175,63 @@ pub enum BenchCommand {
     },
 }
 
+impl Command {
+    /// Whether the command's job is to print (to a terminal or a pipe) and it writes to no
+    /// socket, so that the default SIGPIPE disposition can end it when its reader goes.
+    /// (`status` only reads its socket; S3 requests go through sockets that never raise
+    /// SIGPIPE, as Rust sends with `MSG_NOSIGNAL`.)
+    pub fn prints_for_pipes(&self) -> bool {
+        matches!(
+            self,
+            Command::Status { .. }
+                | Command::Databases { .. }
+                | Command::Parse { .. }
+                | Command::Generate(_)
+                | Command::Restore { .. }
+                | Command::Ltx { .. }
+                | Command::Ring { .. }
+        )
+    }
+}
+
+/// An error and its causes as `{:#}` prints them, less the causes that a message already
+/// quotes: errors that put their source in their own text (`{path}: {op}: {source}`) would
+/// otherwise print the same OS error two or three times.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !last.is_empty() && last.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        last = text;
+    }
+    out
+}
+
+/// `text` for a line meant for people: control characters (newlines, tabs, escape
+/// sequences) in names that users chose are shown escaped, as `\n` or `\u{1b}`, so one
+/// database is one line and a name cannot rewrite the terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// How a command failed: the exit code follows from it.
 #[derive(Debug)]
 pub enum Failure {
@@ -281,7 +338,15 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 (None, Some(when)) => crate::restore::Target::Time(*when),
                 (None, None) => crate::restore::Target::Latest,
             };
-            let restored = crate::restore::restore(client.as_ref(), target, output, *dry_run)?;
+            // Restoring a database named by its path: the copy is no more readable than the
+            // original still there, else owner-only (a replica says nothing about readers).
+            let mode = if is_url(source) {
+                crate::replica::PRIVATE_MODE
+            } else {
+                crate::replica::copy_mode(std::path::Path::new(source))
+            };
+            let restored =
+                crate::restore::restore_with_mode(client.as_ref(), target, output, *dry_run, mode)?;
             if !dry_run {
                 eprintln!(
                     "restored TXID {} ({} pages, {} files) from {} to {}; checksums and integrity_check verified",
@@ -348,6 +413,28 @@ fn parse_txid(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{text}` is not a TXID (a positive integer)"))
 }
 
+/// A relative database path as the pattern spells paths: against the working directory
+/// when the pattern is absolute, so `restore -o x.db tenants/acme.db` works from inside the
+/// tree as it does from anywhere else.
+fn absolute_for(pattern: &crate::pattern::Pattern, path: &str) -> String {
+    if path.starts_with('/') || !pattern.root().starts_with('/') {
+        return path.to_string();
+    }
+    match std::env::current_dir() {
+        Ok(cwd) => {
+            let joined = cwd.join(path.trim_start_matches("./"));
+            joined
+                .to_str()
+                .map_or_else(|| path.to_string(), str::to_string)
+        }
+        Err(_) => path.to_string(),
+    }
+}
+
+fn is_url(source: &str) -> bool {
+    source.starts_with("file://") || source.starts_with("s3://")
+}
+
 /// The replica named by `source`: a URL, or a database path expanded through the
 /// configuration's `replica_template`.
 /// Restoring a database by its path: the replica its template names must hold that
@@ -377,11 +464,12 @@ fn check_replica_identity(
 }
 
 fn replica_for(cli: &Cli, source: &str) -> Result<ReplicaUrl, Failure> {
-    if source.starts_with("file://") || source.starts_with("s3://") {
+    if is_url(source) {
         return ReplicaUrl::parse(source).map_err(|e| Failure::Usage(e.into()));
     }
     let config = load_config(cli)?;
     let pattern = &config.multi_db.pattern;
+    let source = &absolute_for(pattern, source);
     let fields = pattern.parse(source).map_err(|why| {
         Failure::Usage(anyhow::anyhow!(
             "{source} is not a replica URL and does not match {}: it {why}",
@@ -431,14 +519,10 @@ fn list_ltx(replica: &dyn crate::replica::ReplicaClient, json: bool) -> anyhow::
 /// Where `fields`' database is replicated, as a path or URL.
 pub fn replica_location(config: &Config, fields: &Fields) -> Option<Result<String, String>> {
     let replica = config.multi_db.replica.as_ref()?;
-    Some(match replica.path.expand(fields) {
-        Ok(path) => Ok(match replica.kind {
-            ReplicaKind::File => path,
-            ReplicaKind::S3 => format!(
-                "s3://{}/{path}",
-                replica.bucket.as_deref().unwrap_or_default()
-            ),
-        }),
+    // The agent's own expansion, so what is listed is what would be replicated (or refused).
+    Some(match replica.url_for(fields) {
+        Ok(ReplicaUrl::File(path)) => Ok(path.display().to_string()),
+        Ok(ReplicaUrl::S3(location)) => Ok(format!("s3://{}/{}", location.bucket, location.prefix)),
         Err(e) => Err(e.to_string()),
     })
 }
@@ -506,8 +590,11 @@ fn databases(config: &Config, json: bool, count: bool) -> anyhow::Result<()> {
                 };
                 writeln!(
                     out,
-                    "{path}\t{}\t{fields}\t{replica}",
-                    arena.tier(*id).as_str()
+                    "{}\t{}\t{}\t{}",
+                    printable(path),
+                    arena.tier(*id).as_str(),
+                    printable(&fields.to_string()),
+                    printable(&replica)
                 )?;
             }
         }
@@ -530,21 +617,26 @@ fn databases(config: &Config, json: bool, count: bool) -> anyhow::Result<()> {
 
 fn parse(config: &Config, path: &str, json: bool) -> anyhow::Result<()> {
     let pattern = &config.multi_db.pattern;
-    let fields = pattern
-        .parse(path)
-        .map_err(|why| anyhow::anyhow!("{path} does not match {}: it {why}", pattern.as_str()))?;
+    let fields = pattern.parse(path).map_err(|why| {
+        anyhow::anyhow!(
+            "{} does not match {}: it {}",
+            printable(path),
+            pattern.as_str(),
+            printable(&why)
+        )
+    })?;
     if json {
         println!("{}", database_json(config, path, None, &fields));
         return Ok(());
     }
     let replica = replica_location(config, &fields);
     for (name, value) in &fields.0 {
-        println!("{name}: {value}");
+        println!("{name}: {}", printable(value));
     }
     match replica {
         None => {}
-        Some(Ok(r)) => println!("replica: {r}"),
-        Some(Err(e)) => println!("replica: not replicated: {e}"),
+        Some(Ok(r)) => println!("replica: {}", printable(&r)),
+        Some(Err(e)) => println!("replica: not replicated: {}", printable(&e)),
     }
     Ok(())
 }
@@ -573,4 +665,39 @@ fn database_json(
         Some(Err(e)) => obj.insert("replica_error".into(), e.into()),
     };
     serde_json::Value::Object(obj)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regression_10_names_print_on_one_line_without_escapes() {
+        assert_eq!(printable("/d/acme.db"), "/d/acme.db");
+        assert_eq!(
+            printable("/d/a\nb\tc\u{1b}[2J.db"),
+            "/d/a\\nb\\tc\\u{1b}[2J.db"
+        );
+        assert_eq!(printable("/d/é.db"), "/d/é.db");
+    }
+
+    #[test]
+    fn regression_10_an_os_error_is_printed_once() {
+        let os = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let replica = crate::replica::ReplicaError::Io {
+            location: "/r/x".into(),
+            op: "list",
+            source: os,
+        };
+        let e = anyhow::Error::from(replica).context("listing level 0 of file:///r");
+        assert_eq!(
+            error_chain(&e),
+            "listing level 0 of file:///r: /r/x: list: No such file or directory (os error 2)"
+        );
+        assert_eq!(
+            format!("{e:#}").matches("No such file").count(),
+            2,
+            "{{:#}} repeats it"
+        );
+    }
 }

@@ -296,7 +296,7 @@ impl Scratch {
             crate::replica::file_name(min, max)
         ));
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).map_err(local(&dir, "create temporary directory"))?;
+        crate::state::private_dir(&dir).map_err(local(&dir, "create temporary directory"))?;
         Ok(Scratch { dir })
     }
 }
@@ -471,6 +471,7 @@ impl Maintenance<'_> {
         let (min, max) = (first.min_txid, last.max_txid);
         let target = self.replica.location(level, min, max);
         let scratch = Scratch::create(self.tmp_dir, level, min, max)?;
+        let mode = self.copy_mode(first);
         let mut merged: Option<(PathBuf, ltx::Header)> = None;
         for (pass, batch) in inputs.chunks(MAX_OPEN_INPUTS - 1).enumerate() {
             // Where each input of this pass comes from, for errors.
@@ -489,7 +490,8 @@ impl Maintenance<'_> {
                 downloaded.push(path);
             }
             let out_path = scratch.dir.join(format!("merged-{pass}.ltx"));
-            let out = File::create(&out_path).map_err(local(&out_path, "create"))?;
+            let out =
+                crate::replica::create_new(&out_path, mode).map_err(local(&out_path, "create"))?;
             let compacted = ltx::compact(readers, BufWriter::new(out))
                 .map_err(|e| blame(e, &sources, &target))?;
             compacted
@@ -537,6 +539,16 @@ impl Maintenance<'_> {
             inputs: inputs.len(),
             bytes,
         })
+    }
+
+    /// The mode of a file made from `input`: the input's, when the replica is a local
+    /// directory (its files carry their database's mode), else owner only.
+    fn copy_mode(&self, input: &FileInfo) -> u32 {
+        self.replica
+            .local_path(input.level, input.min_txid, input.max_txid)
+            .map_or(crate::replica::PRIVATE_MODE, |p| {
+                crate::replica::copy_mode(&p)
+            })
     }
 
     fn download(&self, f: &FileInfo, path: &Path) -> Result<(), MaintainError> {

@@ -629,7 +629,12 @@ impl Replicator {
             FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             header.max_txid
         ));
-        let out = BufWriter::new(File::create(&tmp).map_err(self.io_err("create temporary LTX"))?);
+        // The file becomes the replica's (a rename): it gets the database's mode from the
+        // start, and is never a name someone else planted.
+        let mode = crate::replica::copy_mode(&self.db_path);
+        let out = BufWriter::new(
+            crate::replica::create_new(&tmp, mode).map_err(self.io_err("create temporary LTX"))?,
+        );
         let encoder = Encoder::new(out, header).map_err(self.ltx_err("encode"))?;
         Ok((tmp, encoder))
     }

@@ -44,7 +44,9 @@ pub struct RingFile {
     path: PathBuf,
     file: File,
     _map: memmap2::MmapMut,
-    ring: Ring,
+    /// The view of `_map`, its lifetime erased here and shortened again by [`RingFile::ring`]
+    /// to a borrow of this file, so no view outlives the mapping.
+    ring: Ring<'static>,
 }
 
 /// Attempts at creating the ring when other processes race to create or remove it.
@@ -318,7 +320,7 @@ impl RingFile {
         Ok((file, map))
     }
 
-    pub fn ring(&self) -> Ring {
+    pub fn ring(&self) -> Ring<'_> {
         self.ring
     }
 
@@ -353,7 +355,7 @@ pub struct ReadCounts {
 /// Reads records until `stop` returns true, beating the heart and sleeping on the futex when
 /// the ring is empty. `on_record` gets every valid record.
 pub fn read_loop(
-    ring: Ring,
+    ring: Ring<'_>,
     mut stop: impl FnMut(&ReadCounts, Duration) -> bool,
     mut on_record: impl FnMut(&Record),
 ) -> ReadCounts {

@@ -322,6 +322,8 @@ pub fn serve_status(path: &Path, metrics: Arc<Metrics>) -> std::io::Result<()> {
         _ => {}
     }
     let listener = UnixListener::bind(path)?;
+    // Owner only (the state directory is 0700 as well): the report names every hot database.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let pid = std::process::id();
     std::thread::Builder::new()
         .name("status".into())
@@ -417,9 +419,9 @@ pub fn print_human(v: &Value) {
         for e in errors {
             println!(
                 "error: {} ({} times): {}",
-                e["db"].as_str().unwrap_or("?"),
+                crate::cli::printable(e["db"].as_str().unwrap_or("?")),
                 e["count"],
-                e["last"].as_str().unwrap_or("")
+                crate::cli::printable(e["last"].as_str().unwrap_or(""))
             );
         }
     }

@@ -23,7 +23,7 @@ const CACHE_ENTRIES: usize = 1024;
 
 struct Mapped {
     _map: memmap2::MmapMut,
-    ring: Ring,
+    ring: Ring<'static>,
     dev: u64,
     ino: u64,
 }
@@ -37,7 +37,7 @@ pub fn ring_path() -> std::path::PathBuf {
 }
 
 /// The current ring, refreshed at most every [`RING_RECHECK_NS`] by one thread.
-pub fn ring(now: u64) -> Option<Ring> {
+pub fn ring(now: u64) -> Option<Ring<'static>> {
     let next = NEXT_RING_CHECK.load(Ordering::Relaxed);
     if now >= next
         && NEXT_RING_CHECK
@@ -59,7 +59,7 @@ pub fn ring(now: u64) -> Option<Ring> {
 /// The current ring, looked for again now (a `stat`, and a map when it changed): for
 /// `multidb_wait` and `multidb_status()`, which may make system calls and must not answer
 /// from a ring the agent replaced a moment ago.
-pub fn ring_now(now: u64) -> Option<Ring> {
+pub fn ring_now(now: u64) -> Option<Ring<'static>> {
     NEXT_RING_CHECK.store(now + RING_RECHECK_NS, Ordering::Relaxed);
     refresh();
     let current = CURRENT.load(Ordering::Acquire);

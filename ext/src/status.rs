@@ -41,7 +41,7 @@ fn committed(info: Option<shared::PathInfo>) -> Option<u64> {
 }
 
 /// The status object; separate from the SQL glue so it can be tested directly.
-pub fn report(ring: Option<Ring>, path: &[u8], now: u64) -> Value {
+pub fn report(ring: Option<Ring<'_>>, path: &[u8], now: u64) -> Value {
     let hash = ring::path_hash(path);
     let cached = shared::peek(hash);
     let path_text = String::from_utf8_lossy(path);

@@ -209,12 +209,11 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         Arc::new(StateStore::open(&multi.state_dir).with_context(|| {
             format!("opening the state directory {}", multi.state_dir.display())
         })?);
-    let ring_file = RingFile::create_or_open(
+    let ring_file = Arc::new(RingFile::create_or_open(
         &options.ring_path,
         layout::DEFAULT_SLOTS,
         status_entries(multi.max_active),
-    )?;
-    let ring = ring_file.ring();
+    )?);
     let slots = (layout::DEFAULT_SLOTS, status_entries(multi.max_active));
     let socket = crate::status::socket_path(&multi.state_dir);
     crate::status::serve_status(&socket, metrics.clone())
@@ -243,7 +242,7 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let reader_stop = Arc::new(AtomicBool::new(false));
     let (ring_tx, ring_rx) = crossbeam_channel::unbounded();
     let reader = reader::spawn_ring_reader(
-        ring,
+        ring_file.clone(),
         ring_rx,
         event_tx,
         reader_stop.clone(),
@@ -295,7 +294,6 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         config,
         template,
         arena: &mut arena,
-        ring,
         ring_file,
         old_rings: Vec::new(),
         ring_path: options.ring_path.clone(),
@@ -323,9 +321,8 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     scheduler.main_loop(&event_rx, &done_rx, &maintained_rx, options.stop.as_ref());
     scheduler.shut_down(&done_rx);
     reader_stop.store(true, Ordering::Relaxed);
-    // The reader maps the scheduler's rings: it ends before they are unmapped.
-    let _ = reader.join();
     drop(scheduler);
+    let _ = reader.join();
     for w in workers {
         let _ = w.join();
     }
@@ -388,15 +385,14 @@ struct Scheduler<'a> {
     config: &'a Config,
     template: crate::config::ReplicaTemplate,
     arena: &'a mut Arena,
-    /// The ring being read (a copy of `ring_file`'s view).
-    ring: layout::Ring,
-    ring_file: RingFile,
+    /// The ring, shared with the reader thread.
+    ring_file: Arc<RingFile>,
     /// Rings replaced under the agent: kept mapped, as producers may still write to them.
-    old_rings: Vec<RingFile>,
+    old_rings: Vec<Arc<RingFile>>,
     ring_path: PathBuf,
     ring_slots: (u32, u32),
     /// Hands a new ring to the reader.
-    ring_tx: Sender<layout::Ring>,
+    ring_tx: Sender<Arc<RingFile>>,
     ring_warned: bool,
     /// Databases under the pattern that are not replicated: a [`reason`] code, the message,
     /// and when it was decided.

@@ -8,13 +8,13 @@ impl Scheduler<'_> {
     /// Writes `hot`'s entry in the ring's status table, evicting entries of demoted databases
     /// when the table is full.
     pub(super) fn publish(&mut self, status: Status) {
-        let capacity = self.ring.status_capacity();
+        let capacity = self.ring_file.ring().status_capacity();
         while self.cold_entries.len() > capacity / 4 {
             if let Some((dev, ino)) = self.cold_entries.pop_front() {
                 self.remove_cold_entry(dev, ino);
             }
         }
-        while !self.ring.publish_status(&status) {
+        while !self.ring_file.ring().publish_status(&status) {
             let Some((dev, ino)) = self.cold_entries.pop_front() else {
                 tracing::warn!(
                     dev = status.dev,
@@ -42,11 +42,12 @@ impl Scheduler<'_> {
 
     pub(super) fn remove_cold_entry(&self, dev: u64, ino: u64) {
         let still_cold = self
-            .ring
+            .ring_file
+            .ring()
             .status(dev, ino)
             .is_some_and(|s| s.tier == TIER_COLD || s.tier == TIER_REFUSED);
         if still_cold {
-            self.ring.remove_status(dev, ino);
+            self.ring_file.ring().remove_status(dev, ino);
         }
     }
 
@@ -59,7 +60,7 @@ impl Scheduler<'_> {
         if (hot.dev, hot.ino) == (dev, ino) {
             return;
         }
-        self.ring.remove_status(hot.dev, hot.ino);
+        self.ring_file.ring().remove_status(hot.dev, hot.ino);
         hot.dev = dev;
         hot.ino = ino;
         let status = Self::status_of(hot, TIER_HOT);
@@ -99,7 +100,7 @@ impl Scheduler<'_> {
                 tracing::warn!(db = %hot.path, error = %e, "saving the WAL stamp failed");
             }
             if (hot.dev, hot.ino) != (dev, ino) {
-                self.ring.remove_status(hot.dev, hot.ino);
+                self.ring_file.ring().remove_status(hot.dev, hot.ino);
             }
         }
         self.waiting_set.remove(&id);
@@ -135,7 +136,7 @@ impl Scheduler<'_> {
     pub(super) fn unrefuse(&mut self, id: DbId) {
         if self.refused.remove(&id).is_some() {
             let (dev, ino) = self.arena.inode(id);
-            self.ring.remove_status(dev, ino);
+            self.ring_file.ring().remove_status(dev, ino);
             self.metrics.clear_error(&self.arena.path(id));
         }
     }
@@ -195,11 +196,10 @@ impl Scheduler<'_> {
             }
         };
         self.ring_warned = false;
-        let old = std::mem::replace(&mut self.ring_file, fresh);
+        let old = std::mem::replace(&mut self.ring_file, Arc::new(fresh));
         old.ring().retire();
         self.old_rings.push(old);
-        self.ring = self.ring_file.ring();
-        let _ = self.ring_tx.send(self.ring);
+        let _ = self.ring_tx.send(self.ring_file.clone());
         tracing::warn!(ring = %self.ring_path.display(), "the ring file was removed or replaced; made a new one");
         // The new table: every hot and refused database again.
         self.cold_entries.clear();
@@ -227,7 +227,7 @@ impl Scheduler<'_> {
     }
 
     pub(super) fn update_gauges(&mut self) {
-        let stats = self.ring.stats();
+        let stats = self.ring_file.ring().stats();
         let hot = self.hot.len() as u64;
         let now = layout::now_ns();
         let oldest = oldest_ns(

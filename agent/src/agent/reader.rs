@@ -7,8 +7,8 @@ use super::*;
 /// The ring reader: turns records into events, and moves to a new ring when the scheduler
 /// sends one (the old file was deleted or replaced under the agent).
 pub(super) fn spawn_ring_reader(
-    ring: layout::Ring,
-    new_rings: Receiver<layout::Ring>,
+    ring: Arc<RingFile>,
+    new_rings: Receiver<Arc<RingFile>>,
     events: Sender<Event>,
     stop: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
@@ -19,14 +19,14 @@ pub(super) fn spawn_ring_reader(
             let closed = std::cell::Cell::new(false);
             let mut ring = ring;
             loop {
-                let next = std::cell::Cell::new(None);
-                read_ring(ring, &events, &closed, &metrics, || {
+                let mut next = None;
+                read_ring(ring.ring(), &events, &closed, &metrics, || {
                     if let Ok(new) = new_rings.try_recv() {
-                        next.set(Some(new));
+                        next = Some(new);
                     }
-                    stop.load(Ordering::Relaxed) || next.get().is_some()
+                    stop.load(Ordering::Relaxed) || next.is_some()
                 });
-                match next.get() {
+                match next {
                     Some(new) if !closed.get() => ring = new,
                     _ => return,
                 }
@@ -35,7 +35,7 @@ pub(super) fn spawn_ring_reader(
 }
 
 fn read_ring(
-    ring: layout::Ring,
+    ring: layout::Ring<'_>,
     events: &Sender<Event>,
     closed: &std::cell::Cell<bool>,
     metrics: &Metrics,

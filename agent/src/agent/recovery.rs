@@ -121,7 +121,7 @@ impl Scheduler<'_> {
             for id in removed {
                 if let Some(hot) = self.hot.remove(&id) {
                     tracing::info!(db = %hot.path, "database removed; replication stopped");
-                    self.ring.remove_status(hot.dev, hot.ino);
+                    self.ring_file.ring().remove_status(hot.dev, hot.ino);
                 }
             }
             self.refused.retain(|id, _| self.arena.is_live(*id));

@@ -189,7 +189,7 @@ impl Scheduler<'_> {
         };
         self.unrefuse(id);
         let (dev, ino) = self.arena.inode(id);
-        let previous = self.ring.status(dev, ino);
+        let previous = self.ring_file.ring().status(dev, ino);
         self.arena.set_tier(id, Tier::Hot);
         if let Err(e) = self.store.set_wal_stamps([(path.as_str(), HOT_STAMP)]) {
             tracing::warn!(db = %path, error = %e, "marking the database hot in the state failed");

@@ -4,6 +4,7 @@ mod agent;
 mod checkpoint;
 mod cli;
 mod extension;
+mod hostile;
 mod integrity;
 mod litestream;
 mod replicate;
