@@ -645,6 +645,14 @@ fn integrity_1_template_collision_refuses_both_databases() {
         log.contains(pa.to_str().unwrap()) && log.contains(pb.to_str().unwrap()),
         "the agent warns about both databases:\n{log}"
     );
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("replica location shared with"))
+        .count();
+    assert_eq!(
+        warnings, 2,
+        "one warning per database, not one per scan (scans every second):\n{log}"
+    );
     let written = files_below(&shared_location);
     assert!(
         written.is_empty(),
