@@ -319,8 +319,17 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 )),
                 None => None,
             };
-            let txid = crate::replicate::run(db, client, &tmp, store, options)
-                .map_err(anyhow::Error::from)?;
+            crate::signals::catch_interrupts();
+            let txid = crate::replicate::run_with(
+                db,
+                client,
+                &tmp,
+                store,
+                options,
+                &crate::signals::interrupted,
+                &mut |_| {},
+            )
+            .map_err(anyhow::Error::from)?;
             eprintln!("{}: replicated through TXID {txid} to {url}", db.display());
         }
         Command::Restore {

@@ -162,6 +162,25 @@ pub enum MaintainError {
     },
 }
 
+/// [`maintain`] now, with what it did or why it failed logged for `db`: the one pass the
+/// agent's maintenance workers and `multidb replicate` both run. A failure is only logged;
+/// the next pass retries.
+pub fn maintain_logged(replica: &dyn ReplicaClient, tmp_dir: &Path, policy: &Policy, db: &str) {
+    match maintain(replica, tmp_dir, SystemTime::now(), policy) {
+        Ok(report) if !report.is_empty() => {
+            tracing::info!(
+                db,
+                compacted = report.compacted.len(),
+                snapshot = report.snapshot.is_some(),
+                deleted = report.deleted.len(),
+                "maintenance"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(db, error = %e, "compaction or retention failed"),
+    }
+}
+
 /// Compacts, snapshots and expires what is due at `now`; temporary files go below `tmp_dir`.
 ///
 /// The steps are independent: a failed one (a corrupt file, a failed upload) does not stop

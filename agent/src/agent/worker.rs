@@ -50,23 +50,16 @@ impl WorkerContext {
             // sees the database as written since.
             done.stamp = WalStamp::of_wal(&job.path.to_string_lossy());
         }
-        match replicator.sync() {
-            Ok(synced) => done.result = Ok(synced),
+        match replicator.cycle(job.checkpoint_due || job.kind == JobKind::Demote) {
+            Ok(cycle) => {
+                done.result = Ok(cycle.synced);
+                done.checkpointed = cycle.checkpointed;
+            }
             Err(e) => {
                 done.failed(&e);
                 if done.replaced || done.refusal.is_some() {
                     return done; // the replicator (and every handle on the old file) goes
                 }
-            }
-        }
-        if done.result.is_ok() {
-            if let Err(e) = replicator.repin() {
-                tracing::warn!(db = %job.path.display(), error = %e, "moving the read transaction failed");
-            }
-            let force = job.checkpoint_due || job.kind == JobKind::Demote;
-            match replicator.checkpoint_if_needed(force) {
-                Ok(ran) => done.checkpointed = ran,
-                Err(e) => tracing::warn!(db = %job.path.display(), error = %e, "checkpoint failed"),
             }
         }
         done.txid = replicator.txid();
@@ -91,19 +84,13 @@ pub(super) fn maintain(
     tmp_dir: &std::path::Path,
     policy: &crate::compaction::Policy,
 ) {
-    let run = || -> Result<crate::compaction::Report, String> {
-        let client = job.url.client().map_err(|e| e.to_string())?;
-        crate::compaction::maintain(client.as_ref(), tmp_dir, SystemTime::now(), policy)
-            .map_err(|e| e.to_string())
+    let run = || match job.url.client() {
+        Ok(client) => {
+            crate::compaction::maintain_logged(client.as_ref(), tmp_dir, policy, &job.path)
+        }
+        Err(e) => tracing::warn!(db = %job.path, error = %e, "compaction or retention failed"),
     };
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
-        Ok(Ok(report)) if !report.is_empty() => {
-            tracing::info!(db = %job.path, compacted = report.compacted.len(), snapshot = report.snapshot.is_some(), deleted = report.deleted.len(), "maintenance")
-        }
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!(db = %job.path, error = %e, "compaction or retention failed"),
-        Err(panic) => {
-            tracing::error!(db = %job.path, panic = %panic_message(&panic), "maintenance panicked; it runs again at the next pass")
-        }
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        tracing::error!(db = %job.path, panic = %panic_message(&panic), "maintenance panicked; it runs again at the next pass");
     }
 }

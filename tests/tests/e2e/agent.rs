@@ -652,6 +652,11 @@ fn agent_refuses_what_it_cannot_do() {
         assert_ne!(out.code, 0);
         assert!(out.stderr.contains(expected), "{}", out.stderr);
     }
+    std::fs::write(
+        &config,
+        format!("{base}  replica_template:\n    path: /tmp/r/{{{{1}}}}\n"),
+    )
+    .unwrap();
     let out = run(multidb(tmp.path())
         .arg("--config")
         .arg(&config)

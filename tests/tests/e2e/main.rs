@@ -1,6 +1,7 @@
 //! End-to-end tests: one binary, a module per topic.
 
 mod agent;
+mod attacks;
 mod checkpoint;
 mod cli;
 mod extension;
