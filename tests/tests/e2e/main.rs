@@ -6,6 +6,7 @@ mod checkpoint;
 mod cli;
 mod extension;
 mod hostile;
+mod integrity;
 mod litestream;
 mod replicate;
 mod ring;
