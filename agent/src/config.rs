@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use crate::pattern::{Pattern, Template};
+use crate::discover::pattern::{Pattern, Template};
 
 /// `max_active` when the file does not say: enough hot databases for a busy host, few enough
 /// that their file handles (3 each) fit the usual 4096-descriptor limit.
@@ -34,6 +34,17 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `state_dir` when the file does not say, relative to the configuration file's directory.
 pub const DEFAULT_STATE_DIR: &str = "multidb-state";
+
+/// The deepest nesting of YAML collections a configuration may have. The file needs 3
+/// (`multi_db`, `replica_template`, a value); the YAML parser's time grows faster than
+/// linearly with depth (a 100,000-level file took 35 s to refuse), so depth is checked on the
+/// text before the parser sees it.
+const MAX_YAML_DEPTH: usize = 32;
+
+/// The most hot databases a configuration may ask for: the ring's status table holds at most
+/// 2^20 entries and keeps four per hot database, and at three descriptors each this many is
+/// already near Linux's default ceiling on a process's descriptors (`fs.nr_open`, 1,048,576).
+pub const MAX_ACTIVE_LIMIT: u32 = 1 << 18;
 
 /// A configuration error, already formatted as `file:line:col: field.path: what is wrong`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,14 +108,22 @@ impl ReplicaTemplate {
     /// The replica of the database whose pattern fields are `fields`.
     pub fn url_for(
         &self,
-        fields: &crate::pattern::Fields,
-    ) -> Result<crate::replica::ReplicaUrl, crate::pattern::TemplateError> {
+        fields: &crate::discover::pattern::Fields,
+    ) -> Result<crate::replica::ReplicaUrl, crate::discover::pattern::TemplateError> {
         let path = self.path.expand(fields)?;
+        // The whole location, not its parts: values that are each harmless can still meet
+        // literal text in a `..`, or leave a `.` or an empty component that a file system or
+        // an S3 server folds into another database's location.
+        if let Some(why) = crate::discover::pattern::location_fault(&path) {
+            return Err(crate::discover::pattern::TemplateError::new(format!(
+                "replica location `{path}` of the database with {fields} {why}"
+            )));
+        }
         Ok(match self.kind {
             ReplicaKind::File => crate::replica::ReplicaUrl::File(PathBuf::from(path)),
             ReplicaKind::S3 => crate::replica::ReplicaUrl::S3(crate::replica::s3::S3Location {
                 bucket: self.bucket.clone().unwrap_or_default(),
-                prefix: path.trim_matches('/').to_string(),
+                prefix: path,
                 region: self
                     .region
                     .clone()
@@ -125,7 +144,7 @@ pub struct MultiDb {
     pub sync_interval: Duration,
     pub idle_timeout: Duration,
     /// Compaction, snapshot and retention policy.
-    pub policy: crate::compaction::Policy,
+    pub policy: crate::replicate::compaction::Policy,
     /// Where the agent keeps positions and its status socket (relative to the config file).
     pub state_dir: PathBuf,
     /// Prometheus metrics listen address, if any (a bare `:PORT` means loopback).
@@ -142,6 +161,23 @@ pub struct Config {
 }
 
 impl Config {
+    /// Where `fields`' database is replicated, as a path or URL: `None` without a replica
+    /// template, the reason when the location is refused. The agent's own expansion, so what
+    /// is listed is what would be replicated (or refused).
+    pub fn replica_location(
+        &self,
+        fields: &crate::discover::pattern::Fields,
+    ) -> Option<Result<String, String>> {
+        let replica = self.multi_db.replica.as_ref()?;
+        Some(match replica.url_for(fields) {
+            Ok(crate::replica::ReplicaUrl::File(path)) => Ok(path.display().to_string()),
+            Ok(crate::replica::ReplicaUrl::S3(location)) => {
+                Ok(format!("s3://{}/{}", location.bucket, location.prefix))
+            }
+            Err(e) => Err(e.to_string()),
+        })
+    }
+
     /// A configuration with defaults for everything but the pattern.
     pub fn with_pattern(pattern: Pattern) -> Config {
         Config {
@@ -152,7 +188,7 @@ impl Config {
                 scan_interval: DEFAULT_SCAN_INTERVAL,
                 sync_interval: DEFAULT_SYNC_INTERVAL,
                 idle_timeout: DEFAULT_IDLE_TIMEOUT,
-                policy: crate::compaction::Policy::default(),
+                policy: crate::replicate::compaction::Policy::default(),
                 state_dir: PathBuf::from(DEFAULT_STATE_DIR),
                 addr: None,
                 replica: None,
@@ -176,6 +212,11 @@ impl Config {
 
     /// Parses configuration text; `name` is used in error messages.
     pub fn parse(text: &str, name: &str, pattern: Option<&str>) -> Result<Config, ConfigError> {
+        if let Some((line, col)) = too_deep(text, MAX_YAML_DEPTH) {
+            return Err(ConfigError(format!(
+                "{name}:{line}:{col}: nested deeper than {MAX_YAML_DEPTH} levels; a multidb configuration needs 3"
+            )));
+        }
         let raw: RawFile = serde_yaml::from_str(text).map_err(|e| yaml_error(name, &e))?;
         let at = |field: &[&str], msg: &str| {
             let dotted = field.join(".");
@@ -199,7 +240,17 @@ impl Config {
                 .as_u64()
                 .and_then(|n| u32::try_from(n).ok())
                 .filter(|&n| n > 0)
-                .ok_or_else(|| at(&["multi_db", "max_active"], "expected a positive integer"))?,
+                .ok_or_else(|| at(&["multi_db", "max_active"], "expected a positive integer"))
+                .and_then(|n| {
+                    if n > MAX_ACTIVE_LIMIT {
+                        Err(at(
+                            &["multi_db", "max_active"],
+                            &format!("{n} is more than {MAX_ACTIVE_LIMIT}, the most hot databases one agent can hold"),
+                        ))
+                    } else {
+                        Ok(n)
+                    }
+                })?,
         };
         let scan_interval = match &m.scan_interval {
             None => DEFAULT_SCAN_INTERVAL,
@@ -211,8 +262,8 @@ impl Config {
         };
         let sync_interval = duration(&m.sync_interval, "sync_interval", DEFAULT_SYNC_INTERVAL)?;
         let idle_timeout = duration(&m.idle_timeout, "idle_timeout", DEFAULT_IDLE_TIMEOUT)?;
-        let defaults = crate::compaction::Policy::default();
-        let policy = crate::compaction::Policy {
+        let defaults = crate::replicate::compaction::Policy::default();
+        let policy = crate::replicate::compaction::Policy {
             snapshot_interval: duration(
                 &m.snapshot_interval,
                 "snapshot_interval",
@@ -277,6 +328,21 @@ fn replica_template(
     };
     let path = Template::new(&path_text, pattern.names())
         .map_err(|e| at(&field("path"), &e.to_string()))?;
+    // A template whose literal text is not canonical would refuse every database: say so now.
+    let sample = crate::discover::pattern::Fields(
+        pattern
+            .names()
+            .iter()
+            .map(|n| (n.clone(), "x".to_string()))
+            .collect(),
+    );
+    if let Some(why) = path
+        .expand(&sample)
+        .ok()
+        .and_then(|p| crate::discover::pattern::location_fault(&p))
+    {
+        return Err(at(&field("path"), &format!("`{path_text}` {why}")));
+    }
     match kind {
         ReplicaKind::File => {
             if !path_text.starts_with('/') {
@@ -301,6 +367,12 @@ fn replica_template(
                 return Err(at(
                     &["multi_db", "replica_template"],
                     "`type: s3` needs a `bucket`",
+                ));
+            }
+            if let Some(bucket) = r.bucket.as_deref().filter(|b| !is_bucket_name(b)) {
+                return Err(at(
+                    &field("bucket"),
+                    &format!("`{}` is not a bucket name: letters, digits, `.`, `-` and `_` only (a key prefix belongs in `path`)", bucket.escape_debug()),
                 ));
             }
             if path_text.starts_with('/') {
@@ -328,6 +400,17 @@ fn replica_template(
         force_path_style: r.force_path_style.unwrap_or(r.endpoint.is_some()),
         endpoint: r.endpoint,
     })
+}
+
+/// S3 bucket names are 3 to 63 of lowercase letters, digits, `.` and `-`; S3-compatible
+/// stores and legacy buckets also take uppercase and `_`. Anything else (a `/` above all)
+/// would change which bucket or key a request names.
+fn is_bucket_name(name: &str) -> bool {
+    (1..=255).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        && !matches!(name, "." | "..")
 }
 
 /// `127.0.0.1:9090`, `[::1]:9090` or `:9090` (loopback): metrics are not for the network
@@ -388,6 +471,59 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("`{text}` must be longer than zero"));
     }
     Ok(total)
+}
+
+/// Where the text first nests collections deeper than `limit`, as a 1-based line and column.
+/// Counts flow brackets (`[`, `{`) outside quoted scalars and comments, plus the block
+/// levels that indentation and `- ` entries open; an overestimate only refuses files far
+/// deeper than any configuration, an underestimate only leaves the parser to do its work.
+fn too_deep(text: &str, limit: usize) -> Option<(usize, usize)> {
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    for (number, line) in text.lines().enumerate() {
+        let content = line.trim_start_matches(' ');
+        let mut indent = line.len() - content.len();
+        if flow == 0 && !content.is_empty() && !content.starts_with('#') {
+            while indents.last().is_some_and(|&i| i >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+            // `- - - x` opens one sequence per dash on a single line.
+            let mut rest = content;
+            while let Some(after) = rest.strip_prefix("- ") {
+                indent += 2;
+                indents.push(indent);
+                rest = after.trim_start_matches(' ');
+            }
+            if indents.len() > limit {
+                return Some((number + 1, indent + 1));
+            }
+        }
+        let mut quote: Option<char> = None;
+        let mut previous = ' ';
+        for (col, c) in line.char_indices() {
+            match quote {
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None => match c {
+                    '#' if previous == ' ' => break,
+                    '"' | '\'' if matches!(previous, ' ' | '[' | '{' | ',' | ':') => {
+                        quote = Some(c)
+                    }
+                    '[' | '{' => {
+                        flow += 1;
+                        if flow + indents.len() > limit {
+                            return Some((number + 1, col + 1));
+                        }
+                    }
+                    ']' | '}' => flow = flow.saturating_sub(1),
+                    _ => {}
+                },
+            }
+            previous = c;
+        }
+    }
+    None
 }
 
 /// Rewrites the YAML parser's `path: message at line L column C` as `name:L:C: path: message`.
@@ -462,7 +598,7 @@ multi_db:
         let c = Config::parse(SEED, "multidb.yml", None).unwrap().multi_db;
         assert_eq!(c.sync_interval, DEFAULT_SYNC_INTERVAL);
         assert_eq!(c.idle_timeout, DEFAULT_IDLE_TIMEOUT);
-        assert_eq!(c.policy, crate::compaction::Policy::default());
+        assert_eq!(c.policy, crate::replicate::compaction::Policy::default());
         assert_eq!(c.addr, None);
         let text = "multi_db:\n  discovery_pattern: \"/d/*.db\"\n  sync_interval: 200ms\n  idle_timeout: 5s\n  retention: 1h\n  state_dir: st\n  addr: \":9464\"\n";
         let dir = tempfile::tempdir().unwrap();
@@ -480,6 +616,126 @@ multi_db:
     fn example_file_loads() {
         let text = include_str!("../../multidb.example.yml");
         Config::parse(text, "multidb.example.yml", None).unwrap();
+    }
+
+    fn template(kind: &str, path: &str) -> ReplicaTemplate {
+        let bucket = if kind == "s3" { "\n    bucket: b" } else { "" };
+        let text = format!(
+            "multi_db:\n  discovery_pattern: \"/d/*/databases/*/branches/*/tenants/*.db\"\n  replica_template:\n    type: {kind}{bucket}\n    path: \"{path}\"\n"
+        );
+        Config::parse(&text, "m.yml", None)
+            .unwrap()
+            .multi_db
+            .replica
+            .unwrap()
+    }
+
+    /// Issue 10, cases 1 and 2: values checked one by one let `..db` (tenant `.`) write
+    /// outside the root beside literal text, and alias another location in an S3 key.
+    #[test]
+    fn regression_10_expanded_locations_are_checked_whole() {
+        let pattern = Pattern::new("/d/*/databases/*/branches/*/tenants/*.db").unwrap();
+        let fields = |db: &str| {
+            pattern
+                .parse(&format!("/d/p1/databases/d1/branches/main/tenants/{db}"))
+                .unwrap()
+        };
+        let beside = template("file", "/r/replica/.{{tenant}}/{{project}}-{{branch}}");
+        let e = beside.url_for(&fields("..db")).unwrap_err().to_string();
+        assert!(e.contains("tenant value \".\" is `.`"), "{e}");
+        let dotted = template("file", "/r/replica/x{{tenant}}/{{project}}");
+        let e = dotted.url_for(&fields("acme.db")).map(|_| ());
+        assert_eq!(e, Ok(()));
+        let s3 = template("s3", "{{project}}/{{database}}/{{branch}}/{{tenant}}");
+        let e = s3.url_for(&fields("..db")).unwrap_err().to_string();
+        assert!(e.contains("is `.`"), "{e}");
+        match s3.url_for(&fields("acme.db")).unwrap() {
+            crate::replica::ReplicaUrl::S3(l) => assert_eq!(l.prefix, "p1/d1/main/acme"),
+            other => panic!("{other:?}"),
+        }
+        // Values that are fine alone but not beside the template's literal text.
+        let pattern = Pattern::new("/d/{a}x{b}.db").unwrap();
+        let t = ReplicaTemplate {
+            path: Template::new("/r/{{a}}/.{{b}}", pattern.names()).unwrap(),
+            ..beside.clone()
+        };
+        let f = pattern.parse("/d/yx..db").unwrap();
+        assert_eq!(f.get("b"), Some("."));
+        let f2 = pattern.parse("/d/yx.a.db").unwrap();
+        assert!(t.url_for(&f2).is_ok());
+        let t = ReplicaTemplate {
+            path: Template::new("/r/{{a}}.{{b}}/", pattern.names()).unwrap(),
+            ..beside
+        };
+        let e = t.url_for(&f2).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "replica location `/r/y..a/` of the database with a=y b=.a has an empty component (`//`, or a `/` at an end), which is normalised away"
+        );
+    }
+
+    #[test]
+    fn regression_10_templates_and_buckets_that_cannot_work_are_config_errors() {
+        let base = "multi_db:\n  discovery_pattern: \"/d/*/*.db\"\n  replica_template:\n";
+        for (extra, expected) in [
+            (
+                "    type: s3\n    bucket: \"a/b\"\n    path: \"{{1}}\"\n",
+                "m.yml:5:5: multi_db.replica_template.bucket: `a/b` is not a bucket name",
+            ),
+            (
+                "    path: \"/r/./{{1}}/{{2}}\"\n",
+                "m.yml:4:5: multi_db.replica_template.path: `/r/./{{1}}/{{2}}` has a `.` component",
+            ),
+            (
+                "    type: s3\n    bucket: b\n    path: \"{{1}}//{{2}}\"\n",
+                "m.yml:6:5: multi_db.replica_template.path: `{{1}}//{{2}}` has an empty component",
+            ),
+            (
+                "    path: \"/r/{{1/{{2}}\"\n",
+                "m.yml:4:5: multi_db.replica_template.path: unclosed `{{` in `/r/{{1/{{2}}`",
+            ),
+        ] {
+            let e = Config::parse(&format!("{base}{extra}"), "m.yml", None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(expected), "{extra}: {e}");
+        }
+    }
+
+    /// Issue 10, case 8: 100,000 levels took the parser 35 s to refuse.
+    #[test]
+    fn regression_10_deep_nesting_is_refused_before_parsing() {
+        let depth = 100_000;
+        let flow = format!(
+            "multi_db:\n  discovery_pattern: {}{}\n",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        // Block nesting needs a line per level and its indentation: 1,000 is text enough.
+        let block: String = (0..1000)
+            .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+            .collect();
+        let dashes = format!("{}1\n", "- ".repeat(depth));
+        for text in [flow, block, dashes] {
+            let started = std::time::Instant::now();
+            let e = error_of(&text);
+            assert!(e.contains("nested deeper than 32 levels"), "{e}");
+            // Not a timing assertion of speed, a bound on a runaway: it took 35 s.
+            assert!(started.elapsed() < Duration::from_secs(5));
+        }
+        // Brackets in quoted scalars and comments are not nesting.
+        let quoted = format!(
+            "multi_db:\n  discovery_pattern: \"/d/{}*.db\" # {}\n",
+            "[".repeat(40),
+            "{".repeat(40)
+        );
+        assert!(error_of(&quoted).contains("glob syntax `[`"));
+    }
+
+    #[test]
+    fn regression_10_max_active_beyond_what_one_agent_can_hold_is_a_config_error() {
+        let e = error_of("multi_db:\n  discovery_pattern: \"/d/*.db\"\n  max_active: 1000000000\n");
+        assert_eq!(e, "multidb.yml:3:3: multi_db.max_active: 1000000000 is more than 262144, the most hot databases one agent can hold");
     }
 
     #[test]

@@ -157,12 +157,43 @@ pub enum LtxError {
         min: u64,
         max: u64,
     },
+    #[error("{what}, more than a file of {len} bytes can hold (at most {max_pages} pages)")]
+    TooLarge {
+        what: String,
+        len: u64,
+        max_pages: u64,
+    },
     #[error("input {index}: {source}")]
     Input {
         index: usize,
         #[source]
         source: Box<LtxError>,
     },
+}
+
+/// The fewest bytes a page can take in a file: its page header, one byte of payload and
+/// three one-byte varints in the page index. Real frames are larger (an LZ4 block of a page
+/// of zeros is 20 bytes and more), so this bound only ever errs towards accepting.
+const MIN_PAGE_BYTES: u64 = PAGE_HEADER_SIZE as u64 + 1 + 3;
+
+/// The most pages a file of `len` bytes can hold: what a count read from such a file may
+/// justify allocating for (issue 10, case 6: a 4 KB file claiming page 2^31 took 1 GB).
+pub fn max_pages_in(len: u64) -> u64 {
+    len.saturating_sub((HEADER_SIZE + TRAILER_SIZE + 8) as u64) / MIN_PAGE_BYTES
+}
+
+/// Checks the numbers of `header` against the length of the file it came from, before
+/// anything is sized by them: a snapshot holds all its `commit` pages, so they must fit.
+pub fn check_header_against_len(header: &Header, len: u64) -> Result<()> {
+    let max_pages = max_pages_in(len);
+    if header.is_snapshot() && u64::from(header.last_snapshot_pgno()) > max_pages {
+        return Err(LtxError::TooLarge {
+            what: format!("snapshot header says {} pages", header.commit),
+            len,
+            max_pages,
+        });
+    }
+    Ok(())
 }
 
 /// Shorthand for results of this module.

@@ -8,6 +8,14 @@ use multidb_agent::cli::{self, Cli, Failure};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.prints_for_pipes() {
+        // A listing piped into `head` ends as `cat` and `ls` do when the reader goes: killed
+        // by SIGPIPE, quietly (status 141 in a shell), rather than with a panic in `println!`
+        // or a "Broken pipe" error. Only for commands that write no sockets: Rust ignores
+        // SIGPIPE so that a peer closing a connection is an error, not the process's end.
+        // SAFETY: restoring a signal's default disposition, before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     // The demo speaks for itself; its agent logs only what goes wrong unless asked.
     let default_level = match cli.command {
         cli::Command::Demo(_) => "warn",
@@ -24,11 +32,11 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(e)) => {
-            eprintln!("multidb: {e:#}");
+            eprintln!("multidb: {}", cli::error_chain(&e));
             ExitCode::from(2)
         }
         Err(Failure::Runtime(e)) => {
-            eprintln!("multidb: {e:#}");
+            eprintln!("multidb: {}", cli::error_chain(&e));
             ExitCode::from(1)
         }
     }

@@ -51,6 +51,10 @@ pub unsafe fn install(db: *mut sqlite3, threshold: u32) {
 
 /// The auto-extension's commit hook: SQLite resets the WAL hook after auto-extensions run, so
 /// the WAL hook is installed at the connection's first commit, and this hook removes itself.
+///
+/// # Safety
+/// Called by SQLite only, as the commit hook installed by `auto_init`: `arg` is the open
+/// connection the hook belongs to.
 pub unsafe extern "C" fn first_commit(arg: *mut c_void) -> c_int {
     let db = arg.cast::<sqlite3>();
     let _ = catch_unwind(|| {
@@ -64,6 +68,11 @@ pub unsafe extern "C" fn first_commit(arg: *mut c_void) -> c_int {
     0 // let the commit proceed
 }
 
+/// The WAL hook: posts the commit and applies the checkpoint policy.
+///
+/// # Safety
+/// Called by SQLite only, after a commit on `db` (open) to schema `schema` (a valid name);
+/// `arg` carries the checkpoint threshold as an integer, never a pointer.
 unsafe extern "C" fn wal_hook(
     arg: *mut c_void,
     db: *mut sqlite3,
@@ -113,7 +122,7 @@ unsafe fn on_commit(db: *mut sqlite3, schema: *const c_char, frames: u64, thresh
             hot = alive
                 && ring
                     .status(info.dev, info.ino)
-                    .is_some_and(|s| s.tier == ring::TIER_HOT);
+                    .is_some_and(|s| s.tier == ring::Tier::Hot);
         }
     }
     // SAFETY: `db` is open.

@@ -20,13 +20,43 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use sqlite_loadable::prelude::*;
 use sqlite_loadable::{define_scalar_function, Error, FunctionFlags};
 
-/// The SQL functions this extension adds. Tests compare this list with what the `sqlite3`
-/// shell sees after `.load`.
-pub const SQL_FUNCTIONS: &[&str] = &[
-    "multidb_autocheckpoint",
-    "multidb_status",
-    "multidb_version",
-    "multidb_wait",
+/// An SQL function the extension adds.
+pub struct SqlFunction {
+    pub name: &'static str,
+    /// Number of arguments.
+    pub args: i32,
+    /// Same result for the same arguments (lets SQLite factor calls out of a query).
+    pub deterministic: bool,
+    body: fn(*mut sqlite3_context, &[*mut sqlite3_value]) -> sqlite_loadable::Result<()>,
+}
+
+/// Every SQL function the extension adds, in name order: registration walks this table, and
+/// the tests compare it with what the `sqlite3` shell sees after `.load`.
+pub const SQL_FUNCTIONS: &[SqlFunction] = &[
+    SqlFunction {
+        name: "multidb_autocheckpoint",
+        args: 1,
+        deterministic: false,
+        body: status::multidb_autocheckpoint,
+    },
+    SqlFunction {
+        name: "multidb_status",
+        args: 0,
+        deterministic: false,
+        body: status::multidb_status,
+    },
+    SqlFunction {
+        name: "multidb_version",
+        args: 0,
+        deterministic: true,
+        body: version::multidb_version,
+    },
+    SqlFunction {
+        name: "multidb_wait",
+        args: 1,
+        deterministic: false,
+        body: wait::multidb_wait,
+    },
 ];
 
 /// The extension's version, as `multidb_version()` reports it.
@@ -43,35 +73,14 @@ fn guard(
 }
 
 fn register_functions(db: *mut sqlite3) -> sqlite_loadable::Result<()> {
-    let deterministic = FunctionFlags::UTF8 | FunctionFlags::DETERMINISTIC;
-    define_scalar_function(
-        db,
-        "multidb_version",
-        0,
-        version::multidb_version,
-        deterministic,
-    )?;
-    define_scalar_function(
-        db,
-        "multidb_status",
-        0,
-        status::multidb_status,
-        FunctionFlags::UTF8,
-    )?;
-    define_scalar_function(
-        db,
-        "multidb_wait",
-        1,
-        wait::multidb_wait,
-        FunctionFlags::UTF8,
-    )?;
-    define_scalar_function(
-        db,
-        "multidb_autocheckpoint",
-        1,
-        status::multidb_autocheckpoint,
-        FunctionFlags::UTF8,
-    )?;
+    for function in SQL_FUNCTIONS {
+        let flags = if function.deterministic {
+            FunctionFlags::UTF8 | FunctionFlags::DETERMINISTIC
+        } else {
+            FunctionFlags::UTF8
+        };
+        define_scalar_function(db, function.name, function.args, function.body, flags)?;
+    }
     Ok(())
 }
 
@@ -113,6 +122,9 @@ pub unsafe extern "C" fn sqlite3_multidb_init(
 }
 
 /// Runs for every connection opened after the extension was loaded.
+///
+/// # Safety
+/// Called by SQLite only, as a registered auto-extension, with the connection being opened.
 unsafe extern "C" fn auto_init(
     db: *mut sqlite3,
     _err: *mut *mut c_char,

@@ -23,7 +23,7 @@ const CACHE_ENTRIES: usize = 1024;
 
 struct Mapped {
     _map: memmap2::MmapMut,
-    ring: Ring,
+    ring: Ring<'static>,
     dev: u64,
     ino: u64,
 }
@@ -37,7 +37,7 @@ pub fn ring_path() -> std::path::PathBuf {
 }
 
 /// The current ring, refreshed at most every [`RING_RECHECK_NS`] by one thread.
-pub fn ring(now: u64) -> Option<Ring> {
+pub fn ring(now: u64) -> Option<Ring<'static>> {
     let next = NEXT_RING_CHECK.load(Ordering::Relaxed);
     if now >= next
         && NEXT_RING_CHECK
@@ -59,7 +59,7 @@ pub fn ring(now: u64) -> Option<Ring> {
 /// The current ring, looked for again now (a `stat`, and a map when it changed): for
 /// `multidb_wait` and `multidb_status()`, which may make system calls and must not answer
 /// from a ring the agent replaced a moment ago.
-pub fn ring_now(now: u64) -> Option<Ring> {
+pub fn ring_now(now: u64) -> Option<Ring<'static>> {
     NEXT_RING_CHECK.store(now + RING_RECHECK_NS, Ordering::Relaxed);
     refresh();
     let current = CURRENT.load(Ordering::Acquire);
@@ -268,4 +268,42 @@ pub fn last_commit_time(hash: u64) -> u64 {
 /// What the cache holds for `hash`, without touching the file system.
 pub fn peek(hash: u64) -> Option<PathInfo> {
     read(hash).map(|(info, _)| info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_path_cache_follows_a_file_replaced_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        std::fs::write(&path, b"one").unwrap();
+        let bytes = path.to_string_lossy().as_bytes().to_vec();
+        let hash = ring::path_hash(&bytes);
+        let now = 1_000;
+        let first = lookup(hash, &bytes, now).unwrap();
+        assert_eq!(first.ino, std::fs::metadata(&path).unwrap().ino());
+        mark_registered(hash, 7);
+        note_commit(hash, 12, now);
+        let cached = peek(hash).unwrap();
+        assert_eq!((cached.registered, cached.last_frames), (7, 12));
+
+        // Replaced: a new inode at the path (the old one is kept alive so it is not reused).
+        let old = dir.path().join("old.db");
+        std::fs::rename(&path, &old).unwrap();
+        std::fs::write(&path, b"two").unwrap();
+        let new_ino = std::fs::metadata(&path).unwrap().ino();
+        // Within the recheck interval the cache answers without a stat...
+        assert_eq!(lookup(hash, &bytes, now + 1).unwrap().ino, first.ino);
+        // ...after it, or when asked fresh, the new file is seen and its registration is new.
+        let fresh = lookup_fresh(hash, &bytes, now + 2).unwrap();
+        assert_eq!(fresh.ino, new_ino);
+        assert_eq!(fresh.registered, 0, "a new file is registered again");
+        let later = lookup(hash, &bytes, now + 2 + PATH_RECHECK_NS).unwrap();
+        assert_eq!(later.ino, new_ino);
+        // A missing file has no entry.
+        std::fs::remove_file(&path).unwrap();
+        assert!(lookup_fresh(hash, &bytes, now + 3).is_none());
+    }
 }

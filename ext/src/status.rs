@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use sqlite_loadable::prelude::*;
 use sqlite_loadable::{api as sql, Error, Result};
 
-use crate::ring::{self, Ring, TIER_COLD, TIER_HOT, TIER_REFUSED};
+use crate::ring::{self, Ring, Tier};
 use crate::{api, guard, hook, shared};
 
 fn ms(ns: u64) -> u64 {
@@ -41,7 +41,7 @@ fn committed(info: Option<shared::PathInfo>) -> Option<u64> {
 }
 
 /// The status object; separate from the SQL glue so it can be tested directly.
-pub fn report(ring: Option<Ring>, path: &[u8], now: u64) -> Value {
+pub fn report(ring: Option<Ring<'_>>, path: &[u8], now: u64) -> Value {
     let hash = ring::path_hash(path);
     let cached = shared::peek(hash);
     let path_text = String::from_utf8_lossy(path);
@@ -69,15 +69,15 @@ pub fn report(ring: Option<Ring>, path: &[u8], now: u64) -> Value {
     let entry = entry.filter(|_| alive);
     let tier = match entry.map(|e| e.tier) {
         _ if !alive => "unknown",
-        Some(TIER_HOT) => "hot",
-        Some(TIER_COLD) => "cold",
-        Some(TIER_REFUSED) => "refused",
+        Some(Tier::Hot) => "hot",
+        Some(Tier::Cold) => "cold",
+        Some(Tier::Refused) => "refused",
         _ => "unknown",
     };
-    let replicated = entry.is_some_and(|e| e.tier == TIER_HOT || e.tier == TIER_COLD);
+    let replicated = entry.is_some_and(|e| e.tier == Tier::Hot || e.tier == Tier::Cold);
     let reason = match entry {
         _ if !alive => Some("no agent is running (its heartbeat stopped)"),
-        Some(e) if e.tier == TIER_REFUSED => Some(ring::reason::text(e.reason)),
+        Some(e) if e.tier == Tier::Refused => Some(ring::reason::text(e.reason)),
         Some(_) => None,
         None => Some("the agent has no entry for this database (not written in WAL mode since the agent started, or not under its pattern)"),
     };
@@ -141,4 +141,101 @@ pub fn multidb_autocheckpoint(
         sql::result_int64(context, i64::from(frames));
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::{reason, Status};
+    use std::os::unix::fs::MetadataExt;
+
+    /// A ring in ordinary memory, an agent heartbeat at `now`, and a real file for the path.
+    fn setup() -> (Vec<u64>, Ring<'static>, tempfile::NamedTempFile, u64, u64) {
+        let len = ring::file_size(64, 64);
+        let mut mem = vec![0u64; len / 8];
+        // SAFETY: the Vec is returned with the view and outlives every use in the test.
+        let ring = unsafe { Ring::init(mem.as_mut_ptr().cast(), len, 64, 64, 1) }.unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let meta = file.as_file().metadata().unwrap();
+        (mem, ring, file, meta.dev(), meta.ino())
+    }
+
+    fn path_of(file: &tempfile::NamedTempFile) -> Vec<u8> {
+        file.path().to_string_lossy().as_bytes().to_vec()
+    }
+
+    #[test]
+    fn without_a_ring_nothing_is_replicated() {
+        let v = report(None, b"/x.db", 5);
+        assert_eq!(v["database"]["replicated"], false);
+        assert_eq!(v["database"]["tier"], "unknown");
+        assert_eq!(v["agent"]["running"], false);
+        assert!(v["database"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no agent"));
+        assert!(v["ring"].is_null());
+    }
+
+    #[test]
+    fn a_hot_entry_of_a_live_agent_is_reported_with_its_positions() {
+        let (_mem, ring, file, dev, ino) = setup();
+        let now = ring::now_ns();
+        ring.heartbeat(42, now);
+        ring.publish_status(&Status {
+            dev,
+            ino,
+            tier: Tier::Hot,
+            replicated_txid: 5,
+            replicated_frames: 9,
+            last_sync_ns: now - 2_000_000,
+            pending_since_ns: now - 7_000_000,
+            reason: 0,
+        });
+        let v = report(Some(ring), &path_of(&file), now);
+        assert_eq!(v["agent"]["pid"], 42);
+        assert_eq!(v["database"]["tier"], "hot");
+        assert_eq!(v["database"]["replicated"], true);
+        assert!(v["database"]["reason"].is_null());
+        assert_eq!(v["database"]["replicated_txid"], 5);
+        assert_eq!(v["database"]["lag_ms"], 7);
+    }
+
+    #[test]
+    fn a_refused_entry_says_why_and_shows_no_positions() {
+        let (_mem, ring, file, dev, ino) = setup();
+        let now = ring::now_ns();
+        ring.heartbeat(42, now);
+        ring.publish_status(&Status {
+            dev,
+            ino,
+            tier: Tier::Refused,
+            reason: reason::COLLISION,
+            ..Status::default()
+        });
+        let v = report(Some(ring), &path_of(&file), now);
+        assert_eq!(v["database"]["tier"], "refused");
+        assert_eq!(v["database"]["replicated"], false);
+        assert_eq!(v["database"]["reason"], reason::text(reason::COLLISION));
+        assert!(v["database"].get("replicated_txid").is_none());
+    }
+
+    #[test]
+    fn a_stale_heartbeat_serves_no_entry() {
+        let (_mem, ring, file, dev, ino) = setup();
+        let now = ring::now_ns();
+        ring.heartbeat(42, now - ring::AGENT_ALIVE_NS - 1);
+        ring.publish_status(&Status {
+            dev,
+            ino,
+            tier: Tier::Hot,
+            replicated_txid: 5,
+            ..Status::default()
+        });
+        let v = report(Some(ring), &path_of(&file), now);
+        assert_eq!(v["agent"]["running"], false);
+        assert_eq!(v["database"]["tier"], "unknown");
+        assert_eq!(v["database"]["replicated"], false);
+        assert!(v["database"].get("replicated_txid").is_none());
+    }
 }

@@ -73,7 +73,7 @@ pub fn decide(committed: u64, alive: bool, entry: Option<ring::Status>) -> Decis
         return Decision::Never;
     }
     match entry {
-        Some(e) if e.tier == ring::TIER_REFUSED => Decision::Never,
+        Some(e) if e.tier == ring::Tier::Refused => Decision::Never,
         Some(e) if committed == 0 => {
             if e.pending_since_ns == 0 {
                 Decision::Durable
@@ -122,14 +122,14 @@ pub fn wait(path: &[u8], timeout: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ring::{reason, Status, TIER_COLD, TIER_HOT, TIER_REFUSED};
+    use crate::ring::{reason, Status, Tier};
 
-    fn entry(tier: u32, last_sync_ns: u64, pending_since_ns: u64) -> Option<Status> {
+    fn entry(tier: Tier, last_sync_ns: u64, pending_since_ns: u64) -> Option<Status> {
         Some(Status {
             tier,
             last_sync_ns,
             pending_since_ns,
-            reason: if tier == TIER_REFUSED {
+            reason: if tier == Tier::Refused {
                 reason::NOT_WAL
             } else {
                 0
@@ -141,15 +141,15 @@ mod tests {
     #[test]
     fn durable_only_when_a_sync_of_this_run_started_after_the_commit() {
         assert_eq!(
-            decide(100, true, entry(TIER_HOT, 100, 0)),
+            decide(100, true, entry(Tier::Hot, 100, 0)),
             Decision::Durable
         );
         assert_eq!(
-            decide(100, true, entry(TIER_COLD, 150, 0)),
+            decide(100, true, entry(Tier::Cold, 150, 0)),
             Decision::Durable
         );
         assert_eq!(
-            decide(100, true, entry(TIER_HOT, 99, 100)),
+            decide(100, true, entry(Tier::Hot, 99, 100)),
             Decision::Pending
         );
         // The agent has not heard of the database yet: it may still promote it.
@@ -158,19 +158,22 @@ mod tests {
 
     #[test]
     fn never_without_an_agent_or_for_a_refused_database() {
-        assert_eq!(decide(100, false, entry(TIER_HOT, 200, 0)), Decision::Never);
         assert_eq!(
-            decide(100, true, entry(TIER_REFUSED, 0, 0)),
+            decide(100, false, entry(Tier::Hot, 200, 0)),
             Decision::Never
         );
-        assert_eq!(decide(0, true, entry(TIER_REFUSED, 0, 0)), Decision::Never);
+        assert_eq!(
+            decide(100, true, entry(Tier::Refused, 0, 0)),
+            Decision::Never
+        );
+        assert_eq!(decide(0, true, entry(Tier::Refused, 0, 0)), Decision::Never);
     }
 
     #[test]
     fn without_a_wal_commit_only_a_caught_up_entry_is_durable() {
         // Rollback journal, MEMORY journal, empty file: no WAL commit, no entry.
         assert_eq!(decide(0, true, None), Decision::Never);
-        assert_eq!(decide(0, true, entry(TIER_COLD, 50, 0)), Decision::Durable);
-        assert_eq!(decide(0, true, entry(TIER_HOT, 50, 40)), Decision::Pending);
+        assert_eq!(decide(0, true, entry(Tier::Cold, 50, 0)), Decision::Durable);
+        assert_eq!(decide(0, true, entry(Tier::Hot, 50, 40)), Decision::Pending);
     }
 }

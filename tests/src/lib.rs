@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: the real `multidb` binary, the real `libmultidb` and the
 //! real `sqlite3` shell, each test in its own temporary directory.
 
+pub mod faultproxy;
 pub mod s3server;
 
 use std::path::{Path, PathBuf};

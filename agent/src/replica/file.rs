@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use super::{file_name, parse_file_name, FileInfo, ReplicaClient, ReplicaError};
@@ -71,7 +72,14 @@ impl ReplicaClient for FileReplica {
 
     fn put(&self, level: u8, min: u64, max: u64, src: &Path) -> Result<(), ReplicaError> {
         let dir = self.level_dir(level);
-        fs::create_dir_all(&dir).map_err(self.io(&dir, "create directory"))?;
+        // New directories are no more open than the file (0600 gives 0700): their names are
+        // the database's fields.
+        let mode = super::copy_mode(src);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode | ((mode & 0o444) >> 2))
+            .create(&dir)
+            .map_err(self.io(&dir, "create directory"))?;
         let dst = self.path(level, min, max);
         // Same file system: a rename is atomic and writes nothing twice (`src` is synced).
         if fs::rename(src, &dst).is_ok() {
@@ -83,7 +91,9 @@ impl ReplicaClient for FileReplica {
         // Another file system: copy to a temporary name, sync, rename.
         let result = (|| {
             let mut input = fs::File::open(src)?;
-            let mut out = fs::File::create(&tmp)?;
+            // The copy keeps the temporary file's mode, which follows the source database.
+            let _ = fs::remove_file(&tmp);
+            let mut out = super::create_new(&tmp, super::copy_mode(src))?;
             io::copy(&mut input, &mut out)?;
             out.sync_all()?;
             fs::rename(&tmp, &dst)?;
@@ -125,7 +135,12 @@ impl ReplicaClient for FileReplica {
 
     fn create_identity(&self, body: &[u8]) -> Result<bool, ReplicaError> {
         use std::os::unix::fs::OpenOptionsExt;
-        fs::create_dir_all(&self.root).map_err(self.io(&self.root, "create directory"))?;
+        // Owner-only, as the identity file: the directory's names are a database's fields.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(self.io(&self.root, "create directory"))?;
         let path = self.root.join(super::IDENTITY_NAME);
         let tmp = self.root.join(format!(
             ".{}.{}.tmp",

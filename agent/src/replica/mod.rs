@@ -80,6 +80,33 @@ pub fn parse_file_name(name: &str) -> Option<(u64, u64)> {
     (min >= 1 && min <= max).then_some((min, max))
 }
 
+/// The mode of copies whose source's mode is unknown: owner only.
+pub const PRIVATE_MODE: u32 = 0o600;
+
+/// The mode a copy of `source` gets: the source's read and write bits for group and others
+/// (never execute, set-id or sticky bits) and read-write for the owner, who is the agent. A
+/// copy is then never more readable than what it copies (issue 10: a 0600 database was
+/// replicated 0644). [`PRIVATE_MODE`] when the source cannot be looked at.
+pub fn copy_mode(source: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(source).map_or(PRIVATE_MODE, |m| {
+        (m.permissions().mode() & 0o066) | PRIVATE_MODE
+    })
+}
+
+/// Creates `path` with `mode` (narrowed by the umask, never widened), failing if anything is
+/// there already, a symlink included: the agent never writes through a name it did not make.
+pub fn create_new(path: &Path, mode: u32) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// A replica operation that failed, naming where.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {

@@ -93,6 +93,14 @@ impl S3Location {
         if bucket.is_empty() {
             return Err(bad("the bucket name is missing"));
         }
+        let trimmed = prefix.trim_matches('/');
+        if let Some(why) = (!trimmed.is_empty())
+            .then(|| crate::discover::pattern::location_fault(trimmed))
+            .flatten()
+        {
+            // The server would store and list another prefix than the one asked for.
+            return Err(bad(&format!("the key prefix `{trimmed}` {why}")));
+        }
         let mut location = S3Location {
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
@@ -786,6 +794,15 @@ mod tests {
 
     fn location(url: &str) -> S3Location {
         S3Location::parse(url).unwrap()
+    }
+
+    #[test]
+    fn regression_10_prefixes_a_server_would_normalise_are_refused() {
+        for url in ["s3://b/p1/./acme", "s3://b/p1/../p2", "s3://b/p1//acme"] {
+            assert!(S3Location::parse(url).is_err(), "{url}");
+        }
+        assert!(reason("s3://b/p1/./acme").contains("has a `.` component"));
+        assert_eq!(location("s3://b/p1/.acme/").prefix, "p1/.acme");
     }
 
     fn reason(url: &str) -> String {

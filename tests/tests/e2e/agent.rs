@@ -320,9 +320,9 @@ fn assert_restores_equal(db: &Path, replica: &Path, scratch: &Path) {
         "restored-{}.db",
         db.display().to_string().replace('/', "_")
     ));
-    multidb_agent::restore::restore(
+    multidb_agent::replicate::restore::restore(
         client.as_ref(),
-        multidb_agent::restore::Target::Latest,
+        multidb_agent::replicate::restore::Target::Latest,
         &out,
         false,
     )
@@ -340,7 +340,8 @@ fn assert_restores_equal(db: &Path, replica: &Path, scratch: &Path) {
 /// level-0 file, and each level-0 file continues a file that ends right before it.
 fn assert_no_gap(replica: &Path) {
     let client = ReplicaUrl::File(replica.to_path_buf()).client().unwrap();
-    let files: Vec<FileInfo> = multidb_agent::restore::list_all(client.as_ref()).unwrap();
+    let files: Vec<FileInfo> =
+        multidb_agent::replicate::restore::list_all(client.as_ref()).unwrap();
     let ends: std::collections::HashSet<u64> = files
         .iter()
         .filter(|f| f.level == 0 || f.level == 9)
@@ -528,9 +529,9 @@ fn multidb_wait_returns_once_the_commit_is_in_the_replica() {
         assert_eq!(waiter.commit_and_wait(k, 10_000), "1", "commit {k}");
         let client = ReplicaUrl::File(replica.clone()).client().unwrap();
         let out = scratch.join(format!("r{k}.db"));
-        multidb_agent::restore::restore(
+        multidb_agent::replicate::restore::restore(
             client.as_ref(),
-            multidb_agent::restore::Target::Latest,
+            multidb_agent::replicate::restore::Target::Latest,
             &out,
             false,
         )
@@ -652,6 +653,11 @@ fn agent_refuses_what_it_cannot_do() {
         assert_ne!(out.code, 0);
         assert!(out.stderr.contains(expected), "{}", out.stderr);
     }
+    std::fs::write(
+        &config,
+        format!("{base}  replica_template:\n    path: /tmp/r/{{{{1}}}}\n"),
+    )
+    .unwrap();
     let out = run(multidb(tmp.path())
         .arg("--config")
         .arg(&config)

@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use multidb::ring::{Status, TIER_HOT};
-use multidb_agent::ring::RingFile;
+use multidb::ring::{Status, Tier};
+use multidb_agent::agent::ring::RingFile;
 use rusqlite::Connection;
 
 const FRAME: u64 = 4096 + 24;
@@ -97,7 +97,7 @@ fn checkpoints_follow_the_policy() {
     assert!(ring.publish_status(&Status {
         dev,
         ino,
-        tier: TIER_HOT,
+        tier: Tier::Hot,
         ..Status::default()
     }));
     let stop = std::sync::atomic::AtomicBool::new(false);

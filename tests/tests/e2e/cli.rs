@@ -193,7 +193,7 @@ fn bad_input_gets_a_clear_message_and_exit_code() {
 
 #[test]
 fn rescan_sees_a_commit_through_the_wal_only() {
-    use multidb_agent::{arena::Arena, discovery, pattern::Pattern};
+    use multidb_agent::discover::{arena::Arena, discovery, pattern::Pattern};
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     generate_seed(dir);

@@ -1,9 +1,12 @@
 //! End-to-end tests: one binary, a module per topic.
 
 mod agent;
+mod attacks;
 mod checkpoint;
 mod cli;
 mod extension;
+mod hostile;
+mod integrity;
 mod litestream;
 mod replicate;
 mod ring;

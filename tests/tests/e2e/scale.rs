@@ -1,9 +1,9 @@
 //! Discovery at scale: 10,000 and 100,000 databases, and the arena's memory per database.
 
-use multidb_agent::arena::Arena;
-use multidb_agent::discovery;
-use multidb_agent::generate::{self, Layout};
-use multidb_agent::pattern::Pattern;
+use multidb_agent::cli::generate::{self, Layout};
+use multidb_agent::discover::arena::Arena;
+use multidb_agent::discover::discovery;
+use multidb_agent::discover::pattern::Pattern;
 use multidb_tests::{multidb, run};
 
 /// A generous bound on arena bytes per cold database with unique tenant names (the goal is

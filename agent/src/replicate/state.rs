@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use crate::wal::WalPosition;
+use crate::replicate::wal::WalPosition;
 
 /// Why the state database could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,46 @@ pub struct StateStore {
     path: String,
 }
 
+/// Creates `dir` (and missing parents) readable by the owner only: the state lists every
+/// database path. A directory that exists already is left as it is (it may be shared, such
+/// as a home directory); the files in it are private either way.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Makes `db` and its `-wal` and `-shm` owner-only, creating an empty `db` if there is none:
+/// SQLite gives a new `-wal` and `-shm` the mode of the database file, so a 0600 database
+/// keeps its companions private too. The file is never followed through a symlink.
+fn private_files(db: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(db)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    for suffix in ["-wal", "-shm"] {
+        let mut companion = db.as_os_str().to_owned();
+        companion.push(suffix);
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&companion)
+        {
+            Ok(f) => f.set_permissions(std::fs::Permissions::from_mode(0o600))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 impl StateStore {
     /// Opens (creating) `DIR/state.db`.
     pub fn open(dir: &Path) -> Result<StateStore, StateError> {
@@ -51,11 +91,16 @@ impl StateStore {
             let path = name.clone();
             move |source| StateError { path, op, source }
         };
-        std::fs::create_dir_all(dir).map_err(|e| StateError {
-            path: name.clone(),
-            op: "create directory",
-            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-        })?;
+        let io = |op: &'static str| {
+            let path = name.clone();
+            move |e: std::io::Error| StateError {
+                path,
+                op,
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            }
+        };
+        private_dir(dir).map_err(io("create directory"))?;
+        private_files(&path).map_err(io("make private"))?;
         let conn = rusqlite::Connection::open(&path).map_err(err("open"))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err("busy_timeout"))?;
@@ -227,6 +272,31 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Issue 10, case 3: `state.db` lists every database path and was 0644.
+    #[test]
+    fn regression_10_state_is_owner_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/state");
+        let store = StateStore::open(&dir).unwrap();
+        store.set_wal_stamps([("/x.db", 1)]).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        for name in ["state.db", "state.db-wal", "state.db-shm"] {
+            assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+        }
+        drop(store);
+        // Files an older version left readable are made private on the next start.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join("state.db"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        let _store = StateStore::open(&dir).unwrap();
+        assert_eq!(mode(&dir.join("state.db")), 0o600);
+    }
 
     #[test]
     fn positions_round_trip_and_replace() {

@@ -15,22 +15,9 @@ use hashbrown::DefaultHashBuilder;
 /// A database's stable handle inside the arena.
 pub type DbId = u32;
 
-/// Whether a database is merely known (cold) or being replicated (hot).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Tier {
-    Cold,
-    Hot,
-}
-
-impl Tier {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Cold => "cold",
-            Tier::Hot => "hot",
-        }
-    }
-}
+/// Whether a database is merely known (cold) or being replicated (hot): the arena uses
+/// only those two of the ring's tiers.
+pub use multidb::ring::Tier;
 
 /// The last seen state of a database's `-wal` file, packed into eight bytes.
 ///
@@ -646,11 +633,13 @@ impl Arena {
         }
     }
 
+    /// Marks `id` hot, or not hot (any other tier: the arena keeps one bit).
     pub fn set_tier(&mut self, id: DbId, tier: Tier) {
         let flags = &mut self.rec_flags[id as usize];
-        match tier {
-            Tier::Hot => *flags |= FLAG_HOT,
-            Tier::Cold => *flags &= !FLAG_HOT,
+        if tier == Tier::Hot {
+            *flags |= FLAG_HOT;
+        } else {
+            *flags &= !FLAG_HOT;
         }
     }
 

@@ -265,9 +265,9 @@ fn restore_vs_cp(args: &ReplicateArgs, tmp: &Path) -> anyhow::Result<()> {
     for round in 0..RESTORE_ROUNDS {
         let out = fresh(&args.dir, &format!("restored-{round}.db"))?;
         let started = Instant::now();
-        crate::restore::restore(
+        crate::replicate::restore::restore(
             replica.client()?.as_ref(),
-            crate::restore::Target::Latest,
+            crate::replicate::restore::Target::Latest,
             &out,
             false,
         )?;

@@ -14,8 +14,9 @@
 //! write them back as they come; the integrity check then reads the page cache while the
 //! fsync finishes.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, IsTerminal, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -200,6 +201,8 @@ struct Applier {
     run_start: u32,
     /// Page checksums of the database as applied so far (index pgno-1; 0 for none).
     sums: Vec<u64>,
+    /// The database's size in pages after the files applied so far.
+    db_pages: u32,
 }
 
 fn writer_gone() -> io::Error {
@@ -264,6 +267,7 @@ impl Applier {
     fn end_file(&mut self, commit: u32, page_size: u32) -> io::Result<()> {
         self.flush()?;
         self.sums.truncate(commit as usize);
+        self.db_pages = commit;
         self.tx
             .send(Chunk::End { commit, page_size })
             .map_err(|_| writer_gone())
@@ -342,11 +346,31 @@ fn apply(
     path: &Path,
     applier: &mut Applier,
 ) -> io::Result<Result<(ltx::Header, u64), ltx::LtxError>> {
-    let mut decoder = match Decoder::with_capacity(INPUT_BUFFER, File::open(path)?) {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut decoder = match Decoder::with_capacity(INPUT_BUFFER, file) {
         Ok(d) => d,
         Err(e) => return Ok(Err(e)),
     };
     let header = *decoder.header();
+    // Numbers from the file size what is allocated and written (a page checksum per page,
+    // the database's length): each must be justified by the file's length first. A file
+    // may add to the database at most the pages it can hold.
+    if let Err(e) = ltx::check_header_against_len(&header, len) {
+        return Ok(Err(e));
+    }
+    let max_pages = ltx::max_pages_in(len);
+    let growth = u64::from(header.commit).saturating_sub(u64::from(applier.db_pages));
+    if growth > max_pages {
+        return Ok(Err(ltx::LtxError::TooLarge {
+            what: format!(
+                "header grows the database from {} to {} pages",
+                applier.db_pages, header.commit
+            ),
+            len,
+            max_pages,
+        }));
+    }
     loop {
         let slot = applier.slot(header.page_size as usize)?;
         match decoder.next_page(slot) {
@@ -382,12 +406,32 @@ pub struct Restored {
     pub pages: u32,
 }
 
-/// Restores into `output` (which must not exist).
+/// Restores into `output` (which must not exist), owner-only: the replica does not say who
+/// may read the database. [`restore_with_mode`] restores with another mode.
 pub fn restore(
     replica: &dyn ReplicaClient,
     target: Target,
     output: &Path,
     dry_run: bool,
+) -> anyhow::Result<Restored> {
+    restore_with_mode(
+        replica,
+        target,
+        output,
+        dry_run,
+        crate::replica::PRIVATE_MODE,
+    )
+}
+
+/// Restores into `output` (which must not exist), created with `mode` (narrowed by the
+/// umask): the `restore` command passes the mode of the database it restores when that file
+/// exists, so a restored copy is never more readable than the original.
+pub fn restore_with_mode(
+    replica: &dyn ReplicaClient,
+    target: Target,
+    output: &Path,
+    dry_run: bool,
+    mode: u32,
 ) -> anyhow::Result<Restored> {
     if output.exists() {
         bail!(
@@ -417,13 +461,14 @@ pub fn restore(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let work = parent.join(format!(
-        ".{}.multidb-restore-{}",
-        output.file_name().and_then(|n| n.to_str()).unwrap_or("db"),
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let result = restore_into(replica, &chain, output, &work);
+    // A short name of its own, not the output's name plus a suffix: an output name near
+    // NAME_MAX (255 bytes) must still leave room for the temporary one.
+    let work = parent.join(format!(".multidb-restore-{}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&work)
+        .with_context(|| format!("creating {}", work.display()))?;
+    let result = restore_into(replica, &chain, output, &work, mode);
     let _ = std::fs::remove_dir_all(&work);
     result.map(|pages| Restored {
         txid,
@@ -437,6 +482,7 @@ fn restore_into(
     chain: &[FileInfo],
     output: &Path,
     work: &Path,
+    mode: u32,
 ) -> anyhow::Result<u32> {
     let show = io::stderr().is_terminal();
     let total = chain.len();
@@ -452,11 +498,8 @@ fn restore_into(
         eprintln!();
     }
     let tmp = work.join("restored.db");
-    let out = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&tmp)?;
+    let out = crate::replica::create_new(&tmp, mode)
+        .with_context(|| format!("creating {}", tmp.display()))?;
     let mut checksum = None;
     let mut header = None;
     let (tx, rx) = std::sync::mpsc::sync_channel(RUNS_IN_FLIGHT);
@@ -472,6 +515,7 @@ fn restore_into(
             filled: 0,
             run_start: 0,
             sums: Vec::new(),
+            db_pages: 0,
         };
         let applied = (|| -> anyhow::Result<Vec<u64>> {
             for (i, (f, path)) in chain.iter().zip(&paths).enumerate() {
@@ -540,7 +584,10 @@ fn restore_into(
         p.push(sidecar);
         let _ = std::fs::remove_file(PathBuf::from(p));
     }
-    std::fs::rename(&tmp, output)
+    // A link, not a rename: it fails rather than replace whatever appeared at `output`
+    // meanwhile (a file, or a symlink planted to make us write elsewhere). The temporary
+    // name goes with the work directory.
+    std::fs::hard_link(&tmp, output)
         .with_context(|| format!("moving the restored database to {}", output.display()))?;
     if let Some(dir) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
         File::open(dir)?.sync_all()?;
@@ -561,6 +608,85 @@ mod tests {
             size: 1,
             created: UNIX_EPOCH + Duration::from_secs(secs),
         }
+    }
+
+    /// A file replica holding `files` at level 0, each named by its header's TXIDs.
+    fn replica_of(dir: &Path, files: &[Vec<u8>]) -> crate::replica::file::FileReplica {
+        let level = dir.join("replica/ltx/0");
+        std::fs::create_dir_all(&level).unwrap();
+        for bytes in files {
+            let mut decoder = Decoder::new(bytes.as_slice()).unwrap();
+            let h = *decoder.header();
+            let mut page = vec![0; h.page_size as usize];
+            while decoder.next_page(&mut page).unwrap().is_some() {}
+            let name = crate::replica::file_name(h.min_txid, h.max_txid);
+            std::fs::write(level.join(name), bytes).unwrap();
+        }
+        crate::replica::file::FileReplica::new(dir.join("replica"))
+    }
+
+    /// A real one-page database: page 1 of an empty WAL-less SQLite file.
+    fn one_page_db() -> Vec<u8> {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.db");
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("PRAGMA page_size=4096; VACUUM;")
+            .unwrap();
+        drop(conn);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 4096);
+        bytes
+    }
+
+    /// Issue 10, case 6: a 4 KB file claiming a page near 2^31 made restore allocate a page
+    /// checksum for every page up to it (1 GB; 16 GiB aborted the process and left the
+    /// temporary directory behind).
+    #[test]
+    fn regression_10_crafted_page_numbers_fail_before_allocating() {
+        use crate::ltx::test_support::{encode_file, header};
+        let tmp = tempfile::tempdir().unwrap();
+        let page = one_page_db();
+        let snapshot = encode_file(header(4096, 1, 1, 1), &[(1, page.clone())], None);
+        let huge = (1u32 << 31) - 2;
+        let post = ltx::CHECKSUM_FLAG | 1;
+        let crafted = encode_file(header(4096, huge, 2, 2), &[(huge - 1, page)], Some(post));
+        assert!(crafted.len() < 4096, "{} bytes", crafted.len());
+        let replica = replica_of(tmp.path(), &[snapshot, crafted]);
+        let out = tmp.path().join("out.db");
+        let started = std::time::Instant::now();
+        let e = format!(
+            "{:#}",
+            restore(&replica, Target::Latest, &out, false).unwrap_err()
+        );
+        let elapsed = started.elapsed();
+        assert!(
+            e.contains("0000000000000002-0000000000000002.ltx is corrupt: header grows the database from 1 to 2147483646 pages, more than a file of"),
+            "{e}"
+        );
+        eprintln!("refused in {elapsed:?}: {e}");
+        assert!(!out.exists());
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["replica"], "nothing but the replica is left");
+
+        // A snapshot header cannot claim more pages than its file holds either.
+        let tmp = tempfile::tempdir().unwrap();
+        let mut lying = encode_file(header(4096, 1, 1, 1), &[(1, one_page_db())], None);
+        lying[12..16].copy_from_slice(&1_000_000u32.to_be_bytes());
+        let level = tmp.path().join("replica/ltx/0");
+        std::fs::create_dir_all(&level).unwrap();
+        std::fs::write(level.join(crate::replica::file_name(1, 1)), &lying).unwrap();
+        let replica = crate::replica::file::FileReplica::new(tmp.path().join("replica"));
+        let e = format!(
+            "{:#}",
+            restore(&replica, Target::Latest, &tmp.path().join("o.db"), false).unwrap_err()
+        );
+        assert!(
+            e.contains("is corrupt: snapshot header says 1000000 pages, more than a file of"),
+            "{e}"
+        );
     }
 
     #[test]

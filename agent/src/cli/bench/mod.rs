@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::arena::Arena;
-use crate::discovery;
-use crate::generate::{self, Layout};
-use crate::pattern::Pattern;
+use crate::cli::generate::{self, Layout};
+use crate::discover::arena::Arena;
+use crate::discover::discovery;
+use crate::discover::pattern::Pattern;
 
 mod agent;
 mod replication;
@@ -279,8 +279,11 @@ pub fn commit(args: &CommitArgs) -> anyhow::Result<()> {
         .map(|_| commit_run(&hooked, args.commits))
         .collect::<Result<_, _>>()?;
 
-    let ring_file =
-        crate::ring::RingFile::create_or_open(&ring_path, multidb::ring::DEFAULT_SLOTS, 1024)?;
+    let ring_file = crate::agent::ring::RingFile::create_or_open(
+        &ring_path,
+        multidb::ring::DEFAULT_SLOTS,
+        1024,
+    )?;
     let ring = ring_file.ring();
     ring.heartbeat(std::process::id(), multidb::ring::now_ns());
     // The extension looks for a ring at most every 2 s.
@@ -290,7 +293,7 @@ pub fn commit(args: &CommitArgs) -> anyhow::Result<()> {
         std::thread::scope(|scope| -> anyhow::Result<(Vec<Duration>, Vec<u64>)> {
             let reader = scope.spawn(|| {
                 let mut delays = Vec::new();
-                crate::ring::read_loop(
+                crate::agent::ring::read_loop(
                     ring,
                     |_, _| stop.load(std::sync::atomic::Ordering::Relaxed),
                     |record| {

@@ -63,23 +63,64 @@ impl AgentLock {
             if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(io_err("lock agent.lock")(e));
             }
-            let mut text = String::new();
-            let _ = file.read_to_string(&mut text);
-            let pid = text.trim();
             return Err(LockError::Held {
                 dir: dir.to_path_buf(),
-                pid: if pid.is_empty() { "unknown" } else { pid }.to_string(),
+                pid: holder(&mut file).map_or("unknown".into(), |p| p.to_string()),
             });
         }
+        // A POSIX record lock beside the flock: another process asks the kernel who holds it
+        // (F_GETLK), so the message names the holder even before it wrote its pid.
+        let _ = posix_lock(&file, libc::F_SETLK);
         let write_pid = |file: &mut File| -> io::Result<()> {
-            file.set_len(0)?;
+            // Overwrite, then cut: the file never reads as empty.
             file.rewind()?;
-            writeln!(file, "{}", std::process::id())?;
+            writeln!(file, "{:<20}", std::process::id())?;
+            file.set_len(21)?;
             file.sync_data()
         };
         write_pid(&mut file).map_err(io_err("write agent.lock"))?;
         Ok(AgentLock { _file: file })
     }
+}
+
+/// The pid of the process holding the lock: the kernel's answer (another process's record
+/// lock), else the pid the file names once it names a live process (the holder writes it
+/// right after locking; a few reads cover that moment).
+fn holder(file: &mut File) -> Option<u32> {
+    if let Some(pid) = posix_lock(file, libc::F_GETLK).ok().flatten() {
+        return Some(pid);
+    }
+    for _ in 0..50 {
+        let mut text = String::new();
+        let _ = file.rewind();
+        let _ = file.read_to_string(&mut text);
+        if let Ok(pid) = text.trim().parse::<u32>() {
+            // SAFETY: signal 0 only checks that the process exists.
+            let alive = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+                || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            if alive {
+                return Some(pid);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    None
+}
+
+/// `fcntl` write lock over the whole file: `F_SETLK` takes it (non-blocking), `F_GETLK`
+/// returns the pid of another process holding it.
+fn posix_lock(file: &File, command: libc::c_int) -> io::Result<Option<u32>> {
+    // SAFETY: a zeroed flock struct is a valid value; the fields are set below.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: fcntl on a descriptor we own with a valid flock struct.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), command, &mut lock) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let held = command == libc::F_GETLK && lock.l_type != libc::F_UNLCK as libc::c_short;
+    Ok(held.then_some(lock.l_pid as u32))
 }
 
 /// `flock(LOCK_EX | LOCK_NB)`: the error is `EWOULDBLOCK` when another open file holds it.

@@ -322,6 +322,8 @@ pub fn serve_status(path: &Path, metrics: Arc<Metrics>) -> std::io::Result<()> {
         _ => {}
     }
     let listener = UnixListener::bind(path)?;
+    // Owner only (the state directory is 0700 as well): the report names every hot database.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let pid = std::process::id();
     std::thread::Builder::new()
         .name("status".into())
@@ -379,50 +381,6 @@ pub fn query(state_dir: &Path) -> anyhow::Result<Value> {
     stream.read_to_string(&mut body)?;
     serde_json::from_str(&body)
         .map_err(|e| anyhow::anyhow!("the agent on {} sent no status: {e}", path.display()))
-}
-
-/// The status for people.
-pub fn print_human(v: &Value) {
-    let t = &v["tiers"];
-    let ms = |x: &Value| x.as_f64().map_or("-".to_string(), |v| format!("{v:.1} ms"));
-    println!(
-        "agent pid {}: {} databases, {} hot (max {}), {} cold, {} waiting",
-        v["pid"], t["discovered"], t["hot"], t["max_active"], t["cold"], t["waiting"]
-    );
-    println!(
-        "lag p50 {}, p99 {} (last {} syncs); {} syncs, {} snapshots, {} bytes uploaded, {} sync errors",
-        ms(&v["lag_ms"]["p50"]),
-        ms(&v["lag_ms"]["p99"]),
-        v["lag_ms"]["samples"],
-        v["syncs"],
-        v["snapshots"],
-        v["bytes_uploaded"],
-        v["sync_errors"]
-    );
-    println!(
-        "ring: {} commits read, {} dropped, {} invalid; last scan {} ms",
-        v["ring_commits"], t["ring_dropped"], t["ring_invalid"], t["last_scan_ms"]
-    );
-    let oldest = v["oldest_unreplicated_ms"].as_u64().unwrap_or(0);
-    if oldest == 0 {
-        println!("replicas: caught up; {} refused", t["refused"]);
-    } else {
-        println!(
-            "replicas: oldest commit not yet in the replica is {:.1} s old; {} refused",
-            oldest as f64 / 1000.0,
-            t["refused"]
-        );
-    }
-    if let Some(errors) = v["errors"].as_array() {
-        for e in errors {
-            println!(
-                "error: {} ({} times): {}",
-                e["db"].as_str().unwrap_or("?"),
-                e["count"],
-                e["last"].as_str().unwrap_or("")
-            );
-        }
-    }
 }
 
 #[cfg(test)]

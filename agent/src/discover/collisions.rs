@@ -11,9 +11,9 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
-use crate::arena::{Arena, DbId};
 use crate::config::ReplicaTemplate;
-use crate::pattern::Pattern;
+use crate::discover::arena::{Arena, DbId};
+use crate::discover::pattern::Pattern;
 use crate::replica::ReplicaUrl;
 
 /// The place a replica URL names, as one comparable string: the directory of a file replica,
@@ -94,7 +94,7 @@ mod tests {
         let config = crate::config::Config::parse(&yaml, "test.yml", None).unwrap();
         let pattern = &config.multi_db.pattern;
         let template = config.multi_db.replica.as_ref().unwrap();
-        let (arena, _) = crate::cli::discover(&config).unwrap();
+        let (arena, _) = crate::discover::discover(&config).unwrap();
         let shared = find(&arena, pattern, template);
         let path = |id: &DbId| arena.path(*id);
         let mut names: Vec<(String, String)> =

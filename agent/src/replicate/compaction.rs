@@ -47,7 +47,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::ltx::{self, LtxError};
 use crate::replica::{FileInfo, ReplicaClient, ReplicaError, SNAPSHOT_LEVEL};
-use crate::restore::{self, Target};
+use crate::replicate::restore::{self, Target};
 
 /// Level 1 compaction interval: Litestream v0.5's default for level 1 (`30s`).
 pub const LEVEL1_INTERVAL: Duration = Duration::from_secs(30);
@@ -160,6 +160,25 @@ pub enum MaintainError {
         op: &'static str,
         source: io::Error,
     },
+}
+
+/// [`maintain`] now, with what it did or why it failed logged for `db`: the one pass the
+/// agent's maintenance workers and `multidb replicate` both run. A failure is only logged;
+/// the next pass retries.
+pub fn maintain_logged(replica: &dyn ReplicaClient, tmp_dir: &Path, policy: &Policy, db: &str) {
+    match maintain(replica, tmp_dir, SystemTime::now(), policy) {
+        Ok(report) if !report.is_empty() => {
+            tracing::info!(
+                db,
+                compacted = report.compacted.len(),
+                snapshot = report.snapshot.is_some(),
+                deleted = report.deleted.len(),
+                "maintenance"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(db, error = %e, "compaction or retention failed"),
+    }
 }
 
 /// Compacts, snapshots and expires what is due at `now`; temporary files go below `tmp_dir`.
@@ -296,7 +315,8 @@ impl Scratch {
             crate::replica::file_name(min, max)
         ));
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).map_err(local(&dir, "create temporary directory"))?;
+        crate::replicate::state::private_dir(&dir)
+            .map_err(local(&dir, "create temporary directory"))?;
         Ok(Scratch { dir })
     }
 }
@@ -471,6 +491,7 @@ impl Maintenance<'_> {
         let (min, max) = (first.min_txid, last.max_txid);
         let target = self.replica.location(level, min, max);
         let scratch = Scratch::create(self.tmp_dir, level, min, max)?;
+        let mode = self.copy_mode(first);
         let mut merged: Option<(PathBuf, ltx::Header)> = None;
         for (pass, batch) in inputs.chunks(MAX_OPEN_INPUTS - 1).enumerate() {
             // Where each input of this pass comes from, for errors.
@@ -489,7 +510,8 @@ impl Maintenance<'_> {
                 downloaded.push(path);
             }
             let out_path = scratch.dir.join(format!("merged-{pass}.ltx"));
-            let out = File::create(&out_path).map_err(local(&out_path, "create"))?;
+            let out =
+                crate::replica::create_new(&out_path, mode).map_err(local(&out_path, "create"))?;
             let compacted = ltx::compact(readers, BufWriter::new(out))
                 .map_err(|e| blame(e, &sources, &target))?;
             compacted
@@ -537,6 +559,16 @@ impl Maintenance<'_> {
             inputs: inputs.len(),
             bytes,
         })
+    }
+
+    /// The mode of a file made from `input`: the input's, when the replica is a local
+    /// directory (its files carry their database's mode), else owner only.
+    fn copy_mode(&self, input: &FileInfo) -> u32 {
+        self.replica
+            .local_path(input.level, input.min_txid, input.max_txid)
+            .map_or(crate::replica::PRIVATE_MODE, |p| {
+                crate::replica::copy_mode(&p)
+            })
     }
 
     fn download(&self, f: &FileInfo, path: &Path) -> Result<(), MaintainError> {

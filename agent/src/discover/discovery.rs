@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::arena::{mtime_ns, Arena, Diff, FoundFile, WalStamp};
-use crate::pattern::{Pattern, Segment};
+use crate::discover::arena::{mtime_ns, Arena, Diff, FoundFile, WalStamp};
+use crate::discover::pattern::{Pattern, Segment};
 
 /// Suffixes of the files SQLite keeps beside a database; they are never databases themselves.
 const SIDECARS: [&str; 3] = ["-wal", "-shm", "-journal"];
@@ -102,16 +102,23 @@ pub fn scan(pattern: &Pattern, arena: &mut Arena) -> Result<ScanReport, Discover
         .split_last()
         .expect("a pattern has at least one segment");
     let mut dirs = vec![root.clone()];
+    // Literal components appended since the last directory listing: the listing proved the
+    // entries it kept are directories and not symlinks, but these are only assumed.
+    let mut literals = 0;
     for segment in inner {
         if let Some(literal) = segment.literal() {
             for dir in &mut dirs {
                 *dir = join(dir, literal);
             }
+            literals += 1;
             continue;
         }
         let outs = for_each_dir(&dirs, |dir, out: &mut WorkerOut| {
-            list_subdirs(dir, segment, out)
+            if no_symlink_in_tail(dir, literals, out) {
+                list_subdirs(dir, segment, out)
+            }
         });
+        literals = 0;
         dirs = Vec::new();
         for mut out in outs {
             dirs.append(&mut out.next);
@@ -128,6 +135,9 @@ pub fn scan(pattern: &Pattern, arena: &mut Arena) -> Result<ScanReport, Discover
         // The walker owns the sender, so the channel closes when the walk ends.
         let walker = scope.spawn(move || {
             for_each_dir(dirs, |dir, out: &mut WorkerOut| {
+                if !no_symlink_in_tail(dir, literals, out) {
+                    return;
+                }
                 if let Some(leaf) = list_databases(dir, last, out) {
                     // The receiver lives until the walk ends; a send cannot fail before that.
                     let _ = tx.send(leaf);
@@ -207,6 +217,35 @@ where
     })
 }
 
+/// Whether the last `literals` components of `dir` are real directories, not symlinks: the
+/// agent runs as root over directories that users own, and a user who links a branch to a
+/// directory they cannot read must not get its databases replicated to where they can
+/// (issue 10, case 4). A symlink is reported as skipped; a missing component is normal.
+/// (Checked with `lstat` before the directory is opened: a user who swaps a directory for a
+/// link between the two races the scan, which the next scan undoes.)
+fn no_symlink_in_tail(dir: &str, literals: usize, out: &mut WorkerOut) -> bool {
+    let mut path = dir;
+    for _ in 0..literals {
+        match std::fs::symlink_metadata(dir_to_open(path)) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                out.skipped
+                    .push((path.to_string(), SYMLINK_NOT_FOLLOWED.to_string()));
+                return false;
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        match path.rfind('/') {
+            Some(i) => path = &path[..i],
+            None => break,
+        }
+    }
+    true
+}
+
+/// Why a symlinked directory or database is skipped.
+const SYMLINK_NOT_FOLLOWED: &str = "a symlink: discovery does not follow symlinks";
+
 /// Reads `dir`; a missing directory is normal (a literal segment that is not there), any
 /// other failure is reported.
 fn read_dir(dir: &str, out: &mut WorkerOut) -> Option<std::fs::ReadDir> {
@@ -245,11 +284,10 @@ fn list_subdirs(dir: &str, segment: &Segment, out: &mut WorkerOut) {
             continue;
         };
         let path = join(dir, name);
-        // A symlinked directory is followed: its depth is bounded by the pattern.
-        let is_dir = kind.is_dir()
-            || (kind.is_symlink() && std::fs::metadata(&path).is_ok_and(|m| m.is_dir()));
-        if is_dir {
+        if kind.is_dir() {
             out.next.push(path);
+        } else if kind.is_symlink() {
+            out.skipped.push((path, SYMLINK_NOT_FOLLOWED.to_string()));
         }
     }
 }
@@ -308,6 +346,10 @@ fn list_databases(dir: &str, segment: &Segment, out: &mut WorkerOut) -> Option<L
                     ino: entry.ino(),
                     wal: WalStamp::NONE,
                 });
+            }
+            Ok(kind) if kind.is_symlink() => {
+                out.skipped
+                    .push((join(dir, name), SYMLINK_NOT_FOLLOWED.to_string()));
             }
             _ => {}
         }
@@ -444,6 +486,54 @@ mod tests {
             e.to_string()
                 .starts_with("pattern root `/nonexistent-multidb-root` cannot be read"),
             "{e}"
+        );
+    }
+
+    /// Issue 10, case 4: a user who owns a branch directory links it (or a literal
+    /// directory below it, or a database file) to a directory they cannot read.
+    #[test]
+    fn regression_10_symlinks_are_not_followed() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("data");
+        let elsewhere = tmp.path().join("secret");
+        touch(&elsewhere.join("tenants/hidden.db"));
+        touch(&elsewhere.join("hidden2.db"));
+        touch(&root.join("p1/databases/u/branches/main/tenants/acme.db"));
+        let branches = root.join("p1/databases/u/branches");
+        symlink(&elsewhere, branches.join("linked")).unwrap();
+        fs::create_dir_all(branches.join("lit")).unwrap();
+        symlink(elsewhere.join("tenants"), branches.join("lit/tenants")).unwrap();
+        symlink(
+            elsewhere.join("hidden2.db"),
+            branches.join("main/tenants/link.db"),
+        )
+        .unwrap();
+        let pattern = Pattern::new(&format!(
+            "{}/*/databases/*/branches/*/tenants/*.db",
+            root.display()
+        ))
+        .unwrap();
+        let mut arena = Arena::new(pattern.root());
+        let report = scan(&pattern, &mut arena).unwrap();
+        let found: Vec<String> = report.diff.added.iter().map(|&id| arena.path(id)).collect();
+        assert_eq!(
+            found,
+            [format!(
+                "{}/p1/databases/u/branches/main/tenants/acme.db",
+                root.display()
+            )]
+        );
+        let mut skipped: Vec<&str> = report.skipped.iter().map(|(p, _)| p.as_str()).collect();
+        skipped.sort_unstable();
+        let b = branches.display();
+        assert_eq!(
+            skipped,
+            [
+                format!("{b}/linked"),
+                format!("{b}/lit/tenants"),
+                format!("{b}/main/tenants/link.db")
+            ]
         );
     }
 

@@ -349,6 +349,31 @@ fn is_identifier(name: &str) -> bool {
 #[error("{0}")]
 pub struct TemplateError(String);
 
+impl TemplateError {
+    pub(crate) fn new(message: String) -> TemplateError {
+        TemplateError(message)
+    }
+}
+
+/// Why an expanded location is not a canonical path below its root, or `None` when it is:
+/// a file system resolves `.` and `..` and folds `//`, and S3 servers normalise keys the same
+/// way, so a location that is not already in that form may land in another database's place
+/// (hazard 15). Checked on the whole expanded text, since a value that is safe alone (`.`)
+/// is not safe beside literal text (`.{{tenant}}` gives `..`).
+pub fn location_fault(location: &str) -> Option<String> {
+    let body = location.strip_prefix('/').unwrap_or(location);
+    for component in body.split('/') {
+        let why = match component {
+            "" => "has an empty component (`//`, or a `/` at an end), which is normalised away",
+            "." => "has a `.` component, which is normalised away",
+            ".." => "has a `..` component, which leaves the replica root",
+            _ => continue,
+        };
+        return Some(why.to_string());
+    }
+    None
+}
+
 /// A replica path template such as `/backups/{{project}}/{{tenant}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
@@ -378,6 +403,17 @@ impl Template {
                 )));
             };
             let name = after[..close].trim();
+            if name.contains("{{") {
+                return Err(TemplateError(format!(
+                    "unclosed `{{{{` in `{text}`: `{{{{{}` has no `}}}}` before the next `{{{{`",
+                    &after[..after.find("{{").unwrap_or(0)]
+                )));
+            }
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(TemplateError(format!(
+                    "`{{{{{name}}}}}` in `{text}` is not a name: a name is letters, digits and `_`"
+                )));
+            }
             if !known.iter().any(|k| k == name) {
                 let known = if known.is_empty() {
                     "nothing".to_string()
@@ -441,6 +477,9 @@ fn check_segment_value(name: &str, value: &str) -> Result<(), TemplateError> {
     let refuse = |why: &str| Err(TemplateError(format!("{name} value {value:?} {why}")));
     if value.is_empty() {
         return refuse("is empty");
+    }
+    if value == "." {
+        return refuse("is `.`, which names the directory around it");
     }
     if value.contains('/') {
         return refuse("contains `/`");
@@ -566,6 +605,13 @@ mod tests {
             t.expand(&dots).unwrap_err().to_string(),
             "tenant value \"..\" contains `..`"
         );
+        let dot = p
+            .parse("/data/p1/databases/db/branches/main/tenants/..db")
+            .unwrap();
+        assert_eq!(
+            t.expand(&dot).unwrap_err().to_string(),
+            "tenant value \".\" is `.`, which names the directory around it"
+        );
         let ctl = p
             .parse("/data/p1/databases/db/branches/ma\u{1}in/tenants/a.db")
             .unwrap();
@@ -574,6 +620,42 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("control character"));
+    }
+
+    #[test]
+    fn regression_10_unclosed_braces_are_syntax_errors() {
+        let names = ["project".to_string(), "tenant".to_string()];
+        assert_eq!(
+            Template::new("{{project/{{tenant}}", &names)
+                .unwrap_err()
+                .to_string(),
+            "unclosed `{{` in `{{project/{{tenant}}`: `{{project/` has no `}}` before the next `{{`"
+        );
+        assert_eq!(
+            Template::new("/r/{{pro ject}}", &names)
+                .unwrap_err()
+                .to_string(),
+            "`{{pro ject}}` in `/r/{{pro ject}}` is not a name: a name is letters, digits and `_`"
+        );
+    }
+
+    #[test]
+    fn regression_10_locations_must_be_canonical() {
+        for ok in ["/r/a/b", "a/b.c/..d", "/r/.x/x."] {
+            assert_eq!(location_fault(ok), None, "{ok}");
+        }
+        for (bad, why) in [
+            ("/r/../b", "`..`"),
+            ("/r/./b", "`.`"),
+            ("/r//b", "empty"),
+            ("/r/b/", "empty"),
+            ("a/./b", "`.`"),
+            ("..", "`..`"),
+            ("", "empty"),
+        ] {
+            let fault = location_fault(bad).unwrap_or_default();
+            assert!(fault.contains(why), "{bad}: {fault}");
+        }
     }
 
     fn name() -> impl Strategy<Value = String> {

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::agent::status::Metrics;
+use crate::cli::generate::{self, Layout};
 use crate::config::Config;
-use crate::generate::{self, Layout};
-use crate::status::Metrics;
 
 /// Marks a demo directory as ours, so a second run may replace it.
 const MARKER: &str = "# written by `multidb demo`";
@@ -101,7 +101,7 @@ fn walkthrough(
     wait_for("the agent to start", agent, || {
         metrics.tiers().discovered > 0
     })?;
-    let (arena, report) = crate::cli::discover(config)?;
+    let (arena, report) = crate::discover::discover(config)?;
     println!(
         "\n2. agent started: it discovers {} databases in {:.2} ms, {:.1} bytes each in its arena; {} hot (max_active {})",
         arena.len(),
@@ -127,7 +127,8 @@ fn walkthrough(
     ] {
         match config.multi_db.pattern.parse(&path) {
             Ok(fields) => {
-                let replica = crate::cli::replica_location(config, &fields)
+                let replica = config
+                    .replica_location(&fields)
                     .and_then(Result::ok)
                     .unwrap_or_default();
                 println!("   {path}\n     → {fields}\n     → replica {replica}");
@@ -175,7 +176,7 @@ fn walkthrough(
         .context("no replica_template")?;
     let url = template.url_for(&fields)?;
     let client = url.client()?;
-    let files = crate::restore::list_all(client.as_ref())?;
+    let files = crate::replicate::restore::list_all(client.as_ref())?;
     println!("   replica {}:", client.url());
     for f in &files {
         let kind = if f.level == crate::replica::SNAPSHOT_LEVEL {
@@ -191,9 +192,9 @@ fn walkthrough(
 
     let restored = dir.join("restored-acme.db");
     let _ = std::fs::remove_file(&restored);
-    let outcome = crate::restore::restore(
+    let outcome = crate::replicate::restore::restore(
         client.as_ref(),
-        crate::restore::Target::Latest,
+        crate::replicate::restore::Target::Latest,
         &restored,
         false,
     )?;

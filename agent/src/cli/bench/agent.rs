@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::generate::{self, Layout};
+use crate::cli::generate::{self, Layout};
 
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {

@@ -1,18 +1,21 @@
 //! The `multidb` command line: raw arguments (clap) first, then a validated configuration,
 //! then one small function per command.
 
+pub mod bench;
+pub mod demo;
+pub mod generate;
+pub mod signals;
+
 use std::io::{self, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::arena::Arena;
-use crate::config::{Config, ReplicaKind};
-use crate::discovery::{self, ScanReport};
-use crate::generate::{self, Layout};
-use crate::pattern::Fields;
+use crate::config::Config;
+use crate::discover::pattern::Fields;
 use crate::replica::ReplicaUrl;
+use generate::Layout;
 
 /// The configuration file used when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "multidb.yml";
@@ -37,7 +40,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The seed's walkthrough on this machine: 24 databases, the agent, a write, a restore
-    Demo(crate::demo::DemoArgs),
+    Demo(crate::cli::demo::DemoArgs),
     /// Run the sidecar: discover, watch commits, replicate written databases until SIGTERM
     Agent {
         /// Also back up, once, every database that has never been replicated (otherwise a
@@ -124,7 +127,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum RingCommand {
     /// Create the ring if needed and print one line per commit record as it arrives
-    Tail(crate::ring::TailArgs),
+    Tail(crate::agent::ring::TailArgs),
     /// Print the ring's counters and whether an agent is reading it
     Stat {
         #[arg(long)]
@@ -157,22 +160,79 @@ pub struct GenerateArgs {
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Discovery time, arena bytes per database and peak RSS, beside `find` on the same tree
-    Discovery(crate::bench::DiscoveryArgs),
+    Discovery(crate::cli::bench::DiscoveryArgs),
     /// Cost of libmultidb per commit beside plain SQLite, and commit-to-agent delay
-    Commit(crate::bench::CommitArgs),
+    Commit(crate::cli::bench::CommitArgs),
     /// Commit-to-replica latency, page throughput, restore vs cp, idle S3 requests
-    Replicate(crate::bench::ReplicateArgs),
+    Replicate(crate::cli::bench::ReplicateArgs),
     /// The agent at host scale: 100,000 discovered, idle cost, then 1,000 hot at 10,000 commits/s
-    Agent(crate::bench::AgentArgs),
+    Agent(crate::cli::bench::AgentArgs),
     /// A writer process for `bench agent`
     #[command(hide = true)]
-    AgentWriter(crate::bench::WriterArgs),
+    AgentWriter(crate::cli::bench::WriterArgs),
     /// Run a command and print its wall time (ns) and peak RSS (bytes): the benchmarks' trampoline
     #[command(hide = true)]
     Measure {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
+}
+
+impl Command {
+    /// Whether the command's job is to print (to a terminal or a pipe) and it writes to no
+    /// socket, so that the default SIGPIPE disposition can end it when its reader goes.
+    /// (`status` only reads its socket; S3 requests go through sockets that never raise
+    /// SIGPIPE, as Rust sends with `MSG_NOSIGNAL`.)
+    pub fn prints_for_pipes(&self) -> bool {
+        matches!(
+            self,
+            Command::Status { .. }
+                | Command::Databases { .. }
+                | Command::Parse { .. }
+                | Command::Generate(_)
+                | Command::Restore { .. }
+                | Command::Ltx { .. }
+                | Command::Ring { .. }
+        )
+    }
+}
+
+/// An error and its causes as `{:#}` prints them, less the causes that a message already
+/// quotes: errors that put their source in their own text (`{path}: {op}: {source}`) would
+/// otherwise print the same OS error two or three times.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !last.is_empty() && last.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        last = text;
+    }
+    out
+}
+
+/// `text` for a line meant for people: control characters (newlines, tabs, escape
+/// sequences) in names that users chose are shown escaped, as `\n` or `\u{1b}`, so one
+/// database is one line and a name cannot rewrite the terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// How a command failed: the exit code follows from it.
@@ -193,26 +253,26 @@ impl From<anyhow::Error> for Failure {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
-        Command::Demo(args) => crate::demo::run(args)?,
+        Command::Demo(args) => crate::cli::demo::run(args)?,
         Command::Agent { baseline } => {
             let config = load_config(&cli)?;
-            crate::signals::catch_interrupts();
+            crate::cli::signals::catch_interrupts();
             let options = crate::agent::Options {
                 config,
                 ring_path: multidb::ring::path_from_env(),
                 baseline: *baseline,
-                stop: std::sync::Arc::new(crate::signals::interrupted),
+                stop: std::sync::Arc::new(crate::cli::signals::interrupted),
             };
-            let metrics = std::sync::Arc::new(crate::status::Metrics::default());
+            let metrics = std::sync::Arc::new(crate::agent::status::Metrics::default());
             crate::agent::run(options, metrics)?;
         }
         Command::Status { json } => {
             let config = load_config(&cli)?;
-            let status = crate::status::query(&config.multi_db.state_dir)?;
+            let status = crate::agent::status::query(&config.multi_db.state_dir)?;
             if *json {
                 println!("{status}");
             } else {
-                crate::status::print_human(&status);
+                print_status(&status);
             }
         }
         Command::Databases { json, count } => {
@@ -258,12 +318,21 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             };
             let store = match state_dir {
                 Some(dir) => Some(std::sync::Arc::new(
-                    crate::state::StateStore::open(dir).map_err(anyhow::Error::from)?,
+                    crate::replicate::state::StateStore::open(dir).map_err(anyhow::Error::from)?,
                 )),
                 None => None,
             };
-            let txid = crate::replicate::run(db, client, &tmp, store, options)
-                .map_err(anyhow::Error::from)?;
+            crate::cli::signals::catch_interrupts();
+            let txid = crate::replicate::run_with(
+                db,
+                client,
+                &tmp,
+                store,
+                options,
+                &crate::cli::signals::interrupted,
+                &mut |_| {},
+            )
+            .map_err(anyhow::Error::from)?;
             eprintln!("{}: replicated through TXID {txid} to {url}", db.display());
         }
         Command::Restore {
@@ -277,11 +346,24 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             let client = replica.client().map_err(anyhow::Error::from)?;
             check_replica_identity(client.as_ref(), source)?;
             let target = match (txid, timestamp) {
-                (Some(t), _) => crate::restore::Target::Txid(*t),
-                (None, Some(when)) => crate::restore::Target::Time(*when),
-                (None, None) => crate::restore::Target::Latest,
+                (Some(t), _) => crate::replicate::restore::Target::Txid(*t),
+                (None, Some(when)) => crate::replicate::restore::Target::Time(*when),
+                (None, None) => crate::replicate::restore::Target::Latest,
             };
-            let restored = crate::restore::restore(client.as_ref(), target, output, *dry_run)?;
+            // Restoring a database named by its path: the copy is no more readable than the
+            // original still there, else owner-only (a replica says nothing about readers).
+            let mode = if is_url(source) {
+                crate::replica::PRIVATE_MODE
+            } else {
+                crate::replica::copy_mode(std::path::Path::new(source))
+            };
+            let restored = crate::replicate::restore::restore_with_mode(
+                client.as_ref(),
+                target,
+                output,
+                *dry_run,
+                mode,
+            )?;
             if !dry_run {
                 eprintln!(
                     "restored TXID {} ({} pages, {} files) from {} to {}; checksums and integrity_check verified",
@@ -299,18 +381,20 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             list_ltx(client.as_ref(), *json)?;
         }
         Command::Ring { ring, command } => {
-            let path = ring.clone().unwrap_or_else(crate::ring::default_path);
+            let path = ring
+                .clone()
+                .unwrap_or_else(crate::agent::ring::default_path);
             match command {
-                RingCommand::Tail(args) => crate::ring::tail(&path, args)?,
-                RingCommand::Stat { json } => crate::ring::stat(&path, *json)?,
+                RingCommand::Tail(args) => crate::agent::ring::tail(&path, args)?,
+                RingCommand::Stat { json } => crate::agent::ring::stat(&path, *json)?,
             }
         }
-        Command::Bench(BenchCommand::Discovery(args)) => crate::bench::discovery(args)?,
-        Command::Bench(BenchCommand::Commit(args)) => crate::bench::commit(args)?,
-        Command::Bench(BenchCommand::Replicate(args)) => crate::bench::replicate(args)?,
-        Command::Bench(BenchCommand::Agent(args)) => crate::bench::agent(args)?,
-        Command::Bench(BenchCommand::AgentWriter(args)) => crate::bench::agent_writer(args)?,
-        Command::Bench(BenchCommand::Measure { command }) => crate::bench::measure(command)?,
+        Command::Bench(BenchCommand::Discovery(args)) => crate::cli::bench::discovery(args)?,
+        Command::Bench(BenchCommand::Commit(args)) => crate::cli::bench::commit(args)?,
+        Command::Bench(BenchCommand::Replicate(args)) => crate::cli::bench::replicate(args)?,
+        Command::Bench(BenchCommand::Agent(args)) => crate::cli::bench::agent(args)?,
+        Command::Bench(BenchCommand::AgentWriter(args)) => crate::cli::bench::agent_writer(args)?,
+        Command::Bench(BenchCommand::Measure { command }) => crate::cli::bench::measure(command)?,
     }
     Ok(())
 }
@@ -324,7 +408,7 @@ pub fn load_config(cli: &Cli) -> Result<Config, Failure> {
             PathBuf::from(DEFAULT_CONFIG)
         }
         None => {
-            let pattern = crate::pattern::Pattern::new(pattern.unwrap_or_default())
+            let pattern = crate::discover::pattern::Pattern::new(pattern.unwrap_or_default())
                 .map_err(|e| Failure::Usage(anyhow::anyhow!("--pattern: {e}")))?;
             return Ok(Config::with_pattern(pattern));
         }
@@ -346,6 +430,28 @@ fn parse_txid(text: &str) -> Result<u64, String> {
         .ok()
         .filter(|&t| t > 0)
         .ok_or_else(|| format!("`{text}` is not a TXID (a positive integer)"))
+}
+
+/// A relative database path as the pattern spells paths: against the working directory
+/// when the pattern is absolute, so `restore -o x.db tenants/acme.db` works from inside the
+/// tree as it does from anywhere else.
+fn absolute_for(pattern: &crate::discover::pattern::Pattern, path: &str) -> String {
+    if path.starts_with('/') || !pattern.root().starts_with('/') {
+        return path.to_string();
+    }
+    match std::env::current_dir() {
+        Ok(cwd) => {
+            let joined = cwd.join(path.trim_start_matches("./"));
+            joined
+                .to_str()
+                .map_or_else(|| path.to_string(), str::to_string)
+        }
+        Err(_) => path.to_string(),
+    }
+}
+
+fn is_url(source: &str) -> bool {
+    source.starts_with("file://") || source.starts_with("s3://")
 }
 
 /// The replica named by `source`: a URL, or a database path expanded through the
@@ -377,11 +483,12 @@ fn check_replica_identity(
 }
 
 fn replica_for(cli: &Cli, source: &str) -> Result<ReplicaUrl, Failure> {
-    if source.starts_with("file://") || source.starts_with("s3://") {
+    if is_url(source) {
         return ReplicaUrl::parse(source).map_err(|e| Failure::Usage(e.into()));
     }
     let config = load_config(cli)?;
     let pattern = &config.multi_db.pattern;
+    let source = &absolute_for(pattern, source);
     let fields = pattern.parse(source).map_err(|why| {
         Failure::Usage(anyhow::anyhow!(
             "{source} is not a replica URL and does not match {}: it {why}",
@@ -399,7 +506,7 @@ fn replica_for(cli: &Cli, source: &str) -> Result<ReplicaUrl, Failure> {
 }
 
 fn list_ltx(replica: &dyn crate::replica::ReplicaClient, json: bool) -> anyhow::Result<()> {
-    let files = crate::restore::list_all(replica)?;
+    let files = crate::replicate::restore::list_all(replica)?;
     if json {
         let list: Vec<serde_json::Value> = files
             .iter()
@@ -428,37 +535,8 @@ fn list_ltx(replica: &dyn crate::replica::ReplicaClient, json: bool) -> anyhow::
     Ok(())
 }
 
-/// Where `fields`' database is replicated, as a path or URL.
-pub fn replica_location(config: &Config, fields: &Fields) -> Option<Result<String, String>> {
-    let replica = config.multi_db.replica.as_ref()?;
-    Some(match replica.path.expand(fields) {
-        Ok(path) => Ok(match replica.kind {
-            ReplicaKind::File => path,
-            ReplicaKind::S3 => format!(
-                "s3://{}/{path}",
-                replica.bucket.as_deref().unwrap_or_default()
-            ),
-        }),
-        Err(e) => Err(e.to_string()),
-    })
-}
-
-/// Discovers with a fresh arena and logs what the scan could not read.
-pub fn discover(config: &Config) -> anyhow::Result<(Arena, ScanReport)> {
-    let pattern = &config.multi_db.pattern;
-    let mut arena = Arena::new(pattern.root());
-    let report = discovery::scan(pattern, &mut arena)?;
-    for (dir, why) in &report.unreadable {
-        tracing::warn!(dir = %dir, error = %why, "directory not readable; its databases keep their last state");
-    }
-    for (path, why) in &report.skipped {
-        tracing::warn!(path = %path, reason = %why, "skipped");
-    }
-    Ok((arena, report))
-}
-
 fn databases(config: &Config, json: bool, count: bool) -> anyhow::Result<()> {
-    let (arena, report) = discover(config)?;
+    let (arena, report) = crate::discover::discover(config)?;
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     if count {
@@ -466,7 +544,7 @@ fn databases(config: &Config, json: bool, count: bool) -> anyhow::Result<()> {
     } else {
         let pattern = &config.multi_db.pattern;
         let shared = match &config.multi_db.replica {
-            Some(template) => crate::collisions::find(&arena, pattern, template),
+            Some(template) => crate::discover::collisions::find(&arena, pattern, template),
             None => Default::default(),
         };
         let refused = |id: u32| {
@@ -498,7 +576,7 @@ fn databases(config: &Config, json: bool, count: bool) -> anyhow::Result<()> {
             for (path, id) in &rows {
                 let components = arena.components(*id);
                 let fields = pattern.fields_of(&components).unwrap_or_default();
-                let replica = match (refused(*id), replica_location(config, &fields)) {
+                let replica = match (refused(*id), config.replica_location(&fields)) {
                     (Some(why), _) => format!("refused: {why}"),
                     (None, None) => "-".to_string(),
                     (None, Some(Ok(r))) => r,
@@ -506,15 +584,18 @@ fn databases(config: &Config, json: bool, count: bool) -> anyhow::Result<()> {
                 };
                 writeln!(
                     out,
-                    "{path}\t{}\t{fields}\t{replica}",
-                    arena.tier(*id).as_str()
+                    "{}\t{}\t{}\t{}",
+                    printable(path),
+                    arena.tier(*id).as_str(),
+                    printable(&fields.to_string()),
+                    printable(&replica)
                 )?;
             }
         }
     }
     out.flush()?;
     let bytes = arena.heap_bytes();
-    let rss = crate::bench::peak_rss_bytes().map_or("?".to_string(), |b| {
+    let rss = crate::cli::bench::peak_rss_bytes().map_or("?".to_string(), |b| {
         format!("{:.1} MB", b as f64 / 1048576.0)
     });
     eprintln!(
@@ -530,21 +611,26 @@ fn databases(config: &Config, json: bool, count: bool) -> anyhow::Result<()> {
 
 fn parse(config: &Config, path: &str, json: bool) -> anyhow::Result<()> {
     let pattern = &config.multi_db.pattern;
-    let fields = pattern
-        .parse(path)
-        .map_err(|why| anyhow::anyhow!("{path} does not match {}: it {why}", pattern.as_str()))?;
+    let fields = pattern.parse(path).map_err(|why| {
+        anyhow::anyhow!(
+            "{} does not match {}: it {}",
+            printable(path),
+            pattern.as_str(),
+            printable(&why)
+        )
+    })?;
     if json {
         println!("{}", database_json(config, path, None, &fields));
         return Ok(());
     }
-    let replica = replica_location(config, &fields);
+    let replica = config.replica_location(&fields);
     for (name, value) in &fields.0 {
-        println!("{name}: {value}");
+        println!("{name}: {}", printable(value));
     }
     match replica {
         None => {}
-        Some(Ok(r)) => println!("replica: {r}"),
-        Some(Err(e)) => println!("replica: not replicated: {e}"),
+        Some(Ok(r)) => println!("replica: {}", printable(&r)),
+        Some(Err(e)) => println!("replica: not replicated: {}", printable(&e)),
     }
     Ok(())
 }
@@ -567,10 +653,89 @@ fn database_json(
         .map(|(k, v)| (k.clone(), v.clone().into()))
         .collect();
     obj.insert("fields".into(), f.into());
-    match replica_location(config, fields) {
+    match config.replica_location(fields) {
         None => obj.insert("replica".into(), serde_json::Value::Null),
         Some(Ok(r)) => obj.insert("replica".into(), r.into()),
         Some(Err(e)) => obj.insert("replica_error".into(), e.into()),
     };
     serde_json::Value::Object(obj)
+}
+
+/// The status for people.
+fn print_status(v: &serde_json::Value) {
+    let t = &v["tiers"];
+    let ms = |x: &serde_json::Value| x.as_f64().map_or("-".to_string(), |v| format!("{v:.1} ms"));
+    println!(
+        "agent pid {}: {} databases, {} hot (max {}), {} cold, {} waiting",
+        v["pid"], t["discovered"], t["hot"], t["max_active"], t["cold"], t["waiting"]
+    );
+    println!(
+        "lag p50 {}, p99 {} (last {} syncs); {} syncs, {} snapshots, {} bytes uploaded, {} sync errors",
+        ms(&v["lag_ms"]["p50"]),
+        ms(&v["lag_ms"]["p99"]),
+        v["lag_ms"]["samples"],
+        v["syncs"],
+        v["snapshots"],
+        v["bytes_uploaded"],
+        v["sync_errors"]
+    );
+    println!(
+        "ring: {} commits read, {} dropped, {} invalid; last scan {} ms",
+        v["ring_commits"], t["ring_dropped"], t["ring_invalid"], t["last_scan_ms"]
+    );
+    let oldest = v["oldest_unreplicated_ms"].as_u64().unwrap_or(0);
+    if oldest == 0 {
+        println!("replicas: caught up; {} refused", t["refused"]);
+    } else {
+        println!(
+            "replicas: oldest commit not yet in the replica is {:.1} s old; {} refused",
+            oldest as f64 / 1000.0,
+            t["refused"]
+        );
+    }
+    if let Some(errors) = v["errors"].as_array() {
+        for e in errors {
+            println!(
+                "error: {} ({} times): {}",
+                printable(e["db"].as_str().unwrap_or("?")),
+                e["count"],
+                printable(e["last"].as_str().unwrap_or(""))
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regression_10_names_print_on_one_line_without_escapes() {
+        assert_eq!(printable("/d/acme.db"), "/d/acme.db");
+        assert_eq!(
+            printable("/d/a\nb\tc\u{1b}[2J.db"),
+            "/d/a\\nb\\tc\\u{1b}[2J.db"
+        );
+        assert_eq!(printable("/d/é.db"), "/d/é.db");
+    }
+
+    #[test]
+    fn regression_10_an_os_error_is_printed_once() {
+        let os = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let replica = crate::replica::ReplicaError::Io {
+            location: "/r/x".into(),
+            op: "list",
+            source: os,
+        };
+        let e = anyhow::Error::from(replica).context("listing level 0 of file:///r");
+        assert_eq!(
+            error_chain(&e),
+            "listing level 0 of file:///r: /r/x: list: No such file or directory (os error 2)"
+        );
+        assert_eq!(
+            format!("{e:#}").matches("No such file").count(),
+            2,
+            "{{:#}} repeats it"
+        );
+    }
 }

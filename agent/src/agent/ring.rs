@@ -44,7 +44,9 @@ pub struct RingFile {
     path: PathBuf,
     file: File,
     _map: memmap2::MmapMut,
-    ring: Ring,
+    /// The view of `_map`, its lifetime erased here and shortened again by [`RingFile::ring`]
+    /// to a borrow of this file, so no view outlives the mapping.
+    ring: Ring<'static>,
 }
 
 /// Attempts at creating the ring when other processes race to create or remove it.
@@ -171,7 +173,7 @@ impl RingFile {
             // past the header.
             Err(_) => unsafe { Ring::header_only(map.as_mut_ptr(), len) },
         };
-        if let Err(e) = crate::lock::flock_exclusive(&file) {
+        if let Err(e) = crate::agent::lock::flock_exclusive(&file) {
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 return Err(RingFileError::Busy {
                     path: path.to_path_buf(),
@@ -227,7 +229,7 @@ impl RingFile {
         let result = (|| {
             let size = layout::file_size(slots, status_entries);
             file.set_len(size as u64).map_err(|e| io_err("size", e))?;
-            crate::lock::flock_exclusive(&file).map_err(|e| io_err("lock", e))?;
+            crate::agent::lock::flock_exclusive(&file).map_err(|e| io_err("lock", e))?;
             // SAFETY: we just created and sized the file; nobody else maps it until it is
             // linked into place.
             let mut map = unsafe { memmap2::MmapOptions::new().map_mut(&file) }
@@ -248,6 +250,9 @@ impl RingFile {
                 reason: e.to_string(),
             })?;
             ring.start_run(std::process::id(), ring.generation());
+            // Alive from the moment it is linked into place: an application that maps it at
+            // once must not take the new ring for one without an agent.
+            ring.heartbeat(std::process::id(), layout::now_ns());
             Ok((map, ring))
         })();
         match result {
@@ -318,7 +323,7 @@ impl RingFile {
         Ok((file, map))
     }
 
-    pub fn ring(&self) -> Ring {
+    pub fn ring(&self) -> Ring<'_> {
         self.ring
     }
 
@@ -353,7 +358,7 @@ pub struct ReadCounts {
 /// Reads records until `stop` returns true, beating the heart and sleeping on the futex when
 /// the ring is empty. `on_record` gets every valid record.
 pub fn read_loop(
-    ring: Ring,
+    ring: Ring<'_>,
     mut stop: impl FnMut(&ReadCounts, Duration) -> bool,
     mut on_record: impl FnMut(&Record),
 ) -> ReadCounts {
@@ -409,7 +414,7 @@ pub struct TailArgs {
 pub fn tail(path: &Path, args: &TailArgs) -> anyhow::Result<()> {
     let file = RingFile::create_or_open(path, args.slots, args.status_entries)?;
     let ring = file.ring();
-    crate::signals::catch_interrupts();
+    crate::cli::signals::catch_interrupts();
     eprintln!(
         "multidb: reading {} ({} slots); Ctrl-C to stop",
         path.display(),
@@ -424,7 +429,7 @@ pub fn tail(path: &Path, args: &TailArgs) -> anyhow::Result<()> {
     let counts = read_loop(
         ring,
         |_, quiet| {
-            crate::signals::interrupted()
+            crate::cli::signals::interrupted()
                 || write_error.borrow().is_some()
                 || idle.is_some_and(|d| quiet >= d)
         },

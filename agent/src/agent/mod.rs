@@ -1,0 +1,514 @@
+//! `multidb agent`: one sidecar for every database the pattern discovers.
+//!
+//! Threads and what they own:
+//! - the **scheduler** (the caller's thread) owns the arena, the hot set and the state
+//!   database's stamps; it reacts to ring records, finished jobs, scans and timers;
+//! - the **ring reader** turns commit records into events (it is the only consumer);
+//! - **sync workers** run one job at a time on one hot database (open, sync, checkpoint,
+//!   compact, close); a job owns the database's [`Replicator`] while it runs, so nothing is
+//!   shared between a worker and the scheduler but channels;
+//! - the status and metrics servers read [`Metrics`].
+//!
+//! A cold database costs its arena record and nothing else: no timer, thread, descriptor or
+//! request. It becomes hot on its first ring record, or when a scan sees its `-wal` change
+//! (applications without the extension). At most `max_active` are hot; the least recently
+//! written is demoted first, and any database idle for `idle_timeout` is demoted: a final
+//! sync and checkpoint, then every descriptor closed. The first commit after a quiet spell is
+//! shipped at once; commits that follow are batched for at most `sync_interval`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use crossbeam_channel::{select, Receiver, Sender};
+
+pub mod lock;
+mod published;
+mod reader;
+mod recovery;
+pub mod ring;
+pub mod status;
+mod tiers;
+mod worker;
+
+use crate::agent::ring::RingFile;
+use crate::agent::status::{Metrics, Tiers};
+use crate::config::Config;
+use crate::discover::arena::{Arena, DbId, Tier, WalStamp};
+use crate::replica::ReplicaUrl;
+use crate::replicate::state::{StateStore, HOT_STAMP};
+use crate::replicate::{
+    ReplicateError, Replicator, Synced, CHECKPOINT_INTERVAL, MAINTENANCE_INTERVAL,
+};
+use multidb::ring::{self as layout, reason, Record, Status};
+
+/// Sync workers. A sync waits mostly on I/O (two fsyncs to a directory, a PUT to S3), so
+/// many more workers than cores keep 1,000 hot databases at one sync per second each: with 8,
+/// `bench agent` managed about 700 syncs/s on a 2-core machine and lag p99 passed 2 s.
+pub const SYNC_WORKERS: usize = 32;
+/// Maintenance workers (compaction, snapshots, retention). Separate from the sync workers, so
+/// a slow store's LISTs and GETs for compaction never hold up the next commit's upload.
+pub const MAINTENANCE_WORKERS: usize = 4;
+/// Past this age of the oldest unreplicated commit the agent logs a warning (once per
+/// episode): replication has stalled, not just slowed.
+pub const LAG_WARNING: Duration = Duration::from_secs(60);
+/// A database refused because its replica holds another database is tried again after
+/// this long (the user may have fixed the location), not at every write.
+const IDENTITY_RETRY: Duration = Duration::from_secs(60);
+/// How long SIGTERM waits for the final syncs before exiting anyway.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The scheduler's longest sleep: how often gauges and idle demotions are looked at.
+const TICK: Duration = Duration::from_millis(250);
+/// Events queued between the ring reader and the scheduler. When full the reader waits, the
+/// ring fills and counts drops, and the next scan recovers them.
+const EVENT_QUEUE: usize = 65_536;
+/// Longest retry delay after failed syncs of one database.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A commit from an inode the arena does not know asks for a rescan, at most this often.
+const RESCAN_AFTER_UNKNOWN: Duration = Duration::from_secs(1);
+/// Descriptors per hot database: SQLite's database, `-wal` and `-shm` (pages are read
+/// through SQLite's own descriptor, see `sqlfile`).
+const FDS_PER_HOT: u64 = 3;
+/// Descriptors the process needs besides hot databases (state, ring, sockets, checkpoint and
+/// WAL-reading descriptors of busy workers, temporary files).
+const FDS_BASE: u64 = 64 + 6 * SYNC_WORKERS as u64;
+
+/// How the agent runs.
+pub struct Options {
+    pub config: Config,
+    pub ring_path: PathBuf,
+    /// Also replicate, once, every database that has no saved position (an initial backup
+    /// of databases that are never written).
+    pub baseline: bool,
+    /// Returns true to stop: every hot database gets a final sync, then [`run`] returns.
+    pub stop: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+enum Event {
+    Commit { dev: u64, ino: u64, time_ns: u64 },
+    Register { dev: u64, ino: u64, path: Vec<u8> },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum JobKind {
+    Sync,
+    /// Final sync, checkpoint, close.
+    Demote,
+}
+
+struct Job {
+    id: DbId,
+    kind: JobKind,
+    path: PathBuf,
+    url: ReplicaUrl,
+    replicator: Option<Replicator>,
+    checkpoint_due: bool,
+    started_ns: u64,
+}
+
+/// Compaction, snapshots and retention of one replica, on a maintenance worker.
+struct MaintenanceJob {
+    id: DbId,
+    path: String,
+    url: ReplicaUrl,
+}
+
+struct Done {
+    id: DbId,
+    kind: JobKind,
+    replicator: Option<Replicator>,
+    result: Result<Option<Synced>, String>,
+    started_ns: u64,
+    checkpointed: bool,
+    /// The `-wal` stamp taken before a demotion's final sync.
+    stamp: WalStamp,
+    wal_frames: u64,
+    txid: u64,
+    /// The database is not to be replicated (not in WAL mode, or its replica holds another
+    /// database): a [`reason`] code and the message.
+    refusal: Option<(u32, String)>,
+    /// The file at the path is not the one the job's replicator had open.
+    replaced: bool,
+    /// (device, inode) of the file the replicator reads.
+    file_id: Option<(u64, u64)>,
+}
+
+impl Done {
+    fn new(job: &Job) -> Done {
+        Done {
+            id: job.id,
+            kind: job.kind,
+            replicator: None,
+            result: Ok(None),
+            started_ns: job.started_ns,
+            checkpointed: false,
+            stamp: WalStamp::NONE,
+            wal_frames: 0,
+            txid: 0,
+            refusal: None,
+            replaced: false,
+            file_id: None,
+        }
+    }
+
+    /// Classifies a failed open or sync.
+    fn failed(&mut self, e: &ReplicateError) {
+        self.result = Err(e.to_string());
+        match e {
+            ReplicateError::NotWal { .. } => self.refusal = Some((reason::NOT_WAL, e.to_string())),
+            ReplicateError::Identity { .. } => {
+                self.refusal = Some((reason::IDENTITY, e.to_string()))
+            }
+            ReplicateError::Replaced { .. } => self.replaced = true,
+            _ => {}
+        }
+    }
+}
+
+/// A hot database, as the scheduler tracks it.
+struct Hot {
+    path: String,
+    url: ReplicaUrl,
+    dev: u64,
+    ino: u64,
+    /// `None` while a job has it, and before the first job opened it.
+    replicator: Option<Replicator>,
+    busy: bool,
+    /// Commits seen that no finished or running sync covers.
+    dirty: bool,
+    /// When the oldest commit not yet in the replica was made (ns), 0 if none.
+    pending_since_ns: u64,
+    /// `pending_since_ns` of the commits the running job covers.
+    in_flight_since_ns: u64,
+    last_write: Instant,
+    last_sync_start: Option<Instant>,
+    due: Option<Instant>,
+    demoting: bool,
+    wal_stamp: WalStamp,
+    last_checkpoint: Instant,
+    last_maintenance_start: Instant,
+    /// New files in the replica since the last maintenance pass was queued.
+    written_since_maintenance: bool,
+    failures: u32,
+    txid: u64,
+    wal_frames: u64,
+    last_sync_ns: u64,
+}
+
+/// Runs the agent until `options.stop` is set.
+pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let config = &options.config;
+    let multi = &config.multi_db;
+    // Before anything else: a second agent on this state directory stops here.
+    let _lock = crate::agent::lock::AgentLock::acquire(&multi.state_dir)?;
+    let template = multi.replica.clone().context(
+        "the configuration has no replica_template: the agent needs to know where replicas go",
+    )?;
+    raise_fd_limit(u64::from(multi.max_active))?;
+    let store =
+        Arc::new(StateStore::open(&multi.state_dir).with_context(|| {
+            format!("opening the state directory {}", multi.state_dir.display())
+        })?);
+    let ring_file = Arc::new(RingFile::create_or_open(
+        &options.ring_path,
+        layout::DEFAULT_SLOTS,
+        status_entries(multi.max_active),
+    )?);
+    let slots = (layout::DEFAULT_SLOTS, status_entries(multi.max_active));
+    let socket = crate::agent::status::socket_path(&multi.state_dir);
+    crate::agent::status::serve_status(&socket, metrics.clone())
+        .with_context(|| format!("serving status on {}", socket.display()))?;
+    if let Some(addr) = multi.addr {
+        crate::agent::status::serve_metrics(addr, metrics.clone())
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
+    let tmp_dir = multi.state_dir.join("tmp");
+    // Leftovers of a killed agent: never renamed into a replica, so never needed.
+    let _ = std::fs::remove_dir_all(&tmp_dir);
+    std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
+
+    // Before the scan: a write racing with it is then newer than the watch start.
+    let watch_start_ns = store.watch_start_ns(layout::now_ns())?;
+    let started = Instant::now();
+    let (mut arena, _) = crate::discover::discover(config)?;
+    tracing::info!(
+        databases = arena.len(),
+        ms = started.elapsed().as_millis() as u64,
+        bytes_per_db = arena.heap_bytes() as f64 / arena.len().max(1) as f64,
+        "discovered"
+    );
+
+    let (event_tx, event_rx) = crossbeam_channel::bounded(EVENT_QUEUE);
+    let reader_stop = Arc::new(AtomicBool::new(false));
+    let (ring_tx, ring_rx) = crossbeam_channel::unbounded();
+    let reader = reader::spawn_ring_reader(
+        ring_file.clone(),
+        ring_rx,
+        event_tx,
+        reader_stop.clone(),
+        metrics.clone(),
+    )?;
+    let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
+    let mut workers = Vec::new();
+    for n in 0..SYNC_WORKERS {
+        let (jobs, done) = (job_rx.clone(), done_tx.clone());
+        let ctx = worker::WorkerContext {
+            tmp_dir: tmp_dir.clone(),
+            store: store.clone(),
+        };
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("sync-{n}"))
+                .spawn(move || {
+                    for job in jobs {
+                        if done.send(ctx.work_catching_panics(job)).is_err() {
+                            return;
+                        }
+                    }
+                })?,
+        );
+    }
+    drop(done_tx);
+    let (maintenance_tx, maintenance_rx) = crossbeam_channel::unbounded::<MaintenanceJob>();
+    let (maintained_tx, maintained_rx) = crossbeam_channel::unbounded::<DbId>();
+    for n in 0..MAINTENANCE_WORKERS {
+        let (jobs, done) = (maintenance_rx.clone(), maintained_tx.clone());
+        let (tmp_dir, policy) = (tmp_dir.clone(), multi.policy);
+        // Not joined at shutdown: a maintenance pass on a slow store may take minutes, and
+        // an interrupted one is finished by the next (see `compaction`).
+        std::thread::Builder::new()
+            .name(format!("maintain-{n}"))
+            .spawn(move || {
+                for job in jobs {
+                    worker::maintain(&job, &tmp_dir, &policy);
+                    if done.send(job.id).is_err() {
+                        return;
+                    }
+                }
+            })?;
+    }
+    drop(maintained_tx);
+
+    let mut scheduler = Scheduler {
+        config,
+        template,
+        arena: &mut arena,
+        ring_file,
+        old_rings: Vec::new(),
+        ring_path: options.ring_path.clone(),
+        ring_slots: slots,
+        ring_tx,
+        ring_warned: false,
+        refused: HashMap::new(),
+        maintenance: maintenance_tx,
+        maintaining: HashSet::new(),
+        lag_warned: false,
+        store: &store,
+        metrics: &metrics,
+        jobs: job_tx,
+        hot: HashMap::new(),
+        waiting: VecDeque::new(),
+        waiting_set: HashSet::new(),
+        cold_entries: VecDeque::new(),
+        last_scan: Instant::now(),
+        last_scan_ms: report_ms(started),
+        rescan_soon: None,
+        last_wal_poll: Instant::now(),
+    };
+    scheduler.check_collisions();
+    scheduler.recover(watch_start_ns, options.baseline)?;
+    scheduler.main_loop(&event_rx, &done_rx, &maintained_rx, options.stop.as_ref());
+    scheduler.shut_down(&done_rx);
+    reader_stop.store(true, Ordering::Relaxed);
+    drop(scheduler);
+    let _ = reader.join();
+    for w in workers {
+        let _ = w.join();
+    }
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+/// Status-table entries for `max_active` hot databases: at least four per hot database, so
+/// the table stays at most a quarter full of hot entries (and half with demoted ones), which
+/// keeps linear probes short.
+fn status_entries(max_active: u32) -> u32 {
+    (max_active.saturating_mul(4))
+        .checked_next_power_of_two()
+        .unwrap_or(layout::MAX_STATUS_ENTRIES)
+        .clamp(layout::DEFAULT_STATUS_ENTRIES, layout::MAX_STATUS_ENTRIES)
+}
+
+fn report_ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+/// Raises the soft descriptor limit to what `max_active` hot databases need, or refuses.
+fn raise_fd_limit(max_active: u64) -> anyhow::Result<()> {
+    let need = max_active * FDS_PER_HOT + FDS_BASE;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading RLIMIT_NOFILE");
+    }
+    if limit.rlim_cur >= need {
+        return Ok(());
+    }
+    if limit.rlim_max < need {
+        anyhow::bail!(
+            "max_active: {max_active} hot databases need {need} file descriptors, but the hard limit (ulimit -Hn) is {}; raise it or lower max_active",
+            limit.rlim_max
+        );
+    }
+    limit.rlim_cur = need;
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("raising RLIMIT_NOFILE");
+    }
+    Ok(())
+}
+
+/// The text of a caught panic.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+struct Scheduler<'a> {
+    config: &'a Config,
+    template: crate::config::ReplicaTemplate,
+    arena: &'a mut Arena,
+    /// The ring, shared with the reader thread.
+    ring_file: Arc<RingFile>,
+    /// Rings replaced under the agent: kept mapped, as producers may still write to them.
+    old_rings: Vec<Arc<RingFile>>,
+    ring_path: PathBuf,
+    ring_slots: (u32, u32),
+    /// Hands a new ring to the reader.
+    ring_tx: Sender<Arc<RingFile>>,
+    ring_warned: bool,
+    /// Databases under the pattern that are not replicated: a [`reason`] code, the message,
+    /// and when it was decided.
+    refused: HashMap<DbId, Refusal>,
+    maintenance: Sender<MaintenanceJob>,
+    /// Databases with a maintenance pass queued or running.
+    maintaining: HashSet<DbId>,
+    lag_warned: bool,
+    store: &'a StateStore,
+    metrics: &'a Metrics,
+    jobs: Sender<Job>,
+    hot: HashMap<DbId, Hot>,
+    /// Written databases waiting for a hot slot, oldest first, with when they were written.
+    waiting: VecDeque<(DbId, u64)>,
+    waiting_set: HashSet<DbId>,
+    /// Status-table entries of demoted databases, oldest first (kept so `multidb_wait` and
+    /// `multidb_status()` still answer for them, evicted when the table fills).
+    cold_entries: VecDeque<(u64, u64)>,
+    last_scan: Instant,
+    last_scan_ms: u64,
+    rescan_soon: Option<Instant>,
+    last_wal_poll: Instant,
+}
+
+/// Why a database is not replicated.
+struct Refusal {
+    code: u32,
+    message: String,
+    since: Instant,
+}
+
+/// Whether the database file or its `-wal` was modified at or after `since_ns`.
+fn modified_since(db: &str, since_ns: u64) -> bool {
+    let mtime =
+        |path: &str| std::fs::metadata(path).map_or(0, |m| crate::discover::arena::mtime_ns(&m));
+    mtime(db).max(mtime(&format!("{db}-wal"))) >= since_ns
+}
+
+/// The oldest of some "since" times (ns), ignoring zeros (none); 0 when all are zero.
+fn oldest_ns(times: impl IntoIterator<Item = u64>) -> u64 {
+    times.into_iter().filter(|&t| t != 0).min().unwrap_or(0)
+}
+
+/// When a sync should start for a commit seen now: at once after a quiet spell, otherwise
+/// one `sync_interval` after the previous sync started.
+fn sync_time(last_start: Option<Instant>, interval: Duration) -> Instant {
+    let now = Instant::now();
+    match last_start {
+        Some(start) if now.duration_since(start) < interval => start + interval,
+        _ => now,
+    }
+}
+
+/// Capped exponential backoff with jitter for a database whose syncs keep failing.
+fn backoff(failures: u32) -> Duration {
+    let base = Duration::from_millis(100).saturating_mul(1 << failures.min(10));
+    let capped = base.min(MAX_BACKOFF);
+    let jitter = layout::now_ns() % (capped.as_millis() as u64 / 4 + 1);
+    capped + Duration::from_millis(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_commit_after_quiet_goes_at_once_then_batches() {
+        let interval = Duration::from_secs(1);
+        let now = Instant::now();
+        assert!(sync_time(None, interval) <= Instant::now());
+        let long_ago = now - Duration::from_secs(5);
+        assert!(sync_time(Some(long_ago), interval) <= Instant::now());
+        let just_now = Instant::now();
+        assert_eq!(sync_time(Some(just_now), interval), just_now + interval);
+    }
+
+    #[test]
+    fn a_panicking_sync_is_that_database_s_failure_not_the_worker_s() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = worker::WorkerContext {
+            tmp_dir: dir.path().join("tmp"),
+            store: Arc::new(StateStore::open(&dir.path().join("state")).unwrap()),
+        };
+        let job = Job {
+            id: 7,
+            kind: JobKind::Sync,
+            path: dir.path().join("panic-in-sync.db"),
+            url: ReplicaUrl::File(dir.path().join("replica")),
+            replicator: None,
+            checkpoint_due: false,
+            started_ns: 1,
+        };
+        let done = ctx.work_catching_panics(job);
+        assert_eq!(done.id, 7);
+        let error = done.result.unwrap_err();
+        assert!(
+            error.contains("sync panicked: injected by a test"),
+            "{error}"
+        );
+        assert!(done.replicator.is_none());
+    }
+
+    #[test]
+    fn oldest_ignores_the_zeros() {
+        assert_eq!(oldest_ns([0, 5, 3, 0]), 3);
+        assert_eq!(oldest_ns([0, 0]), 0);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) >= Duration::from_millis(200));
+        assert!(backoff(1) < Duration::from_millis(300));
+        assert!(backoff(30) >= MAX_BACKOFF);
+        assert!(backoff(30) <= MAX_BACKOFF + MAX_BACKOFF / 4 + Duration::from_millis(1));
+    }
+}

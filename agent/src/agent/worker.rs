@@ -1,0 +1,99 @@
+//! Sync workers and maintenance workers. A sync job owns its database's [`Replicator`]
+//! while it runs (open, sync, checkpoint, close), so a worker and the scheduler share nothing
+//! but channels; maintenance (compaction, snapshots, retention) runs on workers of its own, so
+//! a slow store's compaction never delays the next commit's upload.
+
+use super::*;
+
+pub(super) struct WorkerContext {
+    pub(super) tmp_dir: PathBuf,
+    pub(super) store: Arc<StateStore>,
+}
+
+impl WorkerContext {
+    /// [`WorkerContext::work`], with a panic turned into that database's failed sync (its
+    /// replicator is dropped, so the next attempt opens the database afresh): a bug hit by
+    /// one database never leaves it "busy" or takes a worker away.
+    pub(super) fn work_catching_panics(&self, job: Job) -> Done {
+        let mut failed = Done::new(&job);
+        let path = job.path.clone();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.work(job))) {
+            Ok(done) => done,
+            Err(panic) => {
+                let message = panic_message(&panic);
+                tracing::error!(db = %path.display(), panic = %message, "sync panicked");
+                failed.result = Err(format!("sync panicked: {message}"));
+                failed
+            }
+        }
+    }
+
+    fn work(&self, job: Job) -> Done {
+        let mut done = Done::new(&job);
+        #[cfg(test)]
+        if job.path.to_string_lossy().contains("panic-in-sync") {
+            panic!("injected by a test");
+        }
+        let mut replicator = match job.replicator {
+            Some(r) => r,
+            None => match self.open(&job) {
+                Ok(r) => r,
+                Err(e) => {
+                    done.failed(&e);
+                    return done;
+                }
+            },
+        };
+        done.file_id = Some(replicator.file_id());
+        if job.kind == JobKind::Demote {
+            // Taken before the final sync: a commit after it changes the stamp, so a restart
+            // sees the database as written since.
+            done.stamp = WalStamp::of_wal(&job.path.to_string_lossy());
+        }
+        match replicator.cycle(job.checkpoint_due || job.kind == JobKind::Demote) {
+            Ok(cycle) => {
+                done.result = Ok(cycle.synced);
+                done.checkpointed = cycle.checkpointed;
+            }
+            Err(e) => {
+                done.failed(&e);
+                if done.replaced || done.refusal.is_some() {
+                    return done; // the replicator (and every handle on the old file) goes
+                }
+            }
+        }
+        done.txid = replicator.txid();
+        done.wal_frames = replicator.wal_frames();
+        let closing = job.kind == JobKind::Demote && done.result.is_ok();
+        done.replicator = (!closing).then_some(replicator);
+        done
+    }
+
+    fn open(&self, job: &Job) -> Result<Replicator, ReplicateError> {
+        let client = job.url.client().map_err(|source| ReplicateError::Replica {
+            db: job.path.display().to_string(),
+            source,
+        })?;
+        Ok(Replicator::open(&job.path, client, &self.tmp_dir)?.with_state(self.store.clone()))
+    }
+}
+
+/// One maintenance pass over a replica; failures are logged and retried at the next pass.
+pub(super) fn maintain(
+    job: &MaintenanceJob,
+    tmp_dir: &std::path::Path,
+    policy: &crate::replicate::compaction::Policy,
+) {
+    let run = || match job.url.client() {
+        Ok(client) => crate::replicate::compaction::maintain_logged(
+            client.as_ref(),
+            tmp_dir,
+            policy,
+            &job.path,
+        ),
+        Err(e) => tracing::warn!(db = %job.path, error = %e, "compaction or retention failed"),
+    };
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        tracing::error!(db = %job.path, panic = %panic_message(&panic), "maintenance panicked; it runs again at the next pass");
+    }
+}
