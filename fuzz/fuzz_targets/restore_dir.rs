@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use libfuzzer_sys::fuzz_target;
 use multidb_agent::replica::file::FileReplica;
 use multidb_agent::replica::{file_name, SNAPSHOT_LEVEL};
-use multidb_agent::restore::{self, Target};
+use multidb_agent::replicate::restore::{self, Target};
 
 const LEVELS: [u8; 5] = [SNAPSHOT_LEVEL, 3, 2, 1, 0];
 

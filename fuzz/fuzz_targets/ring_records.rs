@@ -120,7 +120,7 @@ fuzz_target!(|data: &[u8]| {
     let status = Status {
         dev: 7,
         ino: 8,
-        tier: ring::TIER_HOT,
+        tier: ring::Tier::Hot,
         ..Status::default()
     };
     if ring.publish_status(&status) {
