@@ -71,7 +71,8 @@ fn write_files(input: &mut Input<'_>, root: &Path) {
                 .chars()
                 .filter(|c| *c != '/' && *c != '\0')
                 .collect();
-            if matches!(name.as_str(), "" | "." | "..") {
+            // NAME_MAX: the lossy conversion can lengthen a name past what a directory holds.
+            if matches!(name.as_str(), "" | "." | "..") || name.len() > 255 {
                 continue;
             }
             name
