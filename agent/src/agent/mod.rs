@@ -92,6 +92,15 @@ enum Event {
     Register { dev: u64, ino: u64, path: Vec<u8> },
 }
 
+/// What told the scheduler a database was written.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Signal {
+    /// A commit record from the ring.
+    Commit,
+    /// A scan or `-wal` poll saw the files change (maybe the agent's own checkpoint).
+    Detected,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum JobKind {
     Sync,
@@ -322,14 +331,23 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     scheduler.check_collisions();
     scheduler.recover(watch_start_ns, options.baseline)?;
     scheduler.main_loop(&event_rx, &done_rx, &maintained_rx, options.stop.as_ref());
-    scheduler.shut_down(&done_rx);
+    let unsynced = scheduler.shut_down(&done_rx);
     reader_stop.store(true, Ordering::Relaxed);
     drop(scheduler);
     let _ = reader.join();
+    let _ = std::fs::remove_file(&socket);
+    if !unsynced.is_empty() {
+        // Workers still in a request are not waited for: the process is ending.
+        anyhow::bail!(
+            "stopped with {} database(s) not synced (final sync failed or did not finish within {} s): {}; the next start catches them up",
+            unsynced.len(),
+            SHUTDOWN_TIMEOUT.as_secs(),
+            unsynced.join(", ")
+        );
+    }
     for w in workers {
         let _ = w.join();
     }
-    let _ = std::fs::remove_file(&socket);
     Ok(())
 }
 

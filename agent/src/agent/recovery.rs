@@ -90,7 +90,7 @@ impl Scheduler<'_> {
             .map(|(&id, _)| id)
             .collect();
         for id in changed {
-            self.on_write(id, now_ns);
+            self.on_write(id, now_ns, Signal::Detected);
         }
     }
 
@@ -142,7 +142,7 @@ impl Scheduler<'_> {
             self.check_collisions();
         }
         for id in written {
-            self.on_write(id, now);
+            self.on_write(id, now, Signal::Detected);
         }
         tracing::debug!(
             ms = self.last_scan_ms,
