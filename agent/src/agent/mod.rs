@@ -177,15 +177,31 @@ impl Done {
     }
 }
 
+/// Who has a hot database's replicator: the scheduler (idle, with the replicator once a job
+/// opened it) or a worker (running: the job owns it and hands it back in [`Done`]). A running
+/// database has no replicator here, so nothing can touch one a worker uses.
+// Inline, as the `Option<Replicator>` it replaces was: one per hot database, and a box would
+// cost an allocation per job for no saving.
+#[allow(clippy::large_enum_variant)]
+enum JobState {
+    Idle(Option<Replicator>),
+    Running,
+}
+
+impl JobState {
+    fn running(&self) -> bool {
+        matches!(self, JobState::Running)
+    }
+}
+
 /// A hot database, as the scheduler tracks it.
 struct Hot {
     path: String,
     url: ReplicaUrl,
     dev: u64,
     ino: u64,
-    /// `None` while a job has it, and before the first job opened it.
-    replicator: Option<Replicator>,
-    busy: bool,
+    /// Whether a worker has the database now; while it is idle, its open replicator.
+    job: JobState,
     /// Commits seen that no finished or running sync covers.
     dirty: bool,
     /// When the oldest commit not yet in the replica was made (ns), 0 if none.

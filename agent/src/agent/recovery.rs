@@ -69,7 +69,7 @@ impl Scheduler<'_> {
             .hot
             .iter()
             .filter(|(_, h)| {
-                !h.busy && !h.dirty && !h.demoting && h.last_write.elapsed() >= multi.idle_timeout
+                !h.job.running() && !h.dirty && !h.demoting && h.last_write.elapsed() >= multi.idle_timeout
             })
             .map(|(&id, _)| id)
             .collect();
@@ -86,7 +86,7 @@ impl Scheduler<'_> {
         let changed: Vec<DbId> = self
             .hot
             .iter()
-            .filter(|(_, h)| !h.busy && !h.dirty && WalStamp::of_wal(&h.path) != h.wal_stamp)
+            .filter(|(_, h)| !h.job.running() && !h.dirty && WalStamp::of_wal(&h.path) != h.wal_stamp)
             .map(|(&id, _)| id)
             .collect();
         for id in changed {

@@ -51,7 +51,7 @@ impl Scheduler<'_> {
     pub(super) fn next_due(&self) -> Option<Instant> {
         self.hot
             .values()
-            .filter(|h| !h.busy)
+            .filter(|h| !h.job.running())
             .filter_map(|h| h.due)
             .min()
     }
@@ -114,7 +114,7 @@ impl Scheduler<'_> {
             self.publish(status);
         }
         let hot = self.hot.get_mut(&id).expect("checked above");
-        if !hot.busy && hot.due.is_none() {
+        if !hot.job.running() && hot.due.is_none() {
             hot.due = Some(sync_time(
                 hot.last_sync_start,
                 self.config.multi_db.sync_interval,
@@ -207,8 +207,7 @@ impl Scheduler<'_> {
             url,
             dev,
             ino,
-            replicator: None,
-            busy: false,
+            job: JobState::Idle(None),
             dirty: true,
             pending_since_ns: since_ns,
             in_flight_since_ns: 0,
@@ -232,7 +231,7 @@ impl Scheduler<'_> {
     pub(super) fn start_demotion(&mut self, id: DbId) {
         if let Some(hot) = self.hot.get_mut(&id) {
             hot.demoting = true;
-            if !hot.busy {
+            if !hot.job.running() {
                 hot.due = Some(Instant::now());
             }
         }
@@ -244,7 +243,7 @@ impl Scheduler<'_> {
         let due: Vec<DbId> = self
             .hot
             .iter()
-            .filter(|(_, h)| !h.busy && h.due.is_some_and(|d| d <= now))
+            .filter(|(_, h)| !h.job.running() && h.due.is_some_and(|d| d <= now))
             .map(|(&id, _)| id)
             .collect();
         for id in due {
@@ -267,11 +266,13 @@ impl Scheduler<'_> {
             kind,
             path: PathBuf::from(&hot.path),
             url: hot.url.clone(),
-            replicator: hot.replicator.take(),
+            replicator: match std::mem::replace(&mut hot.job, JobState::Running) {
+                JobState::Idle(replicator) => replicator,
+                JobState::Running => None, // dispatch_due never picks a running database
+            },
             checkpoint_due: hot.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL,
             started_ns: layout::now_ns(),
         };
-        hot.busy = true;
         hot.due = None;
         hot.dirty = false;
         hot.in_flight_since_ns = std::mem::take(&mut hot.pending_since_ns);
@@ -294,8 +295,7 @@ impl Scheduler<'_> {
             self.move_status(done.id, dev, ino);
         }
         let hot = self.hot.get_mut(&done.id).expect("checked above");
-        hot.busy = false;
-        hot.replicator = done.replicator;
+        hot.job = JobState::Idle(done.replicator);
         if done.replaced {
             // A new file at the path: its history starts with a snapshot at the next sync,
             // by a replicator that opens it afresh (this job dropped every handle on the old).
