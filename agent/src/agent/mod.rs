@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use crossbeam_channel::{select, Receiver, Sender};
 
 pub mod lock;
@@ -223,20 +222,52 @@ struct Hot {
     last_sync_ns: u64,
 }
 
+/// Why the agent could not start, or stopped with work undone.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Lock(#[from] crate::agent::lock::LockError),
+    #[error(
+        "the configuration has no replica_template: the agent needs to know where replicas go"
+    )]
+    NoReplica,
+    #[error("max_active: {max_active} hot databases need {need} file descriptors, but the hard limit (ulimit -Hn) is {hard}; raise it or lower max_active")]
+    FdLimit {
+        max_active: u64,
+        need: u64,
+        hard: u64,
+    },
+    #[error("{op}: {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] crate::replicate::state::StateError),
+    #[error(transparent)]
+    Ring(#[from] crate::agent::ring::RingFileError),
+    #[error(transparent)]
+    Discovery(#[from] crate::discover::discovery::DiscoveryError),
+    #[error("stopped with {} database(s) not synced (final sync failed or did not finish within {} s): {}; the next start catches them up", .0.len(), SHUTDOWN_TIMEOUT.as_secs(), .0.join(", "))]
+    Unsynced(Vec<String>),
+}
+
+/// An I/O error with what the agent was doing.
+fn io_error(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let op = op.into();
+    move |source| AgentError::Io { op, source }
+}
+
 /// Runs the agent until `options.stop` is set.
-pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+pub fn run(options: Options, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     let config = &options.config;
     let multi = &config.multi_db;
     // Before anything else: a second agent on this state directory stops here.
     let _lock = crate::agent::lock::AgentLock::acquire(&multi.state_dir)?;
-    let template = multi.replica.clone().context(
-        "the configuration has no replica_template: the agent needs to know where replicas go",
-    )?;
+    let template = multi.replica.clone().ok_or(AgentError::NoReplica)?;
     raise_fd_limit(u64::from(multi.max_active))?;
-    let store =
-        Arc::new(StateStore::open(&multi.state_dir).with_context(|| {
-            format!("opening the state directory {}", multi.state_dir.display())
-        })?);
+    let store = Arc::new(StateStore::open(&multi.state_dir)?);
     let ring_file = Arc::new(RingFile::create_or_open(
         &options.ring_path,
         layout::DEFAULT_SLOTS,
@@ -245,15 +276,16 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let slots = (layout::DEFAULT_SLOTS, status_entries(multi.max_active));
     let socket = crate::agent::status::socket_path(&multi.state_dir);
     crate::agent::status::serve_status(&socket, metrics.clone())
-        .with_context(|| format!("serving status on {}", socket.display()))?;
+        .map_err(io_error(format!("serving status on {}", socket.display())))?;
     if let Some(addr) = multi.addr {
         crate::agent::status::serve_metrics(addr, metrics.clone())
-            .with_context(|| format!("serving metrics on {addr}"))?;
+            .map_err(io_error(format!("serving metrics on {addr}")))?;
     }
     let tmp_dir = multi.state_dir.join("tmp");
     // Leftovers of a killed agent: never renamed into a replica, so never needed.
     let _ = std::fs::remove_dir_all(&tmp_dir);
-    std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
+    std::fs::create_dir_all(&tmp_dir)
+        .map_err(io_error(format!("creating {}", tmp_dir.display())))?;
 
     // Before the scan: a write racing with it is then newer than the watch start.
     let watch_start_ns = store.watch_start_ns(layout::now_ns())?;
@@ -275,7 +307,8 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         event_tx,
         reader_stop.clone(),
         metrics.clone(),
-    )?;
+    )
+    .map_err(io_error("starting the ring reader"))?;
     let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
     let mut workers = Vec::new();
@@ -294,7 +327,8 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
                             return;
                         }
                     }
-                })?,
+                })
+                .map_err(io_error("starting a sync worker"))?,
         );
     }
     drop(done_tx);
@@ -314,7 +348,8 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
                         return;
                     }
                 }
-            })?;
+            })
+            .map_err(io_error("starting a maintenance worker"))?;
     }
     drop(maintained_tx);
 
@@ -354,12 +389,7 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     if !unsynced.is_empty() {
         // Workers still in a request are not waited for: the process is ending.
-        anyhow::bail!(
-            "stopped with {} database(s) not synced (final sync failed or did not finish within {} s): {}; the next start catches them up",
-            unsynced.len(),
-            SHUTDOWN_TIMEOUT.as_secs(),
-            unsynced.join(", ")
-        );
+        return Err(AgentError::Unsynced(unsynced));
     }
     for w in workers {
         let _ = w.join();
@@ -382,7 +412,7 @@ fn report_ms(since: Instant) -> u64 {
 }
 
 /// Raises the soft descriptor limit to what `max_active` hot databases need, or refuses.
-fn raise_fd_limit(max_active: u64) -> anyhow::Result<()> {
+fn raise_fd_limit(max_active: u64) -> Result<(), AgentError> {
     let need = max_active * FDS_PER_HOT + FDS_BASE;
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -390,21 +420,26 @@ fn raise_fd_limit(max_active: u64) -> anyhow::Result<()> {
     };
     // SAFETY: getrlimit writes into the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("reading RLIMIT_NOFILE");
+        return Err(io_error("reading RLIMIT_NOFILE")(
+            std::io::Error::last_os_error(),
+        ));
     }
     if limit.rlim_cur >= need {
         return Ok(());
     }
     if limit.rlim_max < need {
-        anyhow::bail!(
-            "max_active: {max_active} hot databases need {need} file descriptors, but the hard limit (ulimit -Hn) is {}; raise it or lower max_active",
-            limit.rlim_max
-        );
+        return Err(AgentError::FdLimit {
+            max_active,
+            need,
+            hard: limit.rlim_max,
+        });
     }
     limit.rlim_cur = need;
     // SAFETY: setrlimit reads the struct we pass.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("raising RLIMIT_NOFILE");
+        return Err(io_error("raising RLIMIT_NOFILE")(
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
