@@ -520,10 +520,12 @@ fn sync_time(last_start: Option<Instant>, interval: Duration) -> Instant {
 
 /// Capped exponential backoff with jitter for a database whose syncs keep failing.
 fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_millis(100).saturating_mul(1 << failures.min(10));
-    let capped = base.min(MAX_BACKOFF);
-    let jitter = layout::now_ns() % (capped.as_millis() as u64 / 4 + 1);
-    capped + Duration::from_millis(jitter)
+    crate::time::backoff(
+        failures.saturating_add(1),
+        Duration::from_millis(100),
+        MAX_BACKOFF,
+        crate::time::random_u64(),
+    )
 }
 
 #[cfg(test)]
@@ -575,9 +577,12 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        assert!(backoff(1) >= Duration::from_millis(200));
-        assert!(backoff(1) < Duration::from_millis(300));
-        assert!(backoff(30) >= MAX_BACKOFF);
-        assert!(backoff(30) <= MAX_BACKOFF + MAX_BACKOFF / 4 + Duration::from_millis(1));
+        // The first failure waits 100-200 ms, later ones double, never past the cap.
+        for _ in 0..100 {
+            assert!(backoff(1) >= Duration::from_millis(100));
+            assert!(backoff(1) <= Duration::from_millis(200));
+            assert!(backoff(30) >= MAX_BACKOFF / 2);
+            assert!(backoff(30) <= MAX_BACKOFF);
+        }
     }
 }
