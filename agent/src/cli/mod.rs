@@ -4,16 +4,16 @@
 pub mod bench;
 pub mod demo;
 pub mod generate;
+mod listing;
+pub mod ring;
 pub mod signals;
 
-use std::io::{self, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
-use crate::discover::pattern::Fields;
 use crate::replica::ReplicaUrl;
 use generate::Layout;
 
@@ -127,7 +127,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum RingCommand {
     /// Create the ring if needed and print one line per commit record as it arrives
-    Tail(crate::agent::ring::TailArgs),
+    Tail(ring::TailArgs),
     /// Print the ring's counters and whether an agent is reading it
     Stat {
         #[arg(long)]
@@ -264,7 +264,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 stop: std::sync::Arc::new(crate::cli::signals::interrupted),
             };
             let metrics = std::sync::Arc::new(crate::agent::status::Metrics::default());
-            crate::agent::run(options, metrics)?;
+            crate::agent::run(options, metrics).map_err(anyhow::Error::from)?;
         }
         Command::Status { json } => {
             let config = load_config(&cli)?;
@@ -272,16 +272,16 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             if *json {
                 println!("{status}");
             } else {
-                print_status(&status);
+                listing::print_status(&status);
             }
         }
         Command::Databases { json, count } => {
             let config = load_config(&cli)?;
-            databases(&config, *json, *count)?;
+            listing::databases(&config, *json, *count)?;
         }
         Command::Parse { path, json } => {
             let config = load_config(&cli)?;
-            parse(&config, path, *json)?;
+            listing::parse(&config, path, *json)?;
         }
         Command::Generate(args) => {
             let layout = Layout {
@@ -378,15 +378,15 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Ltx { json, source } => {
             let replica = replica_for(&cli, source)?;
             let client = replica.client().map_err(anyhow::Error::from)?;
-            list_ltx(client.as_ref(), *json)?;
+            listing::list_ltx(client.as_ref(), *json)?;
         }
         Command::Ring { ring, command } => {
             let path = ring
                 .clone()
                 .unwrap_or_else(crate::agent::ring::default_path);
             match command {
-                RingCommand::Tail(args) => crate::agent::ring::tail(&path, args)?,
-                RingCommand::Stat { json } => crate::agent::ring::stat(&path, *json)?,
+                RingCommand::Tail(args) => ring::tail(&path, args)?,
+                RingCommand::Stat { json } => ring::stat(&path, *json)?,
             }
         }
         Command::Bench(BenchCommand::Discovery(args)) => crate::cli::bench::discovery(args)?,
@@ -503,206 +503,6 @@ fn replica_for(cli: &Cli, source: &str) -> Result<ReplicaUrl, Failure> {
     template
         .url_for(&fields)
         .map_err(|e| Failure::Runtime(anyhow::anyhow!("{source}: {e}")))
-}
-
-fn list_ltx(replica: &dyn crate::replica::ReplicaClient, json: bool) -> anyhow::Result<()> {
-    let files = crate::replicate::restore::list_all(replica)?;
-    if json {
-        let list: Vec<serde_json::Value> = files
-            .iter()
-            .map(|f| {
-                serde_json::json!({
-                    "level": f.level, "min_txid": f.min_txid, "max_txid": f.max_txid, "size": f.size,
-                    "created": crate::time::format_rfc3339(f.created), "name": f.name(),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::Value::Array(list));
-        return Ok(());
-    }
-    println!("level  min_txid          max_txid          size        created");
-    for f in &files {
-        println!(
-            "{:<6} {:016x}  {:016x}  {:<10}  {}",
-            f.level,
-            f.min_txid,
-            f.max_txid,
-            f.size,
-            crate::time::format_rfc3339(f.created)
-        );
-    }
-    eprintln!("{} file(s) in {}", files.len(), replica.url());
-    Ok(())
-}
-
-fn databases(config: &Config, json: bool, count: bool) -> anyhow::Result<()> {
-    let (arena, report) = crate::discover::discover(config)?;
-    let stdout = io::stdout();
-    let mut out = io::BufWriter::new(stdout.lock());
-    if count {
-        writeln!(out, "{}", arena.len())?;
-    } else {
-        let pattern = &config.multi_db.pattern;
-        let shared = match &config.multi_db.replica {
-            Some(template) => crate::discover::collisions::find(&arena, pattern, template),
-            None => Default::default(),
-        };
-        let refused = |id: u32| {
-            shared.get(&id).map(|other| {
-                format!(
-                    "replica location shared with {}: both are refused",
-                    arena.path(*other)
-                )
-            })
-        };
-        let mut rows: Vec<(String, u32)> = arena.ids().map(|id| (arena.path(id), id)).collect();
-        rows.sort_unstable();
-        if json {
-            let list: Vec<serde_json::Value> = rows
-                .iter()
-                .map(|(path, id)| {
-                    let fields = pattern
-                        .fields_of(&arena.components(*id))
-                        .unwrap_or_default();
-                    let mut json =
-                        database_json(config, path, Some(arena.tier(*id).as_str()), &fields);
-                    json["refused"] = refused(*id).into();
-                    json
-                })
-                .collect();
-            serde_json::to_writer_pretty(&mut out, &list)?;
-            writeln!(out)?;
-        } else {
-            for (path, id) in &rows {
-                let components = arena.components(*id);
-                let fields = pattern.fields_of(&components).unwrap_or_default();
-                let replica = match (refused(*id), config.replica_location(&fields)) {
-                    (Some(why), _) => format!("refused: {why}"),
-                    (None, None) => "-".to_string(),
-                    (None, Some(Ok(r))) => r,
-                    (None, Some(Err(e))) => format!("(not replicated: {e})"),
-                };
-                writeln!(
-                    out,
-                    "{}\t{}\t{}\t{}",
-                    printable(path),
-                    arena.tier(*id).as_str(),
-                    printable(&fields.to_string()),
-                    printable(&replica)
-                )?;
-            }
-        }
-    }
-    out.flush()?;
-    let bytes = arena.heap_bytes();
-    let rss = crate::cli::bench::peak_rss_bytes().map_or("?".to_string(), |b| {
-        format!("{:.1} MB", b as f64 / 1048576.0)
-    });
-    eprintln!(
-        "{} databases discovered in {:.1} ms ({} directories read; arena {} B = {:.1} B per database; peak RSS {rss})",
-        arena.len(),
-        report.elapsed.as_secs_f64() * 1e3,
-        report.dirs_read,
-        bytes,
-        bytes as f64 / arena.len().max(1) as f64
-    );
-    Ok(())
-}
-
-fn parse(config: &Config, path: &str, json: bool) -> anyhow::Result<()> {
-    let pattern = &config.multi_db.pattern;
-    let fields = pattern.parse(path).map_err(|why| {
-        anyhow::anyhow!(
-            "{} does not match {}: it {}",
-            printable(path),
-            pattern.as_str(),
-            printable(&why)
-        )
-    })?;
-    if json {
-        println!("{}", database_json(config, path, None, &fields));
-        return Ok(());
-    }
-    let replica = config.replica_location(&fields);
-    for (name, value) in &fields.0 {
-        println!("{name}: {}", printable(value));
-    }
-    match replica {
-        None => {}
-        Some(Ok(r)) => println!("replica: {}", printable(&r)),
-        Some(Err(e)) => println!("replica: not replicated: {}", printable(&e)),
-    }
-    Ok(())
-}
-
-/// One database as JSON: `path`, `tier` (when known), `fields`, and `replica` or `replica_error`.
-fn database_json(
-    config: &Config,
-    path: &str,
-    tier: Option<&str>,
-    fields: &Fields,
-) -> serde_json::Value {
-    let mut obj = serde_json::Map::new();
-    obj.insert("path".into(), path.into());
-    if let Some(tier) = tier {
-        obj.insert("tier".into(), tier.into());
-    }
-    let f: serde_json::Map<String, serde_json::Value> = fields
-        .0
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone().into()))
-        .collect();
-    obj.insert("fields".into(), f.into());
-    match config.replica_location(fields) {
-        None => obj.insert("replica".into(), serde_json::Value::Null),
-        Some(Ok(r)) => obj.insert("replica".into(), r.into()),
-        Some(Err(e)) => obj.insert("replica_error".into(), e.into()),
-    };
-    serde_json::Value::Object(obj)
-}
-
-/// The status for people.
-fn print_status(v: &serde_json::Value) {
-    let t = &v["tiers"];
-    let ms = |x: &serde_json::Value| x.as_f64().map_or("-".to_string(), |v| format!("{v:.1} ms"));
-    println!(
-        "agent pid {}: {} databases, {} hot (max {}), {} cold, {} waiting",
-        v["pid"], t["discovered"], t["hot"], t["max_active"], t["cold"], t["waiting"]
-    );
-    println!(
-        "lag p50 {}, p99 {} (last {} syncs); {} syncs, {} snapshots, {} bytes uploaded, {} sync errors",
-        ms(&v["lag_ms"]["p50"]),
-        ms(&v["lag_ms"]["p99"]),
-        v["lag_ms"]["samples"],
-        v["syncs"],
-        v["snapshots"],
-        v["bytes_uploaded"],
-        v["sync_errors"]
-    );
-    println!(
-        "ring: {} commits read, {} dropped, {} invalid; last scan {} ms",
-        v["ring_commits"], t["ring_dropped"], t["ring_invalid"], t["last_scan_ms"]
-    );
-    let oldest = v["oldest_unreplicated_ms"].as_u64().unwrap_or(0);
-    if oldest == 0 {
-        println!("replicas: caught up; {} refused", t["refused"]);
-    } else {
-        println!(
-            "replicas: oldest commit not yet in the replica is {:.1} s old; {} refused",
-            oldest as f64 / 1000.0,
-            t["refused"]
-        );
-    }
-    if let Some(errors) = v["errors"].as_array() {
-        for e in errors {
-            println!(
-                "error: {} ({} times): {}",
-                printable(e["db"].as_str().unwrap_or("?")),
-                e["count"],
-                printable(e["last"].as_str().unwrap_or(""))
-            );
-        }
-    }
 }
 
 #[cfg(test)]

@@ -12,10 +12,8 @@
 //! environment (or are given explicitly); they are never logged, `Debug` redacts them, and every
 //! error message is scrubbed of them before it leaves this module.
 
-use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::fs;
-use std::hash::{BuildHasher, Hasher};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Once;
@@ -30,6 +28,15 @@ use s3::serde_types::{CompleteMultipartUploadData, ObjectIdentifier, Part};
 use s3::{Bucket, Region};
 
 use super::{parse_file_name, FileInfo, ReplicaClient, ReplicaError};
+
+mod credentials;
+mod fault;
+mod location;
+
+use credentials::scrub;
+pub use credentials::S3Credentials;
+use fault::{backoff, random_u64, Fault};
+pub use location::S3Location;
 
 /// Attempts per request, the first included. With the delays below the retries of one request
 /// wait 0.75–1.5 s in all: enough to ride out a dropped keep-alive connection, a restarting
@@ -65,204 +72,6 @@ pub const DELETE_BATCH: usize = 1000;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest excerpt of a non-XML error body kept in a message (a proxy's HTML page, say).
 const ERROR_EXCERPT_CHARS: usize = 200;
-
-/// Bucket, key prefix and connection settings of an S3 replica.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct S3Location {
-    pub bucket: String,
-    /// Key prefix without leading or trailing `/` (may be empty).
-    pub prefix: String,
-    pub region: String,
-    /// `http://127.0.0.1:9000` for a local or S3-compatible server; None for AWS.
-    pub endpoint: Option<String>,
-    pub force_path_style: bool,
-}
-
-impl S3Location {
-    /// Parses `s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1&force_path_style=true`.
-    pub fn parse(url: &str) -> Result<S3Location, ReplicaError> {
-        let bad = |reason: &str| ReplicaError::Url {
-            url: url.to_string(),
-            reason: reason.to_string(),
-        };
-        let rest = url
-            .strip_prefix("s3://")
-            .ok_or_else(|| bad("expected s3://bucket/prefix"))?;
-        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
-        if bucket.is_empty() {
-            return Err(bad("the bucket name is missing"));
-        }
-        let trimmed = prefix.trim_matches('/');
-        if let Some(why) = (!trimmed.is_empty())
-            .then(|| crate::discover::pattern::location_fault(trimmed))
-            .flatten()
-        {
-            // The server would store and list another prefix than the one asked for.
-            return Err(bad(&format!("the key prefix `{trimmed}` {why}")));
-        }
-        let mut location = S3Location {
-            bucket: bucket.to_string(),
-            prefix: prefix.trim_matches('/').to_string(),
-            region: "us-east-1".to_string(),
-            endpoint: None,
-            force_path_style: false,
-        };
-        let mut path_style = None;
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            match key {
-                "endpoint" => location.endpoint = Some(value.to_string()),
-                "region" => location.region = value.to_string(),
-                "force_path_style" => {
-                    path_style = Some(match value {
-                        "true" | "1" => true,
-                        "false" | "0" => false,
-                        _ => return Err(bad("force_path_style must be true or false")),
-                    })
-                }
-                other => {
-                    return Err(bad(&format!(
-                        "unknown parameter `{other}`; expected endpoint, region or force_path_style"
-                    )))
-                }
-            }
-        }
-        if let Some(endpoint) = &location.endpoint {
-            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                return Err(bad("endpoint must be an http:// or https:// URL"));
-            }
-        }
-        // A custom endpoint (MinIO, R2, a local server) almost always wants path-style keys.
-        location.force_path_style = path_style.unwrap_or(location.endpoint.is_some());
-        Ok(location)
-    }
-
-    /// The key of one LTX file: `PREFIX/<level:04x>/<min:016x>-<max:016x>.ltx`.
-    pub fn key(&self, level: u8, min: u64, max: u64) -> String {
-        let name = super::file_name(min, max);
-        if self.prefix.is_empty() {
-            format!("{level:04x}/{name}")
-        } else {
-            format!("{}/{level:04x}/{name}", self.prefix)
-        }
-    }
-
-    /// The key of the identity object, `PREFIX/multidb.json`.
-    pub fn identity_key(&self) -> String {
-        if self.prefix.is_empty() {
-            super::IDENTITY_NAME.to_string()
-        } else {
-            format!("{}/{}", self.prefix, super::IDENTITY_NAME)
-        }
-    }
-
-    /// The key prefix of one level, `PREFIX/<level:04x>/`, which listings ask for.
-    fn level_prefix(&self, level: u8) -> String {
-        if self.prefix.is_empty() {
-            format!("{level:04x}/")
-        } else {
-            format!("{}/{level:04x}/", self.prefix)
-        }
-    }
-
-    /// rust-s3's region: a custom endpoint as given, else an AWS region by name.
-    fn region(&self) -> Region {
-        if let Some(endpoint) = &self.endpoint {
-            return Region::Custom {
-                region: self.region.clone(),
-                endpoint: endpoint.trim_end_matches('/').to_string(),
-            };
-        }
-        match self.region.parse::<Region>() {
-            // rust-s3 knows no endpoint for a region newer than itself and would use the bare
-            // name as host; AWS's regional endpoints all follow this form.
-            Ok(Region::Custom { .. }) | Err(_) => Region::Custom {
-                region: self.region.clone(),
-                endpoint: format!("https://s3.{}.amazonaws.com", self.region),
-            },
-            Ok(known) => known,
-        }
-    }
-}
-
-/// Keys of an S3 replica. `Debug` shows none of them.
-#[derive(Clone)]
-pub struct S3Credentials {
-    access_key_id: String,
-    secret_access_key: String,
-    session_token: Option<String>,
-}
-
-impl S3Credentials {
-    /// Explicit keys; an empty session token counts as none.
-    pub fn new(
-        access_key_id: impl Into<String>,
-        secret_access_key: impl Into<String>,
-        session_token: Option<String>,
-    ) -> S3Credentials {
-        S3Credentials {
-            access_key_id: access_key_id.into(),
-            secret_access_key: secret_access_key.into(),
-            session_token: session_token.filter(|t| !t.is_empty()),
-        }
-    }
-
-    /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`, with `AWS_SESSION_TOKEN` if set.
-    /// The error names the missing variables, never a value.
-    pub fn from_env() -> Result<S3Credentials, String> {
-        Self::from_lookup(|name| std::env::var(name).ok())
-    }
-
-    fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<S3Credentials, String> {
-        let get = |name: &str| get(name).filter(|v| !v.is_empty());
-        let access = get("AWS_ACCESS_KEY_ID");
-        let secret = get("AWS_SECRET_ACCESS_KEY");
-        match (access, secret) {
-            (Some(access), Some(secret)) => {
-                Ok(S3Credentials::new(access, secret, get("AWS_SESSION_TOKEN")))
-            }
-            (access, secret) => {
-                let missing: Vec<&str> = [
-                    (access.is_none(), "AWS_ACCESS_KEY_ID"),
-                    (secret.is_none(), "AWS_SECRET_ACCESS_KEY"),
-                ]
-                .into_iter()
-                .filter_map(|(missing, name)| missing.then_some(name))
-                .collect();
-                Err(format!(
-                    "no S3 credentials: set {} in the environment",
-                    missing.join(" and ")
-                ))
-            }
-        }
-    }
-
-    /// Every secret string, for scrubbing messages.
-    fn secrets(&self) -> impl Iterator<Item = &str> {
-        [
-            Some(self.access_key_id.as_str()),
-            Some(self.secret_access_key.as_str()),
-            self.session_token.as_deref(),
-        ]
-        .into_iter()
-        .flatten()
-        .filter(|s| !s.is_empty())
-    }
-}
-
-impl fmt::Debug for S3Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("S3Credentials")
-            .field("access_key_id", &"[redacted]")
-            .field("secret_access_key", &"[redacted]")
-            .field(
-                "session_token",
-                &self.session_token.as_ref().map(|_| "[redacted]"),
-            )
-            .finish()
-    }
-}
 
 /// HTTP requests made to S3 by this process (every attempt, retries included): the
 /// benchmarks print it to show that an unwritten database costs no requests.
@@ -656,79 +465,6 @@ impl ReplicaClient for S3Replica {
     }
 }
 
-/// One failed request, classified.
-#[derive(Debug)]
-struct Fault {
-    /// HTTP status, when the server answered.
-    status: Option<u16>,
-    /// S3's error code (`NoSuchKey`, `SlowDown`, …) when the body had one.
-    code: Option<String>,
-    detail: String,
-    retryable: bool,
-    attempts: u32,
-}
-
-impl Fault {
-    fn of(error: &S3Error) -> Fault {
-        match error {
-            S3Error::HttpFailWithBody(status, body) => {
-                let code = xml_text(body, "Code").map(str::to_string);
-                let detail = match xml_text(body, "Message") {
-                    Some(message) => message.to_string(),
-                    None if code.is_some() => String::new(),
-                    None => excerpt(body),
-                };
-                Fault {
-                    status: Some(*status),
-                    code,
-                    detail,
-                    // A 2xx here is an error document inside a 200 answer, which AWS says
-                    // to retry (CompleteMultipartUpload).
-                    retryable: *status >= 500 || *status == 429 || *status < 300,
-                    attempts: 1,
-                }
-            }
-            // Connection refused or reset, timeouts, a response cut short: the request may
-            // well pass on a new connection. A permanent transport error (a wrong host name)
-            // costs only the backoff time to find out.
-            S3Error::Atto(_) | S3Error::Io(_) => Fault {
-                retryable: true,
-                ..Fault::message(error.to_string())
-            },
-            other => Fault::message(other.to_string()),
-        }
-    }
-
-    fn message(detail: String) -> Fault {
-        Fault {
-            status: None,
-            code: None,
-            detail,
-            retryable: false,
-            attempts: 1,
-        }
-    }
-
-    /// `HTTP 503 SlowDown: Please reduce your request rate. (after 5 attempts)`.
-    fn describe(&self) -> String {
-        let mut text = match (self.status, &self.code) {
-            (Some(status), Some(code)) => format!("HTTP {status} {code}"),
-            (Some(status), None) => format!("HTTP {status}"),
-            (None, _) => String::new(),
-        };
-        if !self.detail.is_empty() {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&self.detail);
-        }
-        if self.attempts > 1 {
-            text.push_str(&format!(" (after {} attempts)", self.attempts));
-        }
-        text
-    }
-}
-
 /// `If-None-Match: *`: the PUT succeeds only if no object has the key (S3's conditional
 /// create, answered with 412 when one exists).
 fn if_none_match_any() -> http::HeaderMap {
@@ -738,50 +474,6 @@ fn if_none_match_any() -> http::HeaderMap {
         http::HeaderValue::from_static("*"),
     );
     headers
-}
-
-/// The text of the first `<tag>…</tag>` in an S3 error body. Only `Code` and `Message` are
-/// read: other elements (`StringToSign`, `AWSAccessKeyId`, …) may carry credentials.
-fn xml_text<'a>(body: &'a str, tag: &str) -> Option<&'a str> {
-    let start = body.find(&format!("<{tag}>"))? + tag.len() + 2;
-    let len = body[start..].find(&format!("</{tag}>"))?;
-    Some(body[start..start + len].trim())
-}
-
-/// The start of a non-XML body, on one line.
-fn excerpt(body: &str) -> String {
-    let line: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
-    match line.char_indices().nth(ERROR_EXCERPT_CHARS) {
-        Some((cut, _)) => format!("{}…", &line[..cut]),
-        None => line,
-    }
-}
-
-/// `text` with every credential string replaced.
-fn scrub(credentials: &S3Credentials, text: &str) -> String {
-    credentials
-        .secrets()
-        .fold(text.to_string(), |text, secret| {
-            text.replace(secret, "[redacted]")
-        })
-}
-
-/// Delay before retry number `retry` (1 = the first retry): "equal jitter", half of the capped
-/// exponential step plus a random part of the other half (AWS Architecture Blog, "Exponential
-/// Backoff And Jitter", 2015). The jitter spreads the retries of many agents that failed
-/// together; the fixed half keeps a SlowDown answer from being retried at once.
-fn backoff(retry: u32, random: u64) -> Duration {
-    let step = BACKOFF_BASE
-        .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
-        .min(BACKOFF_CAP);
-    let half = step.as_nanos() as u64 / 2;
-    Duration::from_nanos(half + random % (half + 1))
-}
-
-/// A random number without a random-number crate: std seeds each `RandomState` from the OS
-/// once per thread and then varies it per instance, which is plenty for jitter.
-fn random_u64() -> u64 {
-    RandomState::new().build_hasher().finish()
 }
 
 #[cfg(test)]
