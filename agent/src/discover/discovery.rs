@@ -30,8 +30,8 @@ const PARALLEL_MIN_DIRS: usize = 8;
 /// Why discovery could not run at all.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("pattern root `{root}` cannot be read: {source}")]
-    Root { root: String, source: io::Error },
+    #[error("pattern root `{root}` cannot be read: {error}")]
+    Root { root: String, error: io::Error },
 }
 
 /// What one scan found and changed.
@@ -92,9 +92,17 @@ pub fn scan(pattern: &Pattern, arena: &mut Arena) -> Result<ScanReport, Discover
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => {
             let source = io::Error::new(io::ErrorKind::NotADirectory, "not a directory");
-            return Err(DiscoveryError::Root { root, source });
+            return Err(DiscoveryError::Root {
+                root,
+                error: source,
+            });
         }
-        Err(source) => return Err(DiscoveryError::Root { root, source }),
+        Err(source) => {
+            return Err(DiscoveryError::Root {
+                root,
+                error: source,
+            })
+        }
     }
     let mut report = ScanReport::default();
     let segments = pattern.segments();

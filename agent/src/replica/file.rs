@@ -29,7 +29,7 @@ impl FileReplica {
         move |source| ReplicaError::Io {
             location,
             op,
-            source,
+            error: source,
         }
     }
 }

@@ -110,11 +110,11 @@ pub fn create_new(path: &Path, mode: u32) -> std::io::Result<std::fs::File> {
 /// A replica operation that failed, naming where.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
-    #[error("{location}: {op}: {source}")]
+    #[error("{location}: {op}: {error}")]
     Io {
         location: String,
         op: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{location}: not found")]
     NotFound { location: String },

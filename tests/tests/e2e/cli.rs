@@ -107,7 +107,7 @@ fn parse_prints_fields_or_why_a_path_does_not_match() {
         out.stderr.contains("does not match")
             && out
                 .stderr
-                .contains("segment 2 `dbs` does not match `databases`"),
+                .contains("it has segment 2 `dbs`, which does not match `databases`"),
         "{}",
         out.stderr
     );
