@@ -486,6 +486,14 @@ fn replica_for(cli: &Cli, source: &str) -> Result<ReplicaUrl, Failure> {
     if is_url(source) {
         return ReplicaUrl::parse(source).map_err(|e| Failure::Usage(e.into()));
     }
+    // A database is a file: a directory given here is a replica named without its scheme.
+    if std::path::Path::new(source).is_dir() {
+        let absolute = std::path::absolute(source)
+            .map_or_else(|_| source.to_string(), |p| p.display().to_string());
+        return Err(Failure::Usage(anyhow::anyhow!(
+            "{source} is a directory, not a database; to read it as a replica, pass file://{absolute}"
+        )));
+    }
     let config = load_config(cli)?;
     let pattern = &config.multi_db.pattern;
     let source = &absolute_for(pattern, source);

@@ -124,6 +124,14 @@ impl ReplicaClient for FileReplica {
         Ok(())
     }
 
+    fn exists(&self) -> Result<bool, ReplicaError> {
+        match fs::metadata(&self.root) {
+            Ok(meta) => Ok(meta.is_dir()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(self.io(&self.root, "stat")(e)),
+        }
+    }
+
     fn read_identity(&self) -> Result<Option<Vec<u8>>, ReplicaError> {
         let path = self.root.join(super::IDENTITY_NAME);
         match fs::read(&path) {

@@ -153,6 +153,12 @@ pub trait ReplicaClient: Send + Sync {
     /// The identity object ([`IDENTITY_NAME`]) at the replica's root, if there is one.
     fn read_identity(&self) -> Result<Option<Vec<u8>>, ReplicaError>;
 
+    /// Whether anything was ever written at this replica's root, for a message about an empty
+    /// one: an object store has no directories, so there the identity object answers.
+    fn exists(&self) -> Result<bool, ReplicaError> {
+        Ok(self.read_identity()?.is_some())
+    }
+
     /// Creates the identity object unless one exists (an exclusive create: a link for a
     /// directory, `If-None-Match: *` for S3). Returns false if one already existed.
     fn create_identity(&self, body: &[u8]) -> Result<bool, ReplicaError>;

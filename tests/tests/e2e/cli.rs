@@ -191,6 +191,26 @@ fn bad_input_gets_a_clear_message_and_exit_code() {
     assert_eq!(out.code, 2, "clap usage errors exit 2");
 }
 
+/// Issue 13: a replica directory given without `file://` gets the URL to use, not "no
+/// configuration".
+#[test]
+fn regression_13_a_bare_replica_directory_suggests_its_url() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("replica/ltx/0")).unwrap();
+    let hint = format!(
+        "replica is a directory, not a database; to read it as a replica, pass file://{}/replica",
+        dir.display()
+    );
+    let out = run(multidb(dir).args(["ltx", "replica"]));
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains(&hint), "{}", out.stderr);
+    let out = run(multidb(dir).args(["restore", "-o", "out.db", "replica"]));
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains(&hint), "{}", out.stderr);
+    assert!(!dir.join("out.db").exists());
+}
+
 #[test]
 fn rescan_sees_a_commit_through_the_wal_only() {
     use multidb_agent::discover::{arena::Arena, discovery, pattern::Pattern};
