@@ -272,7 +272,7 @@ impl Pattern {
     }
 
     /// The text of segment `i` as written in the pattern.
-    fn segment_text(&self, i: usize) -> &str {
+    pub fn segment_text(&self, i: usize) -> &str {
         let skip = self.text.trim_start_matches('/').split('/').count() - self.segments.len();
         self.text
             .trim_start_matches('/')

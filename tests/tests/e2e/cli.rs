@@ -191,6 +191,25 @@ fn bad_input_gets_a_clear_message_and_exit_code() {
     assert_eq!(out.code, 2, "clap usage errors exit 2");
 }
 
+/// Issue 13: a pattern that matches nothing says so, at the segment where the walk stopped.
+#[test]
+fn regression_13_a_pattern_that_matches_nothing_says_where() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("data/project1/dbs")).unwrap();
+    seed_config(dir);
+    let out = run(multidb(dir).arg("databases"));
+    assert_eq!((out.code, out.stdout.as_str()), (0, ""), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!(
+            "the pattern matches no database: no directory in `{}/data/project1` matches segment 2 `databases`",
+            dir.display()
+        )),
+        "{}",
+        out.stderr
+    );
+}
+
 /// Issue 13: a replica directory given without `file://` gets the URL to use, not "no
 /// configuration".
 #[test]
