@@ -210,6 +210,59 @@ fn regression_13_a_pattern_that_matches_nothing_says_where() {
     );
 }
 
+/// Issue 13: logs into a pipe carry no colour codes; `MULTIDB_LOG_FORMAT=json` makes each log
+/// line one JSON object.
+#[test]
+fn regression_13_logs_are_plain_in_a_pipe_and_json_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pattern = format!("{}/*.db", dir.display());
+    let out =
+        run(multidb(dir)
+            .env("MULTIDB_LOG", "info")
+            .args(["--pattern", &pattern, "databases"]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("matches no database"), "{}", out.stderr);
+    assert!(!out.stderr.contains('\u{1b}'), "{:?}", out.stderr);
+
+    let out = run(multidb(dir)
+        .env("MULTIDB_LOG", "info")
+        .env("MULTIDB_LOG_FORMAT", "json")
+        .args(["--pattern", &pattern, "databases"]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let logs: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.starts_with("0 databases discovered"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let warning = logs
+        .iter()
+        .find(|l| l["level"] == "WARN")
+        .unwrap_or_else(|| panic!("{}", out.stderr));
+    assert!(
+        warning["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the pattern matches no database"),
+        "{warning}"
+    );
+    assert_eq!(warning["fields"]["pattern"], pattern.as_str());
+
+    let out = run(multidb(dir).env("MULTIDB_LOG_FORMAT", "yaml").args([
+        "--pattern",
+        &pattern,
+        "databases",
+    ]));
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr
+            .contains("MULTIDB_LOG_FORMAT=`yaml`: expected `text` or `json`"),
+        "{}",
+        out.stderr
+    );
+}
+
 /// Issue 13: a replica directory given without `file://` gets the URL to use, not "no
 /// configuration".
 #[test]
