@@ -114,7 +114,7 @@ impl ReplicaTemplate {
         // The whole location, not its parts: values that are each harmless can still meet
         // literal text in a `..`, or leave a `.` or an empty component that a file system or
         // an S3 server folds into another database's location.
-        if let Some(why) = crate::discover::pattern::location_fault(&path) {
+        if let Some(why) = crate::replica::location_fault(&path) {
             return Err(crate::discover::pattern::TemplateError::new(format!(
                 "replica location `{path}` of the database with {fields} {why}"
             )));
@@ -339,7 +339,7 @@ fn replica_template(
     if let Some(why) = path
         .expand(&sample)
         .ok()
-        .and_then(|p| crate::discover::pattern::location_fault(&p))
+        .and_then(|p| crate::replica::location_fault(&p))
     {
         return Err(at(&field("path"), &format!("`{path_text}` {why}")));
     }

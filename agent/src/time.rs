@@ -120,6 +120,33 @@ pub fn format_rfc3339(time: SystemTime) -> String {
     )
 }
 
+/// Delay before retry number `attempt` (1 = the first retry): "equal jitter", half of the
+/// capped exponential step `base * 2^(attempt-1)` plus a random part of the other half (AWS
+/// Architecture Blog, "Exponential Backoff And Jitter", 2015). The jitter spreads the retries
+/// of many clients that failed together; the fixed half keeps a failure from being retried
+/// at once. The one backoff of the agent, its S3 client and `multidb replicate`.
+pub fn backoff(
+    attempt: u32,
+    base: std::time::Duration,
+    cap: std::time::Duration,
+    random: u64,
+) -> std::time::Duration {
+    let step = base
+        .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+        .min(cap);
+    let half = step.as_nanos() as u64 / 2;
+    std::time::Duration::from_nanos(half + random % (half + 1))
+}
+
+/// A random number without a random-number crate: std seeds each `RandomState` from the OS
+/// once per thread and then varies it per instance, which is plenty for jitter.
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

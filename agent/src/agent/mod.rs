@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use crossbeam_channel::{select, Receiver, Sender};
 
 pub mod lock;
@@ -90,6 +89,15 @@ pub struct Options {
 enum Event {
     Commit { dev: u64, ino: u64, time_ns: u64 },
     Register { dev: u64, ino: u64, path: Vec<u8> },
+}
+
+/// What told the scheduler a database was written.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Signal {
+    /// A commit record from the ring.
+    Commit,
+    /// A scan or `-wal` poll saw the files change (maybe the agent's own checkpoint).
+    Detected,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -168,15 +176,31 @@ impl Done {
     }
 }
 
+/// Who has a hot database's replicator: the scheduler (idle, with the replicator once a job
+/// opened it) or a worker (running: the job owns it and hands it back in [`Done`]). A running
+/// database has no replicator here, so nothing can touch one a worker uses.
+// Inline, as the `Option<Replicator>` it replaces was: one per hot database, and a box would
+// cost an allocation per job for no saving.
+#[allow(clippy::large_enum_variant)]
+enum JobState {
+    Idle(Option<Replicator>),
+    Running,
+}
+
+impl JobState {
+    fn running(&self) -> bool {
+        matches!(self, JobState::Running)
+    }
+}
+
 /// A hot database, as the scheduler tracks it.
 struct Hot {
     path: String,
     url: ReplicaUrl,
     dev: u64,
     ino: u64,
-    /// `None` while a job has it, and before the first job opened it.
-    replicator: Option<Replicator>,
-    busy: bool,
+    /// Whether a worker has the database now; while it is idle, its open replicator.
+    job: JobState,
     /// Commits seen that no finished or running sync covers.
     dirty: bool,
     /// When the oldest commit not yet in the replica was made (ns), 0 if none.
@@ -198,20 +222,52 @@ struct Hot {
     last_sync_ns: u64,
 }
 
+/// Why the agent could not start, or stopped with work undone.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Lock(#[from] crate::agent::lock::LockError),
+    #[error(
+        "the configuration has no replica_template: the agent needs to know where replicas go"
+    )]
+    NoReplica,
+    #[error("max_active: {max_active} hot databases need {need} file descriptors, but the hard limit (ulimit -Hn) is {hard}; raise it or lower max_active")]
+    FdLimit {
+        max_active: u64,
+        need: u64,
+        hard: u64,
+    },
+    #[error("{op}: {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] crate::replicate::state::StateError),
+    #[error(transparent)]
+    Ring(#[from] crate::agent::ring::RingFileError),
+    #[error(transparent)]
+    Discovery(#[from] crate::discover::discovery::DiscoveryError),
+    #[error("stopped with {} database(s) not synced (final sync failed or did not finish within {} s): {}; the next start catches them up", .0.len(), SHUTDOWN_TIMEOUT.as_secs(), .0.join(", "))]
+    Unsynced(Vec<String>),
+}
+
+/// An I/O error with what the agent was doing.
+fn io_error(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let op = op.into();
+    move |source| AgentError::Io { op, source }
+}
+
 /// Runs the agent until `options.stop` is set.
-pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+pub fn run(options: Options, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     let config = &options.config;
     let multi = &config.multi_db;
     // Before anything else: a second agent on this state directory stops here.
     let _lock = crate::agent::lock::AgentLock::acquire(&multi.state_dir)?;
-    let template = multi.replica.clone().context(
-        "the configuration has no replica_template: the agent needs to know where replicas go",
-    )?;
+    let template = multi.replica.clone().ok_or(AgentError::NoReplica)?;
     raise_fd_limit(u64::from(multi.max_active))?;
-    let store =
-        Arc::new(StateStore::open(&multi.state_dir).with_context(|| {
-            format!("opening the state directory {}", multi.state_dir.display())
-        })?);
+    let store = Arc::new(StateStore::open(&multi.state_dir)?);
     let ring_file = Arc::new(RingFile::create_or_open(
         &options.ring_path,
         layout::DEFAULT_SLOTS,
@@ -220,15 +276,16 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let slots = (layout::DEFAULT_SLOTS, status_entries(multi.max_active));
     let socket = crate::agent::status::socket_path(&multi.state_dir);
     crate::agent::status::serve_status(&socket, metrics.clone())
-        .with_context(|| format!("serving status on {}", socket.display()))?;
+        .map_err(io_error(format!("serving status on {}", socket.display())))?;
     if let Some(addr) = multi.addr {
         crate::agent::status::serve_metrics(addr, metrics.clone())
-            .with_context(|| format!("serving metrics on {addr}"))?;
+            .map_err(io_error(format!("serving metrics on {addr}")))?;
     }
     let tmp_dir = multi.state_dir.join("tmp");
     // Leftovers of a killed agent: never renamed into a replica, so never needed.
     let _ = std::fs::remove_dir_all(&tmp_dir);
-    std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
+    std::fs::create_dir_all(&tmp_dir)
+        .map_err(io_error(format!("creating {}", tmp_dir.display())))?;
 
     // Before the scan: a write racing with it is then newer than the watch start.
     let watch_start_ns = store.watch_start_ns(layout::now_ns())?;
@@ -250,7 +307,8 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         event_tx,
         reader_stop.clone(),
         metrics.clone(),
-    )?;
+    )
+    .map_err(io_error("starting the ring reader"))?;
     let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
     let mut workers = Vec::new();
@@ -269,7 +327,8 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
                             return;
                         }
                     }
-                })?,
+                })
+                .map_err(io_error("starting a sync worker"))?,
         );
     }
     drop(done_tx);
@@ -289,7 +348,8 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
                         return;
                     }
                 }
-            })?;
+            })
+            .map_err(io_error("starting a maintenance worker"))?;
     }
     drop(maintained_tx);
 
@@ -322,14 +382,18 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     scheduler.check_collisions();
     scheduler.recover(watch_start_ns, options.baseline)?;
     scheduler.main_loop(&event_rx, &done_rx, &maintained_rx, options.stop.as_ref());
-    scheduler.shut_down(&done_rx);
+    let unsynced = scheduler.shut_down(&done_rx);
     reader_stop.store(true, Ordering::Relaxed);
     drop(scheduler);
     let _ = reader.join();
+    let _ = std::fs::remove_file(&socket);
+    if !unsynced.is_empty() {
+        // Workers still in a request are not waited for: the process is ending.
+        return Err(AgentError::Unsynced(unsynced));
+    }
     for w in workers {
         let _ = w.join();
     }
-    let _ = std::fs::remove_file(&socket);
     Ok(())
 }
 
@@ -348,7 +412,7 @@ fn report_ms(since: Instant) -> u64 {
 }
 
 /// Raises the soft descriptor limit to what `max_active` hot databases need, or refuses.
-fn raise_fd_limit(max_active: u64) -> anyhow::Result<()> {
+fn raise_fd_limit(max_active: u64) -> Result<(), AgentError> {
     let need = max_active * FDS_PER_HOT + FDS_BASE;
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -356,21 +420,26 @@ fn raise_fd_limit(max_active: u64) -> anyhow::Result<()> {
     };
     // SAFETY: getrlimit writes into the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("reading RLIMIT_NOFILE");
+        return Err(io_error("reading RLIMIT_NOFILE")(
+            std::io::Error::last_os_error(),
+        ));
     }
     if limit.rlim_cur >= need {
         return Ok(());
     }
     if limit.rlim_max < need {
-        anyhow::bail!(
-            "max_active: {max_active} hot databases need {need} file descriptors, but the hard limit (ulimit -Hn) is {}; raise it or lower max_active",
-            limit.rlim_max
-        );
+        return Err(AgentError::FdLimit {
+            max_active,
+            need,
+            hard: limit.rlim_max,
+        });
     }
     limit.rlim_cur = need;
     // SAFETY: setrlimit reads the struct we pass.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("raising RLIMIT_NOFILE");
+        return Err(io_error("raising RLIMIT_NOFILE")(
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -451,10 +520,12 @@ fn sync_time(last_start: Option<Instant>, interval: Duration) -> Instant {
 
 /// Capped exponential backoff with jitter for a database whose syncs keep failing.
 fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_millis(100).saturating_mul(1 << failures.min(10));
-    let capped = base.min(MAX_BACKOFF);
-    let jitter = layout::now_ns() % (capped.as_millis() as u64 / 4 + 1);
-    capped + Duration::from_millis(jitter)
+    crate::time::backoff(
+        failures.saturating_add(1),
+        Duration::from_millis(100),
+        MAX_BACKOFF,
+        crate::time::random_u64(),
+    )
 }
 
 #[cfg(test)]
@@ -506,9 +577,12 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        assert!(backoff(1) >= Duration::from_millis(200));
-        assert!(backoff(1) < Duration::from_millis(300));
-        assert!(backoff(30) >= MAX_BACKOFF);
-        assert!(backoff(30) <= MAX_BACKOFF + MAX_BACKOFF / 4 + Duration::from_millis(1));
+        // The first failure waits 100-200 ms, later ones double, never past the cap.
+        for _ in 0..100 {
+            assert!(backoff(1) >= Duration::from_millis(100));
+            assert!(backoff(1) <= Duration::from_millis(200));
+            assert!(backoff(30) >= MAX_BACKOFF / 2);
+            assert!(backoff(30) <= MAX_BACKOFF);
+        }
     }
 }

@@ -79,8 +79,8 @@ impl Scheduler<'_> {
             return;
         }
         tracing::info!(db = %hot.path, "database file replaced at its path; its replica continues with a snapshot of the new file");
-        if !hot.busy {
-            hot.replicator = None;
+        if let JobState::Idle(replicator) = &mut hot.job {
+            *replicator = None; // every handle on the old file goes now
         }
         self.move_status(id, dev, ino);
     }
@@ -261,7 +261,7 @@ impl Scheduler<'_> {
             hot,
             cold: (self.arena.len() as u64).saturating_sub(hot),
             waiting: self.waiting.len() as u64,
-            in_flight: self.hot.values().filter(|h| h.busy).count() as u64,
+            in_flight: self.hot.values().filter(|h| h.job.running()).count() as u64,
             max_active: u64::from(self.config.multi_db.max_active),
             last_scan_ms: self.last_scan_ms,
             ring_dropped: stats.dropped,

@@ -12,7 +12,11 @@ impl Scheduler<'_> {
     /// file or `-wal` changed since the agent first watched this host (`watch_start_ns`), so
     /// installing the agent does not upload every database (unless `baseline`), and nothing
     /// written after that is missed.
-    pub(super) fn recover(&mut self, watch_start_ns: u64, baseline: bool) -> anyhow::Result<()> {
+    pub(super) fn recover(
+        &mut self,
+        watch_start_ns: u64,
+        baseline: bool,
+    ) -> Result<(), crate::replicate::state::StateError> {
         let now = layout::now_ns();
         let mut seen = vec![
             false;
@@ -69,7 +73,10 @@ impl Scheduler<'_> {
             .hot
             .iter()
             .filter(|(_, h)| {
-                !h.busy && !h.dirty && !h.demoting && h.last_write.elapsed() >= multi.idle_timeout
+                !h.job.running()
+                    && !h.dirty
+                    && !h.demoting
+                    && h.last_write.elapsed() >= multi.idle_timeout
             })
             .map(|(&id, _)| id)
             .collect();
@@ -86,11 +93,13 @@ impl Scheduler<'_> {
         let changed: Vec<DbId> = self
             .hot
             .iter()
-            .filter(|(_, h)| !h.busy && !h.dirty && WalStamp::of_wal(&h.path) != h.wal_stamp)
+            .filter(|(_, h)| {
+                !h.job.running() && !h.dirty && WalStamp::of_wal(&h.path) != h.wal_stamp
+            })
             .map(|(&id, _)| id)
             .collect();
         for id in changed {
-            self.on_write(id, now_ns);
+            self.on_write(id, now_ns, Signal::Detected);
         }
     }
 
@@ -142,7 +151,7 @@ impl Scheduler<'_> {
             self.check_collisions();
         }
         for id in written {
-            self.on_write(id, now);
+            self.on_write(id, now, Signal::Detected);
         }
         tracing::debug!(
             ms = self.last_scan_ms,

@@ -51,7 +51,7 @@ impl Scheduler<'_> {
     pub(super) fn next_due(&self) -> Option<Instant> {
         self.hot
             .values()
-            .filter(|h| !h.busy)
+            .filter(|h| !h.job.running())
             .filter_map(|h| h.due)
             .min()
     }
@@ -59,7 +59,7 @@ impl Scheduler<'_> {
     pub(super) fn on_event(&mut self, event: Event) {
         match event {
             Event::Commit { dev, ino, time_ns } => match self.arena.lookup_inode(dev, ino) {
-                Some(id) => self.on_write(id, time_ns),
+                Some(id) => self.on_write(id, time_ns, Signal::Commit),
                 None => self.ask_rescan(),
             },
             Event::Register { dev, ino, path } => {
@@ -92,15 +92,20 @@ impl Scheduler<'_> {
         }
     }
 
-    /// A commit to `id` was made at `time_ns`.
-    pub(super) fn on_write(&mut self, id: DbId, time_ns: u64) {
+    /// A commit to `id` was made at `time_ns` (`Signal::Commit`), or a scan or `-wal` poll
+    /// saw its files change (`Signal::Detected`). Only a commit, or a sync that found new
+    /// frames, counts as a write for `idle_timeout`: a change the agent caused itself (its
+    /// checkpoint, a WAL deleted on close) must not keep a database hot.
+    pub(super) fn on_write(&mut self, id: DbId, time_ns: u64, signal: Signal) {
         if !self.hot.contains_key(&id) {
             self.request_promotion(id, time_ns);
             return;
         }
         self.follow_inode(id);
         let hot = self.hot.get_mut(&id).expect("checked above");
-        hot.last_write = Instant::now();
+        if signal == Signal::Commit {
+            hot.last_write = Instant::now();
+        }
         hot.dirty = true;
         if hot.pending_since_ns == 0 {
             hot.pending_since_ns = time_ns.max(1);
@@ -109,7 +114,7 @@ impl Scheduler<'_> {
             self.publish(status);
         }
         let hot = self.hot.get_mut(&id).expect("checked above");
-        if !hot.busy && hot.due.is_none() {
+        if !hot.job.running() && hot.due.is_none() {
             hot.due = Some(sync_time(
                 hot.last_sync_start,
                 self.config.multi_db.sync_interval,
@@ -202,8 +207,7 @@ impl Scheduler<'_> {
             url,
             dev,
             ino,
-            replicator: None,
-            busy: false,
+            job: JobState::Idle(None),
             dirty: true,
             pending_since_ns: since_ns,
             in_flight_since_ns: 0,
@@ -227,7 +231,7 @@ impl Scheduler<'_> {
     pub(super) fn start_demotion(&mut self, id: DbId) {
         if let Some(hot) = self.hot.get_mut(&id) {
             hot.demoting = true;
-            if !hot.busy {
+            if !hot.job.running() {
                 hot.due = Some(Instant::now());
             }
         }
@@ -239,7 +243,7 @@ impl Scheduler<'_> {
         let due: Vec<DbId> = self
             .hot
             .iter()
-            .filter(|(_, h)| !h.busy && h.due.is_some_and(|d| d <= now))
+            .filter(|(_, h)| !h.job.running() && h.due.is_some_and(|d| d <= now))
             .map(|(&id, _)| id)
             .collect();
         for id in due {
@@ -262,11 +266,13 @@ impl Scheduler<'_> {
             kind,
             path: PathBuf::from(&hot.path),
             url: hot.url.clone(),
-            replicator: hot.replicator.take(),
+            replicator: match std::mem::replace(&mut hot.job, JobState::Running) {
+                JobState::Idle(replicator) => replicator,
+                JobState::Running => None, // dispatch_due never picks a running database
+            },
             checkpoint_due: hot.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL,
             started_ns: layout::now_ns(),
         };
-        hot.busy = true;
         hot.due = None;
         hot.dirty = false;
         hot.in_flight_since_ns = std::mem::take(&mut hot.pending_since_ns);
@@ -289,8 +295,7 @@ impl Scheduler<'_> {
             self.move_status(done.id, dev, ino);
         }
         let hot = self.hot.get_mut(&done.id).expect("checked above");
-        hot.busy = false;
-        hot.replicator = done.replicator;
+        hot.job = JobState::Idle(done.replicator);
         if done.replaced {
             // A new file at the path: its history starts with a snapshot at the next sync,
             // by a replicator that opens it afresh (this job dropped every handle on the old).
@@ -322,6 +327,10 @@ impl Scheduler<'_> {
                 hot.in_flight_since_ns = 0;
                 if let Some(s) = synced {
                     maintain = true;
+                    // New frames were written before this sync started.
+                    if let Some(start) = hot.last_sync_start {
+                        hot.last_write = hot.last_write.max(start);
+                    }
                     self.metrics.syncs.fetch_add(1, Ordering::Relaxed);
                     self.metrics
                         .bytes_uploaded
@@ -419,7 +428,9 @@ impl Scheduler<'_> {
 
     /// Final sync, checkpoint and close of every hot database, for at most
     /// [`SHUTDOWN_TIMEOUT`].
-    pub(super) fn shut_down(&mut self, done: &Receiver<Done>) {
+    /// Returns the databases whose final sync failed or did not finish in time.
+    pub(super) fn shut_down(&mut self, done: &Receiver<Done>) -> Vec<String> {
+        let mut unsynced = Vec::new();
         let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
         let ids: Vec<DbId> = self.hot.keys().copied().collect();
         tracing::info!(
@@ -433,13 +444,18 @@ impl Scheduler<'_> {
             self.dispatch_due();
             match done.recv_timeout(TICK) {
                 Ok(finished) => {
-                    let failed = finished.result.is_err();
+                    // A refusal is not a failed sync: there was nothing to replicate.
+                    let failed = finished.result.is_err() && finished.refusal.is_none();
                     let id = finished.id;
+                    let error = finished.result.as_ref().err().cloned();
                     self.on_done(finished);
                     if failed {
                         // One attempt at shutdown; the state directory and the next start
                         // take it from here.
-                        self.hot.remove(&id);
+                        if let Some(hot) = self.hot.remove(&id) {
+                            tracing::error!(db = %hot.path, error = %error.unwrap_or_default(), "final sync failed");
+                            unsynced.push(hot.path);
+                        }
                     }
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
@@ -451,7 +467,10 @@ impl Scheduler<'_> {
                 hot = self.hot.len(),
                 "stopped before every final sync finished; the next start catches up"
             );
+            unsynced.extend(self.hot.values().map(|h| h.path.clone()));
         }
         self.update_gauges();
+        unsynced.sort();
+        unsynced
     }
 }

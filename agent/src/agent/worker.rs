@@ -58,7 +58,10 @@ impl WorkerContext {
             Err(e) => {
                 done.failed(&e);
                 if done.replaced || done.refusal.is_some() {
-                    return done; // the replicator (and every handle on the old file) goes
+                    // The replicator (and every handle on the old file) goes, and its file
+                    // id no longer names the database at the path.
+                    done.file_id = None;
+                    return done;
                 }
             }
         }

@@ -73,7 +73,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             },
         };
         let metrics = metrics.clone();
-        std::thread::spawn(move || crate::agent::run(options, metrics))
+        std::thread::spawn(move || crate::agent::run(options, metrics).map_err(anyhow::Error::from))
     };
     let outcome = walkthrough(&config, &data, &dir, &extension, &metrics, &agent);
     stop.store(true, Ordering::Relaxed);

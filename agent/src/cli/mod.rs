@@ -264,7 +264,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 stop: std::sync::Arc::new(crate::cli::signals::interrupted),
             };
             let metrics = std::sync::Arc::new(crate::agent::status::Metrics::default());
-            crate::agent::run(options, metrics)?;
+            crate::agent::run(options, metrics).map_err(anyhow::Error::from)?;
         }
         Command::Status { json } => {
             let config = load_config(&cli)?;

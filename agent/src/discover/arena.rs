@@ -19,51 +19,7 @@ pub type DbId = u32;
 /// only those two of the ring's tiers.
 pub use multidb::ring::Tier;
 
-/// The last seen state of a database's `-wal` file, packed into eight bytes.
-///
-/// In WAL mode a commit changes only the `-wal`, never the main file, so this is how a scan
-/// notices writes by applications that do not load the extension. The size saturates at
-/// 4 GiB and the modification time keeps its low 32 bits of nanoseconds: together they change
-/// on every append; an equal stamp after a change needs the same size and an mtime exactly a
-/// multiple of 4.29 s later, and is caught by the next write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct WalStamp(u64);
-
-impl WalStamp {
-    /// No `-wal` file.
-    pub const NONE: WalStamp = WalStamp(0);
-
-    pub fn new(size: u64, mtime_ns: i64) -> WalStamp {
-        let size = size.min(u64::from(u32::MAX) - 1) + 1; // +1 so an empty WAL is not NONE
-        WalStamp((size << 32) | (mtime_ns as u64 & 0xffff_ffff))
-    }
-
-    /// The stamp of `db_path`'s `-wal` now (NONE when it is missing or not a regular file).
-    /// Discovery and the agent both take stamps here, so theirs compare equal.
-    pub fn of_wal(db_path: &str) -> WalStamp {
-        let mut wal = String::with_capacity(db_path.len() + 4);
-        wal.push_str(db_path);
-        wal.push_str("-wal");
-        match std::fs::symlink_metadata(&wal) {
-            Ok(m) if m.is_file() => WalStamp::new(m.len(), mtime_ns(&m) as i64),
-            _ => WalStamp::NONE,
-        }
-    }
-
-    /// The packed value, for the state database.
-    pub fn raw(self) -> u64 {
-        self.0
-    }
-
-    pub fn from_raw(raw: u64) -> WalStamp {
-        WalStamp(raw)
-    }
-
-    /// The WAL size in bytes (saturated at 4 GiB), or `None` if there was no WAL.
-    pub fn size(self) -> Option<u64> {
-        (self.0 != 0).then(|| (self.0 >> 32) - 1)
-    }
-}
+pub use crate::replicate::wal::{mtime_ns, WalStamp};
 
 /// One database found by a scan.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,13 +27,6 @@ pub struct FoundFile {
     pub name: String,
     pub ino: u64,
     pub wal: WalStamp,
-}
-
-/// A file's modification time in nanoseconds since the epoch (CLOCK_REALTIME, the agent's
-/// clock).
-pub fn mtime_ns(m: &std::fs::Metadata) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    (m.mtime() as u64).saturating_mul(1_000_000_000) + m.mtime_nsec() as u64
 }
 
 /// What a scan changed.

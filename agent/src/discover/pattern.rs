@@ -355,24 +355,7 @@ impl TemplateError {
     }
 }
 
-/// Why an expanded location is not a canonical path below its root, or `None` when it is:
-/// a file system resolves `.` and `..` and folds `//`, and S3 servers normalise keys the same
-/// way, so a location that is not already in that form may land in another database's place
-/// (hazard 15). Checked on the whole expanded text, since a value that is safe alone (`.`)
-/// is not safe beside literal text (`.{{tenant}}` gives `..`).
-pub fn location_fault(location: &str) -> Option<String> {
-    let body = location.strip_prefix('/').unwrap_or(location);
-    for component in body.split('/') {
-        let why = match component {
-            "" => "has an empty component (`//`, or a `/` at an end), which is normalised away",
-            "." => "has a `.` component, which is normalised away",
-            ".." => "has a `..` component, which leaves the replica root",
-            _ => continue,
-        };
-        return Some(why.to_string());
-    }
-    None
-}
+pub use crate::replica::location_fault;
 
 /// A replica path template such as `/backups/{{project}}/{{tenant}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]

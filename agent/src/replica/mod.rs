@@ -18,6 +18,25 @@ use std::time::SystemTime;
 /// Level of snapshots (whole databases), as in Litestream.
 pub const SNAPSHOT_LEVEL: u8 = 9;
 
+/// Why an expanded location is not a canonical path below its root, or `None` when it is:
+/// a file system resolves `.` and `..` and folds `//`, and S3 servers normalise keys the same
+/// way, so a location that is not already in that form may land in another database's place
+/// (hazard 15). Checked on the whole expanded text, since a value that is safe alone (`.`)
+/// is not safe beside literal text (`.{{tenant}}` gives `..`).
+pub fn location_fault(location: &str) -> Option<String> {
+    let body = location.strip_prefix('/').unwrap_or(location);
+    for component in body.split('/') {
+        let why = match component {
+            "" => "has an empty component (`//`, or a `/` at an end), which is normalised away",
+            "." => "has a `.` component, which is normalised away",
+            ".." => "has a `..` component, which leaves the replica root",
+            _ => continue,
+        };
+        return Some(why.to_string());
+    }
+    None
+}
+
 /// The identity object naming `db` as the database whose history a location holds.
 pub fn identity_json(db: &str) -> Vec<u8> {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();

@@ -14,13 +14,6 @@ pub struct RunOptions {
     pub max_backoff: std::time::Duration,
 }
 
-/// The `-wal` file's size and modification time: a commit changes one or both.
-fn wal_stamp(path: &Path) -> Option<(u64, i64, i64)> {
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.len(), m.mtime(), m.mtime_nsec()))
-}
-
 /// The replication loop: syncs when the WAL changes, until `stop` says so (then one final
 /// sync) or after one pass with `once`. `on_sync` sees every sync that wrote a file.
 pub fn run_with(
@@ -37,14 +30,14 @@ pub fn run_with(
     if let Some(store) = store {
         replicator = replicator.with_state(store);
     }
-    let mut backoff = options.poll;
+    let mut failures = 0;
     let mut last_stamp = None;
     let policy = crate::replicate::compaction::Policy::default();
     let mut last_maintenance = Instant::now();
     let mut written_since_maintenance = false;
     let mut last_checkpoint = Instant::now();
     loop {
-        let stamp = wal_stamp(&replicator.wal_path);
+        let stamp = Some(super::wal::WalStamp::of_wal(&db.to_string_lossy()));
         let stopping = stop();
         if stamp != last_stamp || stopping || options.once || replicator.state.is_none() {
             match replicator.cycle(last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL) {
@@ -56,7 +49,7 @@ pub fn run_with(
                         last_checkpoint = Instant::now();
                     }
                     last_stamp = stamp;
-                    backoff = options.poll;
+                    failures = 0;
                     let kind = s
                         .snapshot_reason
                         .map_or("sync".to_string(), |why| format!("snapshot ({why})"));
@@ -75,9 +68,15 @@ pub fn run_with(
                 }
                 Err(e) if options.once || stopping => return Err(e),
                 Err(e) => {
+                    failures += 1;
+                    let backoff = crate::time::backoff(
+                        failures,
+                        options.poll,
+                        options.max_backoff,
+                        crate::time::random_u64(),
+                    );
                     tracing::error!(db = %db.display(), error = %e, retry_ms = backoff.as_millis() as u64, "sync failed");
                     std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(options.max_backoff);
                     continue;
                 }
             }

@@ -1336,3 +1336,92 @@ fn integrity_7_slow_s3_and_outages_through_a_proxy() {
     assert!(oldest_unreplicated(&status) < 5000, "caught up: {status}");
     assert_eq!(agent.stop(), 0);
 }
+
+// ---------------------------------------------------------------------------------------
+// Issue 13, the agent's front door
+// ---------------------------------------------------------------------------------------
+
+/// Demotion comes at `idle_timeout` after the last commit, not after the last change the
+/// agent merely saw: here the `-wal` is touched every 300 ms (as the agent's own checkpoint
+/// or a WAL deleted on close would change it) and the database must still be demoted.
+#[test]
+fn front_door_idle_demotion_is_not_delayed_by_changes_without_a_commit() {
+    let site = Site::new([1, 1, 1, 2], 4, "");
+    write_config(
+        &site,
+        &site.config,
+        None,
+        "  sync_interval: 100ms\n  scan_interval: 1s\n  idle_timeout: 2s\n",
+        &file_replica(&site, SEED_TEMPLATE),
+    );
+    let agent = AgentProc::start(site.tmp.path(), &site.config, &site.ring, &[]);
+    let db = &site.dbs[0];
+    let w = commit_and_wait(db, &site.ring, &mark(db, "idle"), 10_000);
+    assert_eq!(w.wait, "1", "{w}");
+    let wal = PathBuf::from(format!("{}-wal", db.display()));
+    let committed = Instant::now();
+    let demoted = loop {
+        let s = agent.status();
+        if s["demotions"].as_u64().unwrap_or(0) >= 1 && s["tiers"]["hot"] == 0 {
+            break committed.elapsed();
+        }
+        assert!(
+            committed.elapsed() < Duration::from_secs(15),
+            "not demoted 15 s after the last commit with idle_timeout 2s while its -wal kept changing: {s}\n{}",
+            agent.log_text()
+        );
+        // A change without a commit: the -wal's mtime moves.
+        let now = std::time::SystemTime::now();
+        std::fs::File::options()
+            .append(true)
+            .open(&wal)
+            .and_then(|f| f.set_modified(now))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    eprintln!("demoted {demoted:?} after the last commit (idle_timeout 2 s)");
+    assert_eq!(agent.stop(), 0);
+    assert_restores_equal(site.tmp.path(), &site.config, db, &[]);
+}
+
+/// SIGTERM while the replica is unreachable: the final syncs fail, the agent exits 1 and
+/// names the databases that were not synced (it used to exit 0).
+#[test]
+fn front_door_sigterm_after_a_failed_final_sync_exits_1_naming_the_databases() {
+    let server = S3Server::start();
+    let upstream: std::net::SocketAddr = server
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let proxy = FaultProxy::start(upstream);
+    let site = Site::new([1, 1, 1, 2], 4, "");
+    write_config(
+        &site,
+        &site.config,
+        None,
+        "  sync_interval: 5s\n  scan_interval: 1s\n",
+        &format!(
+            "    type: s3\n    bucket: {BUCKET}\n    endpoint: \"{}\"\n    path: \"front/{SEED_TEMPLATE}\"\n",
+            proxy.endpoint()
+        ),
+    );
+    let env = server.env();
+    let agent = AgentProc::start(site.tmp.path(), &site.config, &site.ring, &env);
+    let db = &site.dbs[0];
+    let w = commit_and_wait(db, &site.ring, &mark(db, "first"), 30_000);
+    assert_eq!(w.wait, "1", "{w}");
+    // The store goes away; a commit is made (the next sync is 5 s off), then SIGTERM.
+    proxy.set_mode(Mode::Refuse);
+    let out = sql_ext(db, &site.ring, &mark(db, "second"));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = agent.log.clone();
+    let code = agent.stop();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(code, 1, "exit code after a failed final sync: {text}");
+    assert!(
+        text.contains("not synced") && text.contains(&db.display().to_string()),
+        "the message names the database: {text}"
+    );
+}

@@ -25,7 +25,9 @@ pub fn shell(db: &Path, sql: &str) -> Run {
         .stdin
         .take()
         .unwrap()
-        .write_all(sql.as_bytes())
+        // As applications do: wait for locks (the replicator's TRUNCATE checkpoint holds the
+        // write lock for a moment) instead of failing at once with SQLITE_BUSY.
+        .write_all(format!(".timeout 10000\n{sql}").as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
     let run = Run {

@@ -93,20 +93,10 @@ pub(super) fn excerpt(body: &str) -> String {
     }
 }
 
-/// Delay before retry number `retry` (1 = the first retry): "equal jitter", half of the capped
-/// exponential step plus a random part of the other half (AWS Architecture Blog, "Exponential
-/// Backoff And Jitter", 2015). The jitter spreads the retries of many agents that failed
-/// together; the fixed half keeps a SlowDown answer from being retried at once.
+/// Delay before S3 retry number `retry` (1 = the first retry), [`crate::time::backoff`]
+/// between [`BACKOFF_BASE`] and [`BACKOFF_CAP`].
 pub(super) fn backoff(retry: u32, random: u64) -> Duration {
-    let step = BACKOFF_BASE
-        .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
-        .min(BACKOFF_CAP);
-    let half = step.as_nanos() as u64 / 2;
-    Duration::from_nanos(half + random % (half + 1))
+    crate::time::backoff(retry, BACKOFF_BASE, BACKOFF_CAP, random)
 }
 
-/// A random number without a random-number crate: std seeds each `RandomState` from the OS
-/// once per thread and then varies it per instance, which is plenty for jitter.
-pub(super) fn random_u64() -> u64 {
-    RandomState::new().build_hasher().finish()
-}
+pub(super) use crate::time::random_u64;

@@ -32,7 +32,7 @@ impl S3Location {
         }
         let trimmed = prefix.trim_matches('/');
         if let Some(why) = (!trimmed.is_empty())
-            .then(|| crate::discover::pattern::location_fault(trimmed))
+            .then(|| crate::replica::location_fault(trimmed))
             .flatten()
         {
             // The server would store and list another prefix than the one asked for.

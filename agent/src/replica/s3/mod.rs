@@ -12,10 +12,8 @@
 //! environment (or are given explicitly); they are never logged, `Debug` redacts them, and every
 //! error message is scrubbed of them before it leaves this module.
 
-use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::fs;
-use std::hash::{BuildHasher, Hasher};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Once;
