@@ -330,3 +330,65 @@ fn rescan_sees_a_commit_through_the_wal_only() {
     assert_eq!(diff.added.len(), 1);
     drop(conn);
 }
+
+/// The repository's root, where `scripts/` and the README are.
+fn repo_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Issue 13: `scripts/run.sh` set up the S3 server and Litestream of the tests before the
+/// demo, which needs neither; it asks `setup.sh --build`, which installs only what building
+/// needs (here: nothing, libclang being given, and no Python tool is ever run).
+#[test]
+fn regression_13_run_sh_installs_only_what_the_demo_needs() {
+    let root = repo_root();
+    let run_sh = fs::read_to_string(root.join("scripts/run.sh")).unwrap();
+    assert!(
+        run_sh
+            .lines()
+            .any(|l| l.trim() == "scripts/setup.sh --build"),
+        "{run_sh}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let log = tmp.path().join("python3.log");
+    let stub = format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", log.display());
+    fs::write(bin.join("python3"), stub).unwrap();
+    fs::set_permissions(
+        bin.join("python3"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = run(std::process::Command::new("/bin/bash")
+        .arg(root.join("scripts/setup.sh"))
+        .arg("--build")
+        .env("PATH", &bin)
+        .env("LIBCLANG_PATH", tmp.path())
+        .env("HOME", tmp.path()));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        !log.exists(),
+        "setup.sh --build ran python3: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+/// Issue 13: the README's demo transcript shows the paths of a clone anyone could have
+/// (`/home/me/multidb`), not those of the machine it was recorded on.
+#[test]
+fn regression_13_readme_demo_shows_no_machine_paths() {
+    let readme = fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let start = readme
+        .find("\nmultidb demo in ")
+        .expect("the demo transcript");
+    let transcript = &readme[start..start + readme[start..].find("```").unwrap()];
+    for line in transcript.lines().filter(|l| l.contains("multidb-demo")) {
+        for (i, _) in line.match_indices("multidb-demo") {
+            assert!(
+                line[..i].ends_with("/home/me/multidb/"),
+                "a machine's path in the README: {line}"
+            );
+        }
+    }
+}
