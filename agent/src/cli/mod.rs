@@ -585,6 +585,12 @@ mod tests {
                 error: os(),
             }
             .into(),
+            crate::replicate::ReplicateError::Io {
+                db: "/d/acme.db".into(),
+                op: "read the WAL",
+                error: os(),
+            }
+            .into(),
         ];
         for e in errors {
             let text = format!("{e:#}");
