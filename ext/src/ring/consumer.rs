@@ -55,7 +55,7 @@ impl Ring<'_> {
         let tail_field = self.u64_at(off::TAIL);
         let t = tail_field.load(Ordering::Relaxed);
         let seq = self.seq(t).load(Ordering::Acquire);
-        if seq == t + 1 {
+        if seq == t.wrapping_add(1) {
             consumer.stuck_since_ns = None;
             consumer.in_stuck_run = false;
             return self.take(t);
@@ -79,20 +79,26 @@ impl Ring<'_> {
             // The producer died between claim and publish: free the slot for the next lap.
             if self
                 .seq(t)
-                .compare_exchange(t, t + self.slots, Ordering::AcqRel, Ordering::Relaxed)
+                .compare_exchange(
+                    t,
+                    t.wrapping_add(self.slots),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
                 .is_err()
             {
                 return Pop::Pending; // published just now; read it next time
             }
-            tail_field.store(t + 1, Ordering::Release);
+            tail_field.store(t.wrapping_add(1), Ordering::Release);
             self.u64_at(off::SKIPPED).fetch_add(1, Ordering::Relaxed);
             consumer.stuck_since_ns = None;
             consumer.in_stuck_run = true;
             return Pop::Skipped;
         }
         // Neither free nor published: the slot holds garbage. Count, reset and move on.
-        self.seq(t).store(t + self.slots, Ordering::Release);
-        tail_field.store(t + 1, Ordering::Release);
+        self.seq(t)
+            .store(t.wrapping_add(self.slots), Ordering::Release);
+        tail_field.store(t.wrapping_add(1), Ordering::Release);
         self.u64_at(off::INVALID).fetch_add(1, Ordering::Relaxed);
         Pop::Skipped
     }
@@ -114,7 +120,7 @@ impl Ring<'_> {
         let tail_field = self.u64_at(off::TAIL);
         if check != check_word(t, &words) || !valid_shape {
             self.release(t, 1);
-            tail_field.store(t + 1, Ordering::Release);
+            tail_field.store(t.wrapping_add(1), Ordering::Release);
             self.u64_at(off::INVALID).fetch_add(1, Ordering::Relaxed);
             return Pop::Skipped;
         }
@@ -129,14 +135,19 @@ impl Ring<'_> {
             })
         } else {
             let cont = nslots - 1;
-            let all_published =
-                (1..=cont).all(|i| self.seq(t + i).load(Ordering::Acquire) == t + i + 1);
+            let all_published = (1..=cont).all(|i| {
+                let ticket = t.wrapping_add(i);
+                self.seq(ticket).load(Ordering::Acquire) == ticket.wrapping_add(1)
+            });
             let mut path = Vec::with_capacity(words[4] as usize);
             if all_published {
                 for i in 1..=cont {
                     for j in 0..CONT_BYTES / 8 {
                         path.extend_from_slice(
-                            &self.word(t + i, j).load(Ordering::Relaxed).to_ne_bytes(),
+                            &self
+                                .word(t.wrapping_add(i), j)
+                                .load(Ordering::Relaxed)
+                                .to_ne_bytes(),
                         );
                     }
                 }
@@ -144,7 +155,7 @@ impl Ring<'_> {
             }
             if !all_published || path_hash(&path) != words[3] {
                 self.release(t, 1);
-                tail_field.store(t + 1, Ordering::Release);
+                tail_field.store(t.wrapping_add(1), Ordering::Release);
                 self.u64_at(off::INVALID).fetch_add(1, Ordering::Relaxed);
                 return Pop::Skipped;
             }
@@ -157,13 +168,15 @@ impl Ring<'_> {
             }
         };
         self.release(t, nslots);
-        tail_field.store(t + nslots, Ordering::Release);
+        tail_field.store(t.wrapping_add(nslots), Ordering::Release);
         Pop::Record(record)
     }
 
     fn release(&self, t: u64, n: u64) {
         for i in 0..n {
-            self.seq(t + i).store(t + i + self.slots, Ordering::Release);
+            let ticket = t.wrapping_add(i);
+            self.seq(ticket)
+                .store(ticket.wrapping_add(self.slots), Ordering::Release);
         }
     }
 
@@ -175,7 +188,7 @@ impl Ring<'_> {
         let observed = wake.load(Ordering::SeqCst);
         sleeping.store(1, Ordering::SeqCst);
         let t = self.u64_at(off::TAIL).load(Ordering::Relaxed);
-        if self.seq(t).load(Ordering::SeqCst) == t + 1 {
+        if self.seq(t).load(Ordering::SeqCst) == t.wrapping_add(1) {
             sleeping.store(0, Ordering::SeqCst);
             return;
         }

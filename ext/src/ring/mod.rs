@@ -20,6 +20,9 @@
 //!
 //! Everything read from the file is untrusted: the geometry is checked against the file size
 //! before use, every record carries a check word, and a bad record is counted and skipped.
+//! Tickets advance with wrapping arithmetic: no ring lives to post 2^64 records, but a
+//! corrupted or hostile header can put `head` or `tail` anywhere, and an overflow must not
+//! panic a producer's commit hook or the agent.
 
 mod consumer;
 mod futex;
@@ -410,6 +413,37 @@ mod tests {
                 RingError::BadMagic
             );
         }
+    }
+
+    /// Found by the `ring_records` fuzz target: a header whose `tail` is u64::MAX (the
+    /// minimised input) made the consumer's ticket arithmetic overflow, a panic in the agent;
+    /// `head` there did the same to producers. Tickets wrap, records crossing the wrap included.
+    #[test]
+    fn regression_10_fuzz_tickets_wrap_at_the_end_of_their_space() {
+        let (_mem, ring) = Mem::ring(8, 8);
+        ring.u64_at(off::TAIL).store(u64::MAX, Ordering::Relaxed);
+        let mut c = Consumer::default();
+        assert_eq!(ring.pop(&mut c, 0), Pop::Skipped);
+        assert_eq!(ring.stats().tail, 0);
+
+        let (_mem, ring) = Mem::ring(8, 8);
+        let start = u64::MAX - 1;
+        for i in 0..8 {
+            let t = start.wrapping_add(i);
+            ring.seq(t).store(t, Ordering::Relaxed);
+        }
+        ring.u64_at(off::HEAD).store(start, Ordering::Relaxed);
+        ring.u64_at(off::TAIL).store(start, Ordering::Relaxed);
+        let path = vec![b'p'; 100]; // three slots: tickets u64::MAX - 1, u64::MAX, 0
+        assert!(ring.push_registration(5, 6, 7, &path));
+        assert!(ring.push_commit(&commit(1)));
+        match ring.pop(&mut c, 0) {
+            Pop::Record(Record::Register { path: p, .. }) => assert_eq!(p, path),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ring.pop(&mut c, 0), Pop::Record(Record::Commit(commit(1))));
+        assert_eq!(ring.pop(&mut c, 0), Pop::Empty);
+        assert_eq!(ring.stats().invalid, 0);
     }
 
     #[test]

@@ -19,9 +19,9 @@ impl Ring<'_> {
             let pos = head.load(Ordering::Relaxed);
             let mut stale = false;
             for i in 0..k {
-                let seq = self.seq(pos + i).load(Ordering::Acquire);
-                if seq != pos + i {
-                    if seq < pos + i {
+                let seq = self.seq(pos.wrapping_add(i)).load(Ordering::Acquire);
+                if seq != pos.wrapping_add(i) {
+                    if seq < pos.wrapping_add(i) {
                         return None; // the consumer has not freed this slot: full
                     }
                     stale = true; // another producer moved on; reload head
@@ -30,7 +30,12 @@ impl Ring<'_> {
             }
             if !stale
                 && head
-                    .compare_exchange_weak(pos, pos + k, Ordering::AcqRel, Ordering::Relaxed)
+                    .compare_exchange_weak(
+                        pos,
+                        pos.wrapping_add(k),
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    )
                     .is_ok()
             {
                 return Some(pos);
@@ -43,7 +48,7 @@ impl Ring<'_> {
     /// Publishes ticket `t`; fails if the consumer abandoned it meanwhile.
     pub(super) fn publish(&self, t: u64) -> bool {
         self.seq(t)
-            .compare_exchange(t, t + 1, Ordering::Release, Ordering::Relaxed)
+            .compare_exchange(t, t.wrapping_add(1), Ordering::Release, Ordering::Relaxed)
             .is_ok()
     }
 
@@ -96,7 +101,7 @@ impl Ring<'_> {
             return false;
         };
         for (i, chunk) in path.chunks(CONT_BYTES).enumerate() {
-            let ticket = t + 1 + i as u64;
+            let ticket = t.wrapping_add(1 + i as u64);
             let mut buf = [0u8; CONT_BYTES];
             buf[..chunk.len()].copy_from_slice(chunk);
             for (j, word) in buf.chunks_exact(8).enumerate() {
@@ -118,7 +123,7 @@ impl Ring<'_> {
         // published sees the whole record.
         let mut ok = true;
         for i in 1..=cont {
-            ok &= self.publish(t + i);
+            ok &= self.publish(t.wrapping_add(i));
         }
         ok &= self.publish(t);
         if ok {
