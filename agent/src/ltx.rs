@@ -79,17 +79,13 @@ fn crc64_digest() -> Crc64Digest {
 /// Everything that can be wrong with an LTX file or with a request to write one.
 #[derive(Debug, thiserror::Error)]
 pub enum LtxError {
-    #[error("reading the LTX {section} failed: {source}")]
+    #[error("reading the LTX {section} failed: {error}")]
     Read {
         section: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
-    #[error("writing the LTX file failed: {source}")]
-    Write {
-        #[source]
-        source: io::Error,
-    },
+    #[error("writing the LTX file failed: {error}")]
+    Write { error: io::Error },
     #[error("truncated LTX file: it ends inside the {section}")]
     Truncated { section: &'static str },
     #[error("not an LTX file: magic is {found:02x?}, expected \"LTX1\"")]
@@ -118,11 +114,10 @@ pub enum LtxError {
     PageBufferSize { expected: u32, found: usize },
     #[error("page {pgno}: payload does not decompress to one page: {reason}")]
     Decompress { pgno: u32, reason: String },
-    #[error("page {pgno}: LZ4 compression failed: {source}")]
+    #[error("page {pgno}: LZ4 compression failed: {error}")]
     Compress {
         pgno: u32,
-        #[source]
-        source: lz4_flex::block::CompressError,
+        error: lz4_flex::block::CompressError,
     },
     #[error("page index is wrong: {reason}")]
     PageIndex { reason: &'static str },
@@ -163,12 +158,8 @@ pub enum LtxError {
         len: u64,
         max_pages: u64,
     },
-    #[error("input {index}: {source}")]
-    Input {
-        index: usize,
-        #[source]
-        source: Box<LtxError>,
-    },
+    #[error("input {index}: {error}")]
+    Input { index: usize, error: Box<LtxError> },
 }
 
 /// The fewest bytes a page can take in a file: its page header, one byte of payload and
@@ -203,12 +194,15 @@ pub type Result<T, E = LtxError> = std::result::Result<T, E>;
 fn read_error(section: &'static str) -> impl FnOnce(io::Error) -> LtxError {
     move |source| match source.kind() {
         io::ErrorKind::UnexpectedEof => LtxError::Truncated { section },
-        _ => LtxError::Read { section, source },
+        _ => LtxError::Read {
+            section,
+            error: source,
+        },
     }
 }
 
 fn write_error(source: io::Error) -> LtxError {
-    LtxError::Write { source }
+    LtxError::Write { error: source }
 }
 
 /// The page order rules of an LTX file (those the Go encoder enforces): within the commit

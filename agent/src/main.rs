@@ -21,14 +21,10 @@ fn main() -> ExitCode {
         cli::Command::Demo(_) => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MULTIDB_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_target(false)
-        .init();
+    if let Err(e) = init_logs(default_level) {
+        eprintln!("multidb: {e}");
+        return ExitCode::from(2);
+    }
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(e)) => {
@@ -40,4 +36,33 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Logs on stderr at `MULTIDB_LOG` (else `default_level`), as text or, with
+/// `MULTIDB_LOG_FORMAT=json`, one JSON object per line for a log collector. Colours only on a
+/// terminal (and not with `NO_COLOR`): a file or a pipe gets plain text.
+fn init_logs(default_level: &str) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MULTIDB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_target(false);
+    match std::env::var("MULTIDB_LOG_FORMAT").as_deref() {
+        Ok("json") => builder.json().init(),
+        Ok("text") | Err(std::env::VarError::NotPresent) => {
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(colour).init();
+        }
+        Ok(other) => {
+            return Err(format!(
+                "MULTIDB_LOG_FORMAT=`{other}`: expected `text` or `json`"
+            ))
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err("MULTIDB_LOG_FORMAT is not UTF-8: expected `text` or `json`".into())
+        }
+    }
+    Ok(())
 }

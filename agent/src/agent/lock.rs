@@ -21,11 +21,11 @@ pub const LOCK_FILE: &str = "agent.lock";
 pub enum LockError {
     #[error("another multidb agent (pid {pid}) is running with the state directory {dir}; stop it first (one agent per state directory and ring)")]
     Held { dir: PathBuf, pid: String },
-    #[error("state directory {dir}: {op}: {source}")]
+    #[error("state directory {dir}: {op}: {error}")]
     Io {
         dir: PathBuf,
         op: &'static str,
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -42,7 +42,7 @@ impl AgentLock {
             move |source| LockError::Io {
                 dir: dir.to_path_buf(),
                 op,
-                source,
+                error: source,
             }
         };
         std::fs::DirBuilder::new()

@@ -20,11 +20,11 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
 /// Why the ring could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum RingFileError {
-    #[error("ring {path}: {op}: {source}")]
+    #[error("ring {path}: {op}: {error}")]
     Io {
         path: PathBuf,
         op: &'static str,
-        source: io::Error,
+        error: io::Error,
     },
     #[error("another multidb agent (pid {pid}) is running: it holds the ring {path} (one agent per ring and state directory)")]
     Busy { path: PathBuf, pid: u32 },
@@ -85,7 +85,7 @@ impl RingFile {
                         return Err(RingFileError::Io {
                             path: path.to_path_buf(),
                             op: "link into place",
-                            source: e,
+                            error: e,
                         })
                     }
                 }
@@ -105,7 +105,7 @@ impl RingFile {
                 return Err(RingFileError::Io {
                     path: path.to_path_buf(),
                     op: "replace",
-                    source: e,
+                    error: e,
                 });
             }
             existing.ring.retire();
@@ -146,7 +146,7 @@ impl RingFile {
                 return Err(RingFileError::Io {
                     path: path.to_path_buf(),
                     op: "open",
-                    source: e,
+                    error: e,
                 })
             }
         };
@@ -182,7 +182,7 @@ impl RingFile {
             return Err(RingFileError::Io {
                 path: path.to_path_buf(),
                 op: "lock",
-                source: e,
+                error: e,
             });
         }
         Ok(Some(RingFile {
@@ -203,7 +203,7 @@ impl RingFile {
         let io_err = |op, source| RingFileError::Io {
             path: path.to_path_buf(),
             op,
-            source,
+            error: source,
         };
         let name = path
             .file_name()
@@ -273,7 +273,7 @@ impl RingFile {
         let file = RingFile::open_file(path).map_err(|e| RingFileError::Io {
             path: path.to_path_buf(),
             op: "open",
-            source: e,
+            error: e,
         })?;
         let (file, mut map) = RingFile::map_file(path, file)?;
         let len = map.len();
@@ -296,7 +296,7 @@ impl RingFile {
         let meta = file.metadata().map_err(|e| RingFileError::Io {
             path: path.to_path_buf(),
             op: "stat",
-            source: e,
+            error: e,
         })?;
         let invalid = |reason: String| RingFileError::Invalid {
             path: path.to_path_buf(),
@@ -316,7 +316,7 @@ impl RingFile {
             RingFileError::Io {
                 path: path.to_path_buf(),
                 op: "map",
-                source: e,
+                error: e,
             }
         })?;
         Ok((file, map))

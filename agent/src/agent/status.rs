@@ -165,7 +165,15 @@ impl Metrics {
         json!({
             "pid": pid,
             "tiers": inner.tiers,
-            "lag_ms": {"p50": pct(0.5), "p99": pct(0.99), "samples": lags.len()},
+            // One lag sample per sync that caught up with a write (however many commits it
+            // carried, whether or not it uploaded): not the count of `syncs`, which counts
+            // uploads. `samples` is the window the percentiles cover, `total` every sample.
+            "lag_ms": {
+                "p50": pct(0.5),
+                "p99": pct(0.99),
+                "samples": lags.len(),
+                "total": inner.lag_counts.iter().sum::<u64>(),
+            },
             "syncs": self.syncs.load(Ordering::Relaxed),
             "snapshots": self.snapshots.load(Ordering::Relaxed),
             "sync_errors": self.sync_errors.load(Ordering::Relaxed),
@@ -395,6 +403,7 @@ mod tests {
         }
         let r = m.report(1);
         assert_eq!(r["lag_ms"]["samples"], 100);
+        assert_eq!(r["lag_ms"]["total"], 100);
         let p50 = r["lag_ms"]["p50"].as_f64().unwrap();
         assert!((50.0..=51.0).contains(&p50), "{p50}");
         assert_eq!(r["lag_ms"]["p99"].as_f64().unwrap(), 99.0);

@@ -167,31 +167,52 @@ fn database_json(
 
 /// The status for people.
 pub(super) fn print_status(v: &serde_json::Value) {
+    print!("{}", status_text(v));
+}
+
+/// The status for people, a line per subject. Each count says what it counts, so the
+/// numbers add up: uploads are snapshots plus incremental files, and lag samples are syncs
+/// that caught up with a write, which need not upload anything (an earlier sync may have
+/// shipped the write already).
+fn status_text(v: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let t = &v["tiers"];
     let ms = |x: &serde_json::Value| x.as_f64().map_or("-".to_string(), |v| format!("{v:.1} ms"));
-    println!(
+    let _ = writeln!(
+        out,
         "agent pid {}: {} databases, {} hot (max {}), {} cold, {} waiting",
         v["pid"], t["discovered"], t["hot"], t["max_active"], t["cold"], t["waiting"]
     );
-    println!(
-        "lag p50 {}, p99 {} (last {} syncs); {} syncs, {} snapshots, {} bytes uploaded, {} sync errors",
-        ms(&v["lag_ms"]["p50"]),
-        ms(&v["lag_ms"]["p99"]),
-        v["lag_ms"]["samples"],
-        v["syncs"],
-        v["snapshots"],
+    let lag = &v["lag_ms"];
+    let _ = writeln!(
+        out,
+        "lag from a write to its replica: p50 {}, p99 {} over the last {} of {} syncs that caught up with a write",
+        ms(&lag["p50"]),
+        ms(&lag["p99"]),
+        lag["samples"],
+        lag["total"],
+    );
+    let uploads = v["syncs"].as_u64().unwrap_or(0);
+    let snapshots = v["snapshots"].as_u64().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "uploads: {uploads} LTX files ({snapshots} snapshots + {} incremental), {} bytes; {} sync errors",
+        uploads.saturating_sub(snapshots),
         v["bytes_uploaded"],
         v["sync_errors"]
     );
-    println!(
+    let _ = writeln!(
+        out,
         "ring: {} commits read, {} dropped, {} invalid; last scan {} ms",
         v["ring_commits"], t["ring_dropped"], t["ring_invalid"], t["last_scan_ms"]
     );
     let oldest = v["oldest_unreplicated_ms"].as_u64().unwrap_or(0);
     if oldest == 0 {
-        println!("replicas: caught up; {} refused", t["refused"]);
+        let _ = writeln!(out, "replicas: caught up; {} refused", t["refused"]);
     } else {
-        println!(
+        let _ = writeln!(
+            out,
             "replicas: oldest commit not yet in the replica is {:.1} s old; {} refused",
             oldest as f64 / 1000.0,
             t["refused"]
@@ -199,12 +220,45 @@ pub(super) fn print_status(v: &serde_json::Value) {
     }
     if let Some(errors) = v["errors"].as_array() {
         for e in errors {
-            println!(
+            let _ = writeln!(
+                out,
                 "error: {} ({} times): {}",
                 printable(e["db"].as_str().unwrap_or("?")),
                 e["count"],
                 printable(e["last"].as_str().unwrap_or(""))
             );
         }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    /// Issue 13: `multidb status` printed "(last 3 syncs); 5 syncs, 2 snapshots", three counts
+    /// of "syncs" that disagreed. Each now names what it counts, and the uploads add up.
+    #[test]
+    fn regression_13_status_counts_say_what_they_count() {
+        let m = crate::agent::status::Metrics::default();
+        for ms in [3, 5, 8] {
+            m.record_lag(Duration::from_millis(ms));
+        }
+        m.syncs.store(5, Ordering::Relaxed);
+        m.snapshots.store(2, Ordering::Relaxed);
+        let text = super::status_text(&m.report(7));
+        assert!(
+            text.contains(
+                "p50 5.0 ms, p99 8.0 ms over the last 3 of 3 syncs that caught up with a write\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "uploads: 5 LTX files (2 snapshots + 3 incremental), 0 bytes; 0 sync errors\n"
+            ),
+            "{text}"
+        );
     }
 }

@@ -486,6 +486,14 @@ fn replica_for(cli: &Cli, source: &str) -> Result<ReplicaUrl, Failure> {
     if is_url(source) {
         return ReplicaUrl::parse(source).map_err(|e| Failure::Usage(e.into()));
     }
+    // A database is a file: a directory given here is a replica named without its scheme.
+    if std::path::Path::new(source).is_dir() {
+        let absolute = std::path::absolute(source)
+            .map_or_else(|_| source.to_string(), |p| p.display().to_string());
+        return Err(Failure::Usage(anyhow::anyhow!(
+            "{source} is a directory, not a database; to read it as a replica, pass file://{absolute}"
+        )));
+    }
     let config = load_config(cli)?;
     let pattern = &config.multi_db.pattern;
     let source = &absolute_for(pattern, source);
@@ -525,7 +533,7 @@ mod tests {
         let replica = crate::replica::ReplicaError::Io {
             location: "/r/x".into(),
             op: "list",
-            source: os,
+            error: os,
         };
         let e = anyhow::Error::from(replica).context("listing level 0 of file:///r");
         assert_eq!(
@@ -534,8 +542,60 @@ mod tests {
         );
         assert_eq!(
             format!("{e:#}").matches("No such file").count(),
-            2,
-            "{{:#}} repeats it"
+            1,
+            "{{:#}} prints it once too"
         );
+    }
+
+    /// Issue 13: an error whose message embeds its cause does not also return it from
+    /// `source()`, so `{:#}` and `error_chain` print an OS error once, whoever prints it.
+    #[test]
+    fn regression_13_every_error_names_its_os_error_once() {
+        let os = || std::io::Error::from_raw_os_error(libc::EACCES);
+        let errors: Vec<anyhow::Error> = vec![
+            crate::discover::discovery::DiscoveryError::Root {
+                root: "/data".into(),
+                error: os(),
+            }
+            .into(),
+            crate::agent::lock::LockError::Io {
+                dir: "/state".into(),
+                op: "create",
+                error: os(),
+            }
+            .into(),
+            crate::agent::ring::RingFileError::Io {
+                path: "/ring".into(),
+                op: "open",
+                error: os(),
+            }
+            .into(),
+            crate::replicate::compaction::MaintainError::List {
+                url: "file:///r".into(),
+                level: 0,
+                error: crate::replica::ReplicaError::Io {
+                    location: "/r/0000".into(),
+                    op: "list",
+                    error: os(),
+                },
+            }
+            .into(),
+            crate::ltx::LtxError::Read {
+                section: "header",
+                error: os(),
+            }
+            .into(),
+            crate::replicate::ReplicateError::Io {
+                db: "/d/acme.db".into(),
+                op: "read the WAL",
+                error: os(),
+            }
+            .into(),
+        ];
+        for e in errors {
+            let text = format!("{e:#}");
+            assert_eq!(text.matches("Permission denied").count(), 1, "{text}");
+            assert_eq!(error_chain(&e), text);
+        }
     }
 }

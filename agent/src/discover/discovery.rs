@@ -30,8 +30,8 @@ const PARALLEL_MIN_DIRS: usize = 8;
 /// Why discovery could not run at all.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("pattern root `{root}` cannot be read: {source}")]
-    Root { root: String, source: io::Error },
+    #[error("pattern root `{root}` cannot be read: {error}")]
+    Root { root: String, error: io::Error },
 }
 
 /// What one scan found and changed.
@@ -92,9 +92,17 @@ pub fn scan(pattern: &Pattern, arena: &mut Arena) -> Result<ScanReport, Discover
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => {
             let source = io::Error::new(io::ErrorKind::NotADirectory, "not a directory");
-            return Err(DiscoveryError::Root { root, source });
+            return Err(DiscoveryError::Root {
+                root,
+                error: source,
+            });
         }
-        Err(source) => return Err(DiscoveryError::Root { root, source }),
+        Err(source) => {
+            return Err(DiscoveryError::Root {
+                root,
+                error: source,
+            })
+        }
     }
     let mut report = ScanReport::default();
     let segments = pattern.segments();
@@ -169,6 +177,82 @@ pub fn scan(pattern: &Pattern, arena: &mut Arena) -> Result<ScanReport, Discover
     arena.end_scan(&unreadable, &mut report.diff);
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Where a pattern that matches nothing stops matching: the first segment for which none of
+/// the directories reached so far has an entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoMatch {
+    /// 1-based, as `multidb parse` counts segments.
+    pub segment: usize,
+    pub text: String,
+    /// Whether the segment names files (the last one) rather than directories.
+    pub files: bool,
+    /// The directories searched for it, sorted: never empty.
+    pub searched: Vec<String>,
+}
+
+impl std::fmt::Display for NoMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.files { "file" } else { "directory" };
+        write!(f, "no {what} in `{}`", dir_to_open(&self.searched[0]))?;
+        match self.searched.len() {
+            1 => {}
+            2 => write!(f, " or 1 other directory")?,
+            n => write!(f, " or {} other directories", n - 1)?,
+        }
+        write!(f, " matches segment {} `{}`", self.segment, self.text)
+    }
+}
+
+/// Why `pattern` matches nothing, when it does: walks the tree as [`scan`] does, one segment at
+/// a time, and stops at the first segment that leaves no candidate. `None` when something
+/// matches or the root cannot be read (which [`scan`] reports). Meant for after a scan that
+/// found nothing, so it costs at most one more walk of the part of the tree that matched.
+pub fn first_unmatched(pattern: &Pattern) -> Option<NoMatch> {
+    let segments = pattern.segments();
+    let mut dirs = vec![pattern.root().to_string()];
+    for (i, segment) in segments.iter().enumerate() {
+        let files = i + 1 == segments.len();
+        let wanted = |kind: std::fs::FileType| {
+            if files {
+                kind.is_file()
+            } else {
+                kind.is_dir()
+            }
+        };
+        let mut next = Vec::new();
+        for dir in &dirs {
+            if let Some(literal) = segment.literal() {
+                let path = join(dir, literal);
+                if std::fs::symlink_metadata(&path).is_ok_and(|m| wanted(m.file_type())) {
+                    next.push(path);
+                }
+                continue;
+            }
+            let Ok(entries) = std::fs::read_dir(dir_to_open(dir)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if segment.matches(name) && entry.file_type().is_ok_and(wanted) {
+                    next.push(join(dir, name));
+                }
+            }
+        }
+        if next.is_empty() {
+            dirs.sort_unstable();
+            return Some(NoMatch {
+                segment: i + 1,
+                text: pattern.segment_text(i).to_string(),
+                files,
+                searched: dirs,
+            });
+        }
+        dirs = next;
+    }
+    None
 }
 
 fn merge(report: &mut ScanReport, out: WorkerOut) {
@@ -535,6 +619,41 @@ mod tests {
                 format!("{b}/main/tenants/link.db")
             ]
         );
+    }
+
+    /// Issue 13: a pattern that matches nothing says at which segment the walk found nothing.
+    #[test]
+    fn regression_13_a_pattern_that_matches_nothing_names_the_segment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_str().unwrap();
+        let pattern = Pattern::new(&format!("{root}/*/databases/*/tenants/*.db")).unwrap();
+        assert_eq!(
+            first_unmatched(&pattern).unwrap().to_string(),
+            format!("no directory in `{root}` matches segment 1 `*`")
+        );
+        fs::create_dir_all(tmp.path().join("p1/dbs/u/tenants")).unwrap();
+        fs::create_dir_all(tmp.path().join("p2")).unwrap();
+        touch(&tmp.path().join("p2/databases"));
+        assert_eq!(
+            first_unmatched(&pattern).unwrap().to_string(),
+            format!(
+                "no directory in `{root}/p1` or 1 other directory matches segment 2 `databases`"
+            )
+        );
+        fs::create_dir_all(tmp.path().join("p1/databases/u/tenants")).unwrap();
+        touch(&tmp.path().join("p1/databases/u/tenants/acme.sqlite"));
+        let miss = first_unmatched(&pattern).unwrap();
+        assert_eq!(
+            miss.to_string(),
+            format!("no file in `{root}/p1/databases/u/tenants` matches segment 5 `*.db`")
+        );
+        assert!(scan(&pattern, &mut Arena::new(pattern.root()))
+            .unwrap()
+            .diff
+            .added
+            .is_empty());
+        touch(&tmp.path().join("p1/databases/u/tenants/acme.db"));
+        assert_eq!(first_unmatched(&pattern), None);
     }
 
     #[test]

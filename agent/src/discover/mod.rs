@@ -8,7 +8,8 @@ pub mod pattern;
 
 use crate::config::Config;
 
-/// Discovers with a fresh arena and logs what the scan could not read.
+/// Discovers with a fresh arena and logs what the scan could not read, and where the pattern
+/// stops matching when it matches nothing.
 pub fn discover(
     config: &Config,
 ) -> Result<(arena::Arena, discovery::ScanReport), discovery::DiscoveryError> {
@@ -20,6 +21,11 @@ pub fn discover(
     }
     for (path, why) in &report.skipped {
         tracing::warn!(path = %path, reason = %why, "skipped");
+    }
+    if arena.is_empty() {
+        if let Some(miss) = discovery::first_unmatched(pattern) {
+            tracing::warn!(pattern = %pattern.as_str(), "the pattern matches no database: {miss}");
+        }
     }
     Ok((arena, report))
 }

@@ -258,7 +258,7 @@ impl Pattern {
         for (i, (segment, component)) in self.segments.iter().zip(components).enumerate() {
             if !segment.captures(component, &mut captured) {
                 return Err(format!(
-                    "segment {} `{component}` does not match `{}`",
+                    "has segment {} `{component}`, which does not match `{}`",
                     i + 1,
                     self.segment_text(i)
                 ));
@@ -272,7 +272,7 @@ impl Pattern {
     }
 
     /// The text of segment `i` as written in the pattern.
-    fn segment_text(&self, i: usize) -> &str {
+    pub fn segment_text(&self, i: usize) -> &str {
         let skip = self.text.trim_start_matches('/').split('/').count() - self.segments.len();
         self.text
             .trim_start_matches('/')
@@ -529,17 +529,17 @@ mod tests {
         assert_eq!(
             p.parse("/data/p/dbs/d/branches/b/tenants/t.db")
                 .unwrap_err(),
-            "segment 2 `dbs` does not match `databases`"
+            "has segment 2 `dbs`, which does not match `databases`"
         );
         assert_eq!(
             p.parse("/data/p/databases/d/branches/b/tenants/t.sqlite")
                 .unwrap_err(),
-            "segment 7 `t.sqlite` does not match `*.db`"
+            "has segment 7 `t.sqlite`, which does not match `*.db`"
         );
         assert_eq!(
             p.parse("/data/p/databases/d/branches/b/tenants/.db")
                 .unwrap_err(),
-            "segment 7 `.db` does not match `*.db`"
+            "has segment 7 `.db`, which does not match `*.db`"
         );
     }
 

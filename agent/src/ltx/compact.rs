@@ -31,7 +31,7 @@ pub fn compact<R: Read, W: Write>(
     let in_input = |index: usize| {
         move |e: LtxError| LtxError::Input {
             index,
-            source: Box::new(e),
+            error: Box::new(e),
         }
     };
     let mut decoders = inputs
@@ -297,7 +297,7 @@ mod tests {
         corrupt[last] ^= 1;
         let err = run(&[a, corrupt]).unwrap_err();
         assert!(
-            matches!(&err, LtxError::Input { index: 1, source } if matches!(**source, LtxError::FileChecksumMismatch { .. })),
+            matches!(&err, LtxError::Input { index: 1, error: source } if matches!(**source, LtxError::FileChecksumMismatch { .. })),
             "{err}"
         );
     }

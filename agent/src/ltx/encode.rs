@@ -66,8 +66,11 @@ impl<W: Write> Encoder<W> {
         }
         super::check_page_order(header, self.prev_pgno, pgno)?;
 
-        let size = compress_into(data, &mut self.compressed)
-            .map_err(|source| LtxError::Compress { pgno, source })?;
+        let size =
+            compress_into(data, &mut self.compressed).map_err(|source| LtxError::Compress {
+                pgno,
+                error: source,
+            })?;
         let offset = self.offset;
         self.write_hashed(
             &PageHeader {

@@ -29,7 +29,7 @@ impl FileReplica {
         move |source| ReplicaError::Io {
             location,
             op,
-            source,
+            error: source,
         }
     }
 }
@@ -122,6 +122,14 @@ impl ReplicaClient for FileReplica {
         };
         io::copy(&mut file, dst).map_err(self.io(&path, "read"))?;
         Ok(())
+    }
+
+    fn exists(&self) -> Result<bool, ReplicaError> {
+        match fs::metadata(&self.root) {
+            Ok(meta) => Ok(meta.is_dir()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(self.io(&self.root, "stat")(e)),
+        }
     }
 
     fn read_identity(&self) -> Result<Option<Vec<u8>>, ReplicaError> {

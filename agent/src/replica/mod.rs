@@ -129,11 +129,11 @@ pub fn create_new(path: &Path, mode: u32) -> std::io::Result<std::fs::File> {
 /// A replica operation that failed, naming where.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
-    #[error("{location}: {op}: {source}")]
+    #[error("{location}: {op}: {error}")]
     Io {
         location: String,
         op: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{location}: not found")]
     NotFound { location: String },
@@ -171,6 +171,12 @@ pub trait ReplicaClient: Send + Sync {
 
     /// The identity object ([`IDENTITY_NAME`]) at the replica's root, if there is one.
     fn read_identity(&self) -> Result<Option<Vec<u8>>, ReplicaError>;
+
+    /// Whether anything was ever written at this replica's root, for a message about an empty
+    /// one: an object store has no directories, so there the identity object answers.
+    fn exists(&self) -> Result<bool, ReplicaError> {
+        Ok(self.read_identity()?.is_some())
+    }
 
     /// Creates the identity object unless one exists (an exclusive create: a link for a
     /// directory, `If-None-Match: *` for S3). Returns false if one already existed.

@@ -120,32 +120,32 @@ impl Report {
 /// What can go wrong maintaining a replica. Replica errors name the file's location.
 #[derive(Debug, thiserror::Error)]
 pub enum MaintainError {
-    #[error("listing level {level} of {url}: {source}")]
+    #[error("listing level {level} of {url}: {error}")]
     List {
         url: String,
         level: u8,
-        source: ReplicaError,
+        error: ReplicaError,
     },
-    #[error("downloading a compaction input: {source}")]
+    #[error("downloading a compaction input: {error}")]
     Download {
         location: String,
-        source: ReplicaError,
+        error: ReplicaError,
     },
-    #[error("uploading a compacted file: {source}")]
+    #[error("uploading a compacted file: {error}")]
     Upload {
         location: String,
-        source: ReplicaError,
+        error: ReplicaError,
     },
-    #[error("deleting {count} expired file(s), the first {location}: {source}")]
+    #[error("deleting {count} expired file(s), the first {location}: {error}")]
     Delete {
         location: String,
         count: usize,
-        source: ReplicaError,
+        error: ReplicaError,
     },
-    #[error("replica file {location} cannot be compacted: {source}")]
-    Corrupt { location: String, source: LtxError },
-    #[error("compacting into {location}: {source}")]
-    Compact { location: String, source: LtxError },
+    #[error("replica file {location} cannot be compacted: {error}")]
+    Corrupt { location: String, error: LtxError },
+    #[error("compacting into {location}: {error}")]
+    Compact { location: String, error: LtxError },
     #[error("compacting into {location}: the merged file spans TXIDs {min}-{max} instead")]
     WrongRange {
         location: String,
@@ -154,11 +154,11 @@ pub enum MaintainError {
     },
     #[error("planning a snapshot of {url}: {reason}")]
     Plan { url: String, reason: String },
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}: {error}")]
     Local {
         path: PathBuf,
         op: &'static str,
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -329,7 +329,11 @@ impl Drop for Scratch {
 
 fn local(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> MaintainError {
     let path = path.to_path_buf();
-    move |source| MaintainError::Local { path, op, source }
+    move |source| MaintainError::Local {
+        path,
+        op,
+        error: source,
+    }
 }
 
 /// One call's state: the listings made so far (each level at most once) and the report.
@@ -354,7 +358,7 @@ impl Maintenance<'_> {
                 .map_err(|source| MaintainError::List {
                     url: self.replica.url(),
                     level,
-                    source,
+                    error: source,
                 })?;
             self.report.lists += 1;
             *slot = Some(files);
@@ -468,7 +472,7 @@ impl Maintenance<'_> {
             .map_err(|source| MaintainError::Delete {
                 location,
                 count: files.len(),
-                source,
+                error: source,
             })?;
         for f in &files {
             if let Some(listed) = &mut self.listed[usize::from(f.level)] {
@@ -485,7 +489,7 @@ impl Maintenance<'_> {
         let (Some(first), Some(last)) = (inputs.first(), inputs.last()) else {
             return Err(MaintainError::Compact {
                 location: self.replica.url(),
-                source: LtxError::NoInputs,
+                error: LtxError::NoInputs,
             });
         };
         let (min, max) = (first.min_txid, last.max_txid);
@@ -539,7 +543,7 @@ impl Maintenance<'_> {
             .put(level, min, max, &merged)
             .map_err(|source| MaintainError::Upload {
                 location: target.clone(),
-                source,
+                error: source,
             })?;
         if let Some(listed) = &mut self.listed[usize::from(level)] {
             listed.push(FileInfo {
@@ -577,7 +581,7 @@ impl Maintenance<'_> {
             .get(f.level, f.min_txid, f.max_txid, &mut out)
             .map_err(|source| MaintainError::Download {
                 location: self.location(f),
-                source,
+                error: source,
             })?;
         out.flush().map_err(local(path, "write"))
     }
@@ -592,17 +596,17 @@ fn blame(e: LtxError, sources: &[String], target: &str) -> MaintainError {
         _ => None,
     };
     match (index.and_then(|i| sources.get(i)), e) {
-        (Some(location), LtxError::Input { source, .. }) => MaintainError::Corrupt {
+        (Some(location), LtxError::Input { error: source, .. }) => MaintainError::Corrupt {
             location: location.clone(),
-            source: *source,
+            error: *source,
         },
         (Some(location), source) => MaintainError::Corrupt {
             location: location.clone(),
-            source,
+            error: source,
         },
         (None, source) => MaintainError::Compact {
             location: target.to_string(),
-            source,
+            error: source,
         },
     }
 }
@@ -1105,7 +1109,10 @@ mod tests {
         fs::write(&path, bytes).unwrap();
         let err = maintain(&fx.replica, &fx.tmp, at(10), &Policy::default()).unwrap_err();
         match &err {
-            MaintainError::Corrupt { location, source } => {
+            MaintainError::Corrupt {
+                location,
+                error: source,
+            } => {
                 assert_eq!(*location, fx.replica.location(0, 3, 3));
                 assert!(
                     matches!(source, LtxError::FileChecksumMismatch { .. }),

@@ -57,25 +57,28 @@ const BUSY_TIMEOUT_MS: u64 = 5000;
 /// What can go wrong replicating a database.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicateError {
-    #[error("{db}: {op}: {source}")]
+    #[error("{db}: {op}: {error}")]
     Io {
         db: String,
         op: &'static str,
-        source: io::Error,
+        error: io::Error,
     },
-    #[error("{db}: {op}: {source}")]
+    #[error("{db}: {op}: {error}")]
     Sqlite {
         db: String,
         op: &'static str,
-        source: rusqlite::Error,
+        error: rusqlite::Error,
     },
+    // Still both in the message and `source()` (so `{:#}` repeats it; `cli::error_chain`
+    // does not): the agent's worker builds it by the field's name, in a file being changed
+    // for issue 13's demotion and shutdown items.
     #[error("{db}: {source}")]
     Replica { db: String, source: ReplicaError },
-    #[error("{db}: LTX {op}: {source}")]
+    #[error("{db}: LTX {op}: {error}")]
     Ltx {
         db: String,
         op: &'static str,
-        source: ltx::LtxError,
+        error: ltx::LtxError,
     },
     #[error("{db}: not in WAL mode (journal_mode={mode}); multidb replicates WAL databases")]
     NotWal { db: String, mode: String },
@@ -192,7 +195,7 @@ impl Replicator {
             move |source| ReplicateError::Io {
                 db: name,
                 op,
-                source,
+                error: source,
             }
         };
         let stat_id = |op| {
@@ -204,7 +207,7 @@ impl Replicator {
         let conn = open_connection(db).map_err(|source| ReplicateError::Sqlite {
             db: name.clone(),
             op: "open",
-            source,
+            error: source,
         })?;
         // The file SQLite opened is the one at the path before and after the open.
         if stat_id("stat")? != before {
@@ -215,7 +218,7 @@ impl Replicator {
             .map_err(|source| ReplicateError::Sqlite {
                 db: name.clone(),
                 op: "journal_mode",
-                source,
+                error: source,
             })?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(ReplicateError::NotWal { db: name, mode });
@@ -266,17 +269,29 @@ impl Replicator {
 
     fn sql_err(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> ReplicateError {
         let db = self.name();
-        move |source| ReplicateError::Sqlite { db, op, source }
+        move |source| ReplicateError::Sqlite {
+            db,
+            op,
+            error: source,
+        }
     }
 
     fn io_err(&self, op: &'static str) -> impl FnOnce(io::Error) -> ReplicateError {
         let db = self.name();
-        move |source| ReplicateError::Io { db, op, source }
+        move |source| ReplicateError::Io {
+            db,
+            op,
+            error: source,
+        }
     }
 
     fn ltx_err(&self, op: &'static str) -> impl FnOnce(ltx::LtxError) -> ReplicateError {
         let db = self.name();
-        move |source| ReplicateError::Ltx { db, op, source }
+        move |source| ReplicateError::Ltx {
+            db,
+            op,
+            error: source,
+        }
     }
 
     fn replica_err(&self) -> impl FnOnce(ReplicaError) -> ReplicateError {

@@ -54,6 +54,25 @@ pub fn list_all(replica: &dyn ReplicaClient) -> anyhow::Result<Vec<FileInfo>> {
     Ok(files)
 }
 
+/// Why a replica with no LTX files cannot be restored, and what usually causes it: the agent
+/// ships a database at its first write after it started watching, so one that was never
+/// written since has nothing in its replica yet.
+fn empty_replica(replica: &dyn ReplicaClient) -> anyhow::Error {
+    let url = replica.url();
+    let state = match replica.exists() {
+        Ok(true) => format!("the replica {url} exists but holds no LTX files"),
+        Ok(false) => format!("the replica {url} does not exist, so it holds no LTX files"),
+        Err(e) => {
+            format!("the replica {url} holds no LTX files (whether it exists is unknown: {e})")
+        }
+    };
+    anyhow::anyhow!(
+        "{state}; the agent replicates a database from its first write after it started \
+         watching, so either nothing was written since, or the agent never ran with this \
+         replica (start it with `multidb agent --baseline` to back up every database once)"
+    )
+}
+
 /// The files to apply, in order, to reach `target`.
 pub fn plan(files: &[FileInfo], target: Target) -> anyhow::Result<Vec<FileInfo>> {
     let Some(max) = files.iter().map(|f| f.max_txid).max() else {
@@ -440,6 +459,9 @@ pub fn restore_with_mode(
         );
     }
     let files = list_all(replica)?;
+    if files.is_empty() {
+        return Err(empty_replica(replica));
+    }
     let chain = plan(&files, target)?;
     let txid = chain.last().map_or(0, |f| f.max_txid);
     if dry_run {
@@ -687,6 +709,37 @@ mod tests {
             e.contains("is corrupt: snapshot header says 1000000 pages, more than a file of"),
             "{e}"
         );
+    }
+
+    /// Issue 13: an empty replica names itself, says whether it exists and why it may be empty.
+    #[test]
+    fn regression_13_an_empty_replica_says_what_and_why() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("replica");
+        let replica = crate::replica::file::FileReplica::new(root.clone());
+        let out = tmp.path().join("out.db");
+        let e = format!(
+            "{:#}",
+            restore(&replica, Target::Latest, &out, false).unwrap_err()
+        );
+        let url = format!("file://{}", root.display());
+        assert!(
+            e.starts_with(&format!(
+                "the replica {url} does not exist, so it holds no LTX files;"
+            )),
+            "{e}"
+        );
+        assert!(e.contains("`multidb agent --baseline`"), "{e}");
+        std::fs::create_dir_all(&root).unwrap();
+        let e = format!(
+            "{:#}",
+            restore(&replica, Target::Latest, &out, false).unwrap_err()
+        );
+        assert!(
+            e.starts_with(&format!("the replica {url} exists but holds no LTX files;")),
+            "{e}"
+        );
+        assert!(!out.exists());
     }
 
     #[test]

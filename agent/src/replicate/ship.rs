@@ -237,7 +237,7 @@ impl Replicator {
             return Err(ReplicateError::Io {
                 db: self.name(),
                 op: "snapshot",
-                source: io::Error::new(
+                error: io::Error::new(
                     io::ErrorKind::InvalidData,
                     "the database is empty (no pages)",
                 ),

@@ -12,12 +12,11 @@ use crate::replicate::wal::WalPosition;
 
 /// Why the state database could not be used.
 #[derive(Debug, thiserror::Error)]
-#[error("state database {path}: {op}: {source}")]
+#[error("state database {path}: {op}: {error}")]
 pub struct StateError {
     pub path: String,
     pub op: &'static str,
-    #[source]
-    pub source: rusqlite::Error,
+    pub error: rusqlite::Error,
 }
 
 /// A saved replication position.
@@ -89,14 +88,18 @@ impl StateStore {
         let name = path.display().to_string();
         let err = |op| {
             let path = name.clone();
-            move |source| StateError { path, op, source }
+            move |source| StateError {
+                path,
+                op,
+                error: source,
+            }
         };
         let io = |op: &'static str| {
             let path = name.clone();
             move |e: std::io::Error| StateError {
                 path,
                 op,
-                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+                error: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
             }
         };
         private_dir(dir).map_err(io("create directory"))?;
@@ -141,7 +144,11 @@ impl StateStore {
 
     fn err(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> StateError {
         let path = self.path.clone();
-        move |source| StateError { path, op, source }
+        move |source| StateError {
+            path,
+            op,
+            error: source,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {

@@ -107,7 +107,7 @@ fn parse_prints_fields_or_why_a_path_does_not_match() {
         out.stderr.contains("does not match")
             && out
                 .stderr
-                .contains("segment 2 `dbs` does not match `databases`"),
+                .contains("it has segment 2 `dbs`, which does not match `databases`"),
         "{}",
         out.stderr
     );
@@ -191,6 +191,98 @@ fn bad_input_gets_a_clear_message_and_exit_code() {
     assert_eq!(out.code, 2, "clap usage errors exit 2");
 }
 
+/// Issue 13: a pattern that matches nothing says so, at the segment where the walk stopped.
+#[test]
+fn regression_13_a_pattern_that_matches_nothing_says_where() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("data/project1/dbs")).unwrap();
+    seed_config(dir);
+    let out = run(multidb(dir).arg("databases"));
+    assert_eq!((out.code, out.stdout.as_str()), (0, ""), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!(
+            "the pattern matches no database: no directory in `{}/data/project1` matches segment 2 `databases`",
+            dir.display()
+        )),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Issue 13: logs into a pipe carry no colour codes; `MULTIDB_LOG_FORMAT=json` makes each log
+/// line one JSON object.
+#[test]
+fn regression_13_logs_are_plain_in_a_pipe_and_json_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pattern = format!("{}/*.db", dir.display());
+    let out =
+        run(multidb(dir)
+            .env("MULTIDB_LOG", "info")
+            .args(["--pattern", &pattern, "databases"]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("matches no database"), "{}", out.stderr);
+    assert!(!out.stderr.contains('\u{1b}'), "{:?}", out.stderr);
+
+    let out = run(multidb(dir)
+        .env("MULTIDB_LOG", "info")
+        .env("MULTIDB_LOG_FORMAT", "json")
+        .args(["--pattern", &pattern, "databases"]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let logs: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.starts_with("0 databases discovered"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let warning = logs
+        .iter()
+        .find(|l| l["level"] == "WARN")
+        .unwrap_or_else(|| panic!("{}", out.stderr));
+    assert!(
+        warning["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the pattern matches no database"),
+        "{warning}"
+    );
+    assert_eq!(warning["fields"]["pattern"], pattern.as_str());
+
+    let out = run(multidb(dir).env("MULTIDB_LOG_FORMAT", "yaml").args([
+        "--pattern",
+        &pattern,
+        "databases",
+    ]));
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr
+            .contains("MULTIDB_LOG_FORMAT=`yaml`: expected `text` or `json`"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Issue 13: a replica directory given without `file://` gets the URL to use, not "no
+/// configuration".
+#[test]
+fn regression_13_a_bare_replica_directory_suggests_its_url() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("replica/ltx/0")).unwrap();
+    let hint = format!(
+        "replica is a directory, not a database; to read it as a replica, pass file://{}/replica",
+        dir.display()
+    );
+    let out = run(multidb(dir).args(["ltx", "replica"]));
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains(&hint), "{}", out.stderr);
+    let out = run(multidb(dir).args(["restore", "-o", "out.db", "replica"]));
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains(&hint), "{}", out.stderr);
+    assert!(!dir.join("out.db").exists());
+}
+
 #[test]
 fn rescan_sees_a_commit_through_the_wal_only() {
     use multidb_agent::discover::{arena::Arena, discovery, pattern::Pattern};
@@ -237,4 +329,66 @@ fn rescan_sees_a_commit_through_the_wal_only() {
     assert_eq!(diff.removed, vec![removed.display().to_string()]);
     assert_eq!(diff.added.len(), 1);
     drop(conn);
+}
+
+/// The repository's root, where `scripts/` and the README are.
+fn repo_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Issue 13: `scripts/run.sh` set up the S3 server and Litestream of the tests before the
+/// demo, which needs neither; it asks `setup.sh --build`, which installs only what building
+/// needs (here: nothing, libclang being given, and no Python tool is ever run).
+#[test]
+fn regression_13_run_sh_installs_only_what_the_demo_needs() {
+    let root = repo_root();
+    let run_sh = fs::read_to_string(root.join("scripts/run.sh")).unwrap();
+    assert!(
+        run_sh
+            .lines()
+            .any(|l| l.trim() == "scripts/setup.sh --build"),
+        "{run_sh}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let log = tmp.path().join("python3.log");
+    let stub = format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", log.display());
+    fs::write(bin.join("python3"), stub).unwrap();
+    fs::set_permissions(
+        bin.join("python3"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = run(std::process::Command::new("/bin/bash")
+        .arg(root.join("scripts/setup.sh"))
+        .arg("--build")
+        .env("PATH", &bin)
+        .env("LIBCLANG_PATH", tmp.path())
+        .env("HOME", tmp.path()));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        !log.exists(),
+        "setup.sh --build ran python3: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+/// Issue 13: the README's demo transcript shows the paths of a clone anyone could have
+/// (`/home/me/multidb`), not those of the machine it was recorded on.
+#[test]
+fn regression_13_readme_demo_shows_no_machine_paths() {
+    let readme = fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let start = readme
+        .find("\nmultidb demo in ")
+        .expect("the demo transcript");
+    let transcript = &readme[start..start + readme[start..].find("```").unwrap()];
+    for line in transcript.lines().filter(|l| l.contains("multidb-demo")) {
+        for (i, _) in line.match_indices("multidb-demo") {
+            assert!(
+                line[..i].ends_with("/home/me/multidb/"),
+                "a machine's path in the README: {line}"
+            );
+        }
+    }
 }

@@ -239,7 +239,7 @@ fn read_error(src: &Path) -> impl Fn(std::io::Error) -> ReplicaError + '_ {
     move |source| ReplicaError::Io {
         location: src.display().to_string(),
         op: "read",
-        source,
+        error: source,
     }
 }
 
@@ -404,7 +404,7 @@ impl ReplicaClient for S3Replica {
             dst.write_all(body).map_err(|source| ReplicaError::Io {
                 location: self.location(level, min, max),
                 op: "write the downloaded file",
-                source,
+                error: source,
             })?;
             let headers = response.headers();
             // `bytes FIRST-LAST/TOTAL`; absent when the server sent the whole object (200).
