@@ -73,9 +73,9 @@ impl WorkerContext {
     }
 
     fn open(&self, job: &Job) -> Result<Replicator, ReplicateError> {
-        let client = job.url.client().map_err(|source| ReplicateError::Replica {
+        let client = job.url.client().map_err(|error| ReplicateError::Replica {
             db: job.path.display().to_string(),
-            source,
+            error,
         })?;
         Ok(Replicator::open(&job.path, client, &self.tmp_dir)?.with_state(self.store.clone()))
     }

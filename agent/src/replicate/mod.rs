@@ -69,11 +69,8 @@ pub enum ReplicateError {
         op: &'static str,
         error: rusqlite::Error,
     },
-    // Still both in the message and `source()` (so `{:#}` repeats it; `cli::error_chain`
-    // does not): the agent's worker builds it by the field's name, in a file being changed
-    // for issue 13's demotion and shutdown items.
-    #[error("{db}: {source}")]
-    Replica { db: String, source: ReplicaError },
+    #[error("{db}: {error}")]
+    Replica { db: String, error: ReplicaError },
     #[error("{db}: LTX {op}: {error}")]
     Ltx {
         db: String,
@@ -296,7 +293,7 @@ impl Replicator {
 
     fn replica_err(&self) -> impl FnOnce(ReplicaError) -> ReplicateError {
         let db = self.name();
-        move |source| ReplicateError::Replica { db, source }
+        move |error| ReplicateError::Replica { db, error }
     }
 
     /// Where this database is replicated.
