@@ -39,25 +39,39 @@ fn agent_with_ring(dir: &Path, ring: &Path) -> multidb_tests::Run {
         .arg("--config")
         .arg(&config)
         .arg("agent");
-    // Bounded: a regression that ran the agent would otherwise hang the test.
-    let child = command
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+    // Bounded: a regression that ran the agent would otherwise hang the test. The child is
+    // killed through its handle, before it is reaped, so the pid cannot belong to another
+    // process by then (a blind kill after a sleep could hit a reused pid: another test's agent).
+    let stderr_path = dir.join(format!("agent-{}.stderr", ring_tag(ring)));
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
-    let pid = child.id() as i32;
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(10));
-        // SAFETY: signalling a child of this test (harmless if it already exited).
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    });
-    let out = child.wait_with_output().unwrap();
-    drop(killer);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     multidb_tests::Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        code: status.code().unwrap_or(-1),
+        stdout: String::new(),
+        stderr: fs::read_to_string(&stderr_path).unwrap_or_default(),
     }
+}
+
+/// A file-name-safe tag for a ring path, so two calls in one directory keep their logs apart.
+fn ring_tag(ring: &Path) -> String {
+    ring.to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
 }
 
 /// `ring tail` and the agent given a text file or a SQLite database as their ring refuse it,
