@@ -860,13 +860,25 @@ fn prometheus_metrics_are_served() {
     assert_eq!(out.stdout.trim(), "1", "{}", out.stderr);
     // The gauges are refreshed every 250 ms.
     std::thread::sleep(Duration::from_millis(600));
+    // A connection reset under load is retried; what is asserted is the answer.
     let fetch = |path: &str| {
         use std::io::Read;
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-        let mut body = String::new();
-        stream.read_to_string(&mut body).unwrap();
-        body
+        let mut last = None;
+        for _ in 0..5 {
+            let attempt = (|| -> std::io::Result<String> {
+                let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+                write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+                let mut body = String::new();
+                stream.read_to_string(&mut body)?;
+                Ok(body)
+            })();
+            match attempt {
+                Ok(body) => return body,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("GET {path} on port {port}: {last:?}");
     };
     let metrics = fetch("/metrics");
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
