@@ -503,6 +503,17 @@ fn modified_since(db: &str, since_ns: u64) -> bool {
     mtime(db).max(mtime(&format!("{db}-wal"))) >= since_ns
 }
 
+/// The status entry of a database the agent does not replicate, and why (a `reason` code).
+fn refused_entry(dev: u64, ino: u64, code: u32) -> Status {
+    Status {
+        dev,
+        ino,
+        tier: Tier::Refused,
+        reason: code,
+        ..Status::default()
+    }
+}
+
 /// The oldest of some "since" times (ns), ignoring zeros (none); 0 when all are zero.
 fn oldest_ns(times: impl IntoIterator<Item = u64>) -> u64 {
     times.into_iter().filter(|&t| t != 0).min().unwrap_or(0)

@@ -122,13 +122,7 @@ impl Scheduler<'_> {
                 since: Instant::now(),
             },
         );
-        self.publish(Status {
-            dev,
-            ino,
-            tier: Tier::Refused,
-            reason: code,
-            ..Status::default()
-        });
+        self.publish(refused_entry(dev, ino, code));
         self.fill_hot_tier();
     }
 
@@ -217,13 +211,7 @@ impl Scheduler<'_> {
         let refused: Vec<(DbId, u32)> = self.refused.iter().map(|(&id, r)| (id, r.code)).collect();
         for (id, code) in refused {
             let (dev, ino) = self.arena.inode(id);
-            self.publish(Status {
-                dev,
-                ino,
-                tier: Tier::Refused,
-                reason: code,
-                ..Status::default()
-            });
+            self.publish(refused_entry(dev, ino, code));
         }
         // Commits signalled into the old ring after it was removed: a scan finds them.
         self.rescan_soon = Some(Instant::now() + Duration::from_secs(3));

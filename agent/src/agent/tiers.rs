@@ -71,13 +71,7 @@ impl Scheduler<'_> {
                     // An application writes a database the agent will never replicate: say so
                     // to its `multidb_wait` and `multidb_status()` at once.
                     tracing::debug!(db = %path, "written through libmultidb but outside the discovery pattern");
-                    self.publish(Status {
-                        dev,
-                        ino,
-                        tier: Tier::Refused,
-                        reason: reason::OUTSIDE_PATTERN,
-                        ..Status::default()
-                    });
+                    self.publish(refused_entry(dev, ino, reason::OUTSIDE_PATTERN));
                     self.cold_entries.push_back((dev, ino));
                 } else {
                     self.ask_rescan();
