@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod demo;
+mod fleet;
 pub mod generate;
 mod listing;
 pub mod ring;
@@ -90,8 +91,8 @@ pub enum Command {
     /// Restore a database from its replica, to the latest state or a TXID or time
     Restore {
         /// Where to write the restored database (must not exist)
-        #[arg(short, long)]
-        output: PathBuf,
+        #[arg(short, long, required_unless_present = "all")]
+        output: Option<PathBuf>,
         /// Restore to this TXID (decimal or 0x-prefixed hex)
         #[arg(long, conflicts_with = "timestamp", value_parser = parse_txid)]
         txid: Option<u64>,
@@ -99,10 +100,32 @@ pub enum Command {
         #[arg(long, value_parser = crate::time::parse_rfc3339)]
         timestamp: Option<std::time::SystemTime>,
         /// Print the files that would be applied, change nothing
-        #[arg(long)]
+        #[arg(long, conflicts_with = "all")]
         dry_run: bool,
         /// A replica URL, or a database path whose replica the configuration names
-        source: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        source: Option<String>,
+        /// Restore every replica under the template's root (without --to: only databases
+        /// missing on this host, in place)
+        #[arg(long, conflicts_with = "output")]
+        all: bool,
+        /// With --all: restore under DIR, at each database's path relative to the pattern's root
+        #[arg(long, value_name = "DIR", requires = "all")]
+        to: Option<PathBuf>,
+        /// With --all: restores at once
+        #[arg(long, default_value_t = fleet::DEFAULT_JOBS, requires = "all")]
+        jobs: usize,
+    },
+    /// List every replica under the template's root: database, fields, newest TXID, time, size
+    Replicas {
+        #[arg(long)]
+        json: bool,
+        /// Compare with local discovery: replicated but absent here, here but never replicated
+        #[arg(long)]
+        missing: bool,
+        /// Replicas read at once
+        #[arg(long, default_value_t = fleet::DEFAULT_JOBS)]
+        jobs: usize,
     },
     /// List a replica's LTX files: level, TXID range, size, time
     Ltx {
@@ -167,6 +190,8 @@ pub enum BenchCommand {
     Replicate(crate::cli::bench::ReplicateArgs),
     /// The agent at host scale: 100,000 discovered, idle cost, then 1,000 hot at 10,000 commits/s
     Agent(crate::cli::bench::AgentArgs),
+    /// `restore --all` of 2,000 and 10,000 databases beside a loop of `multidb restore`, file and S3
+    Fleet(crate::cli::bench::FleetArgs),
     /// A writer process for `bench agent`
     #[command(hide = true)]
     AgentWriter(crate::cli::bench::WriterArgs),
@@ -193,6 +218,7 @@ impl Command {
                 | Command::Restore { .. }
                 | Command::Ltx { .. }
                 | Command::Ring { .. }
+                | Command::Replicas { .. }
         )
     }
 }
@@ -341,15 +367,21 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             timestamp,
             dry_run,
             source,
+            all,
+            to,
+            jobs,
         } => {
-            let replica = replica_for(&cli, source)?;
-            let client = replica.client().map_err(anyhow::Error::from)?;
-            check_replica_identity(client.as_ref(), source)?;
             let target = match (txid, timestamp) {
                 (Some(t), _) => crate::replicate::restore::Target::Txid(*t),
                 (None, Some(when)) => crate::replicate::restore::Target::Time(*when),
                 (None, None) => crate::replicate::restore::Target::Latest,
             };
+            let (Some(output), Some(source), false) = (output, source, *all) else {
+                return fleet::restore_all(&cli, to.clone(), target, *jobs);
+            };
+            let replica = replica_for(&cli, source)?;
+            let client = replica.client().map_err(anyhow::Error::from)?;
+            check_replica_identity(client.as_ref(), source)?;
             // Restoring a database named by its path: the copy is no more readable than the
             // original still there, else owner-only (a replica says nothing about readers).
             let mode = if is_url(source) {
@@ -375,6 +407,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 );
             }
         }
+        Command::Replicas {
+            json,
+            missing,
+            jobs,
+        } => fleet::replicas(&cli, *json, *missing, *jobs)?,
         Command::Ltx { json, source } => {
             let replica = replica_for(&cli, source)?;
             let client = replica.client().map_err(anyhow::Error::from)?;
@@ -393,6 +430,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Bench(BenchCommand::Commit(args)) => crate::cli::bench::commit(args)?,
         Command::Bench(BenchCommand::Replicate(args)) => crate::cli::bench::replicate(args)?,
         Command::Bench(BenchCommand::Agent(args)) => crate::cli::bench::agent(args)?,
+        Command::Bench(BenchCommand::Fleet(args)) => crate::cli::bench::fleet(args)?,
         Command::Bench(BenchCommand::AgentWriter(args)) => crate::cli::bench::agent_writer(args)?,
         Command::Bench(BenchCommand::Measure { command }) => crate::cli::bench::measure(command)?,
     }

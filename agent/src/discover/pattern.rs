@@ -8,6 +8,9 @@
 
 use std::fmt;
 
+mod invert;
+pub use invert::Inverse;
+
 /// The names given to exactly four plain `*` wildcards, as in the seed's layout.
 const SEED_NAMES: [&str; 4] = ["project", "database", "branch", "tenant"];
 

@@ -29,8 +29,10 @@ use crate::ltx::{self, Encoder, Header};
 use crate::replica::{ReplicaClient, ReplicaError, SNAPSHOT_LEVEL};
 use wal::{WalHeader, WalPosition};
 
+pub mod catalogue;
 mod checkpoint;
 pub mod compaction;
+pub mod fleet;
 pub mod restore;
 mod resume;
 mod run;

@@ -462,35 +462,66 @@ pub fn restore_with_mode(
     if files.is_empty() {
         return Err(empty_replica(replica));
     }
+    if !dry_run {
+        return restore_listed(
+            replica,
+            &files,
+            target,
+            output,
+            mode,
+            io::stderr().is_terminal(),
+        );
+    }
     let chain = plan(&files, target)?;
     let txid = chain.last().map_or(0, |f| f.max_txid);
-    if dry_run {
-        for f in &chain {
-            println!("level {} {} ({} bytes)", f.level, f.name(), f.size);
-        }
-        println!(
-            "would restore TXID {txid} from {} file(s) to {}",
-            chain.len(),
-            output.display()
-        );
-        return Ok(Restored {
-            txid,
-            files: chain.len(),
-            pages: 0,
-        });
+    for f in &chain {
+        println!("level {} {} ({} bytes)", f.level, f.name(), f.size);
     }
+    println!(
+        "would restore TXID {txid} from {} file(s) to {}",
+        chain.len(),
+        output.display()
+    );
+    Ok(Restored {
+        txid,
+        files: chain.len(),
+        pages: 0,
+    })
+}
+
+/// Restores into `output` (which must not exist) from `files`, a listing of the replica
+/// already made (by [`list_all`], or by a walk over many replicas that saw every file, so
+/// that no request lists this one again). `progress` prints the download and apply counts to
+/// stderr; a caller restoring many databases at once shows its own progress instead.
+pub fn restore_listed(
+    replica: &dyn ReplicaClient,
+    files: &[FileInfo],
+    target: Target,
+    output: &Path,
+    mode: u32,
+    progress: bool,
+) -> anyhow::Result<Restored> {
+    if files.is_empty() {
+        return Err(empty_replica(replica));
+    }
+    let chain = plan(files, target)?;
+    let txid = chain.last().map_or(0, |f| f.max_txid);
+    // Numbered as well as named by the process: restores running side by side in one process
+    // each need a work directory of their own.
+    static WORK_DIRS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WORK_DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let parent = output
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     // A short name of its own, not the output's name plus a suffix: an output name near
     // NAME_MAX (255 bytes) must still leave room for the temporary one.
-    let work = parent.join(format!(".multidb-restore-{}", std::process::id()));
+    let work = parent.join(format!(".multidb-restore-{}-{n}", std::process::id()));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&work)
         .with_context(|| format!("creating {}", work.display()))?;
-    let result = restore_into(replica, &chain, output, &work, mode);
+    let result = restore_into(replica, &chain, output, &work, mode, progress);
     let _ = std::fs::remove_dir_all(&work);
     result.map(|pages| Restored {
         txid,
@@ -505,8 +536,8 @@ fn restore_into(
     output: &Path,
     work: &Path,
     mode: u32,
+    show: bool,
 ) -> anyhow::Result<u32> {
-    let show = io::stderr().is_terminal();
     let total = chain.len();
     let progress = |n: usize| {
         if show {

@@ -5,6 +5,7 @@ mod attacks;
 mod checkpoint;
 mod cli;
 mod extension;
+mod fleet;
 mod hostile;
 mod integrity;
 mod litestream;

@@ -14,8 +14,10 @@ use crate::discover::discovery;
 use crate::discover::pattern::Pattern;
 
 mod agent;
+mod fleet;
 mod replication;
 pub use agent::{agent, writer as agent_writer, AgentArgs, WriterArgs};
+pub use fleet::{fleet, FleetArgs};
 pub use replication::{replicate, ReplicateArgs};
 
 #[derive(Debug, clap::Args)]

@@ -32,6 +32,7 @@ use super::{parse_file_name, FileInfo, ReplicaClient, ReplicaError};
 mod credentials;
 mod fault;
 mod location;
+mod walk;
 
 use credentials::scrub;
 pub use credentials::S3Credentials;

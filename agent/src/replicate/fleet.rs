@@ -1,0 +1,298 @@
+//! Restoring a fleet: every replica under the template's root, in parallel, each with the
+//! verification of a single restore, in one process.
+//!
+//! One thread walks the root ([`Catalogue::walk`]) and hands each replica found to `jobs`
+//! workers through a bounded queue, so memory follows the jobs, not the number of databases:
+//! the walk waits while the workers are busy. A worker reads the location back into its
+//! database path, checks the replica's identity names that path, and restores it with
+//! [`restore::restore_listed`], reusing the walk's listing where the walk saw the files.
+//!
+//! Nothing is overwritten: a restore writes a temporary file and links it into place, which
+//! fails rather than replace a file that appeared meanwhile. Without a target directory only
+//! databases missing on this host (neither the file nor its `-wal` exists) are restored.
+//!
+//! A rerun resumes: a restored file appears at its path only once it is complete, synced,
+//! checksummed and integrity-checked (the link is the last step), so a file found at an output
+//! path under a target directory is either one this command restored or someone else's. It is
+//! counted as already restored only when it still holds the replica's state at the target TXID:
+//! its length is the last file's page count times its page size and its database checksum (the
+//! XOR of the page CRC-64s, as LTX defines it) equals the last file's post-apply checksum.
+//! Anything else there is a failure, left as it is.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::discover::pattern::Fields;
+use crate::replica::{FileInfo, ReplicaClient};
+use crate::replicate::catalogue::{Catalogue, CatalogueError, Found, Listing, Unreadable};
+use crate::replicate::restore::{self, Target};
+
+/// Mode of directories a fleet restore creates: owner only, as the files it restores; a
+/// replica does not say who may read a database.
+const DIR_MODE: u32 = 0o700;
+
+/// How to restore a fleet.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    pub target: Target,
+    /// Restore under this directory, at each database's path relative to the pattern's
+    /// root; `None` restores in place the databases missing on this host.
+    pub to: Option<PathBuf>,
+    /// Restores at once.
+    pub jobs: usize,
+}
+
+/// What became of one replica.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Restored to this TXID.
+    Restored { txid: u64 },
+    /// Found restored by an earlier run, at this TXID, and verified.
+    AlreadyRestored { txid: u64 },
+    /// In place: the database (or its `-wal`) exists on this host, so it was left alone.
+    Present,
+    /// Not restored, and why.
+    Failed(String),
+}
+
+/// One replica's outcome: `path` is the database path, or the location when it names none.
+#[derive(Debug)]
+pub struct EntryResult {
+    pub path: String,
+    /// Where it was restored to (or would have been).
+    pub output: Option<PathBuf>,
+    pub outcome: Outcome,
+}
+
+/// Restores every replica under `catalogue`'s root, calling `report` with each outcome as it
+/// comes (on the calling thread). Fails only when the root cannot be walked at all; every
+/// replica's failure is an [`Outcome::Failed`].
+pub fn restore_all(
+    catalogue: &Catalogue,
+    pattern_root: &str,
+    options: &FleetOptions,
+    report: &mut dyn FnMut(EntryResult),
+) -> Result<(), CatalogueError> {
+    catalogue.walk_parallel(
+        options.jobs,
+        &|found| restore_one(catalogue, pattern_root, options, found),
+        &|Unreadable { location, error }| EntryResult {
+            path: location,
+            output: None,
+            outcome: Outcome::Failed(format!(
+                "cannot be read ({error}); the replicas below it are unknown"
+            )),
+        },
+        report,
+    )
+}
+
+/// Where the database at `path` is restored to.
+fn output_for(path: &str, pattern_root: &str, to: Option<&Path>) -> PathBuf {
+    let Some(to) = to else {
+        return PathBuf::from(path);
+    };
+    let relative = path
+        .strip_prefix(pattern_root)
+        .unwrap_or(path)
+        .trim_start_matches('/');
+    to.join(relative)
+}
+
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn restore_one(
+    catalogue: &Catalogue,
+    pattern_root: &str,
+    options: &FleetOptions,
+    found: Found,
+) -> EntryResult {
+    let (path, fields) = match found.database {
+        Ok(database) => database,
+        Err(why) => {
+            return EntryResult {
+                path: found.location,
+                output: None,
+                outcome: Outcome::Failed(format!("names no database: {why}")),
+            }
+        }
+    };
+    let output = output_for(&path, pattern_root, options.to.as_deref());
+    let outcome = match restore_database(catalogue, options, &path, &fields, found.listing, &output)
+    {
+        Ok(outcome) => outcome,
+        Err(why) => Outcome::Failed(why),
+    };
+    EntryResult {
+        path,
+        output: Some(output),
+        outcome,
+    }
+}
+
+fn restore_database(
+    catalogue: &Catalogue,
+    options: &FleetOptions,
+    path: &str,
+    fields: &Fields,
+    listing: Option<Listing>,
+    output: &Path,
+) -> Result<Outcome, String> {
+    let exists = |p: &Path| p.symlink_metadata().is_ok();
+    if options.to.is_none() && (exists(output) || exists(&sidecar(output, "-wal"))) {
+        return Ok(Outcome::Present);
+    }
+    let client = catalogue.client(fields)?;
+    let has_identity = listing.as_ref().is_none_or(|l| l.has_identity);
+    crate::replicate::catalogue::check_identity(client.as_ref(), path, has_identity)
+        .map_err(|why| format!("{why}; not restored"))?;
+    let files = match listing {
+        Some(listing) => listing.files,
+        None => restore::list_all(client.as_ref()).map_err(|e| format!("{e:#}"))?,
+    };
+    if exists(output) {
+        return verify_existing(client.as_ref(), &files, options.target, output);
+    }
+    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(parent)
+            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    }
+    let restored = restore::restore_listed(
+        client.as_ref(),
+        &files,
+        options.target,
+        output,
+        crate::replica::PRIVATE_MODE,
+        false,
+    )
+    .map_err(|e| crate_error_chain(&e))?;
+    Ok(Outcome::Restored {
+        txid: restored.txid,
+    })
+}
+
+/// An error and its causes on one line, each cause once.
+fn crate_error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// Whether the file already at `output` holds the replica's state at `target`.
+fn verify_existing(
+    replica: &dyn ReplicaClient,
+    files: &[FileInfo],
+    target: Target,
+    output: &Path,
+) -> Result<Outcome, String> {
+    let left = "left as it is";
+    let chain = restore::plan(files, target).map_err(|e| format!("{e:#}"))?;
+    let last = chain.last().ok_or("the replica holds no LTX files")?;
+    let (header, trailer) = head_and_tail(replica, last)?;
+    if !header.tracks_checksums() {
+        return Err(format!(
+            "exists, and the replica's files carry no checksums to compare it with; {left}"
+        ));
+    }
+    if sidecar(output, "-wal").symlink_metadata().is_ok() {
+        return Err(format!("exists with a -wal beside it (in use?); {left}"));
+    }
+    let file = File::open(output).map_err(|e| format!("exists but cannot be read: {e}"))?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let expected_len = u64::from(header.commit) * u64::from(header.page_size);
+    let checksum = if len == expected_len {
+        crate::ltx::checksum_database(std::io::BufReader::new(file), header.page_size).ok()
+    } else {
+        None
+    };
+    if checksum != Some(trailer.post_apply_checksum) {
+        return Err(format!(
+            "exists and differs from the replica at TXID {}; {left}",
+            last.max_txid
+        ));
+    }
+    Ok(Outcome::AlreadyRestored {
+        txid: last.max_txid,
+    })
+}
+
+/// The header and trailer of one replica file: read in place from a directory replica,
+/// downloaded (and all but both ends dropped on the way) from others.
+fn head_and_tail(
+    replica: &dyn ReplicaClient,
+    file: &FileInfo,
+) -> Result<(crate::ltx::Header, crate::ltx::Trailer), String> {
+    use crate::ltx::{HEADER_SIZE, TRAILER_SIZE};
+    let location = replica.location(file.level, file.min_txid, file.max_txid);
+    let mut ends = Ends::default();
+    match replica.local_path(file.level, file.min_txid, file.max_txid) {
+        Some(path) => {
+            use std::os::unix::fs::FileExt;
+            let f = File::open(&path).map_err(|e| format!("{location}: {e}"))?;
+            let len = f.metadata().map_err(|e| format!("{location}: {e}"))?.len();
+            let mut head = [0; HEADER_SIZE];
+            let mut tail = [0; TRAILER_SIZE];
+            f.read_exact_at(&mut head, 0)
+                .and_then(|()| f.read_exact_at(&mut tail, len.saturating_sub(TRAILER_SIZE as u64)))
+                .map_err(|e| format!("{location}: {e}"))?;
+            ends.head = head.to_vec();
+            ends.tail = tail.to_vec();
+        }
+        None => replica
+            .get(file.level, file.min_txid, file.max_txid, &mut ends)
+            .map_err(|e| e.to_string())?,
+    }
+    let head: [u8; HEADER_SIZE] =
+        ends.head.as_slice().try_into().map_err(|_| {
+            format!("replica file {location} is corrupt: shorter than an LTX header")
+        })?;
+    let tail: [u8; TRAILER_SIZE] = ends
+        .tail
+        .as_slice()
+        .try_into()
+        .map_err(|_| format!("replica file {location} is corrupt: no trailer"))?;
+    let header = crate::ltx::Header::decode(&head)
+        .map_err(|e| format!("replica file {location} is corrupt: {e}"))?;
+    Ok((header, crate::ltx::Trailer::decode(&tail)))
+}
+
+/// A sink keeping the first [`crate::ltx::HEADER_SIZE`] and last
+/// [`crate::ltx::TRAILER_SIZE`] bytes written to it.
+#[derive(Default)]
+struct Ends {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+impl Write for Ends {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use crate::ltx::{HEADER_SIZE, TRAILER_SIZE};
+        let room = HEADER_SIZE.saturating_sub(self.head.len()).min(buf.len());
+        self.head.extend_from_slice(&buf[..room]);
+        self.tail.extend_from_slice(buf);
+        let excess = self.tail.len().saturating_sub(TRAILER_SIZE);
+        self.tail.drain(..excess);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
