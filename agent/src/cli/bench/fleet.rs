@@ -163,6 +163,10 @@ fn prepare_file_replicas(config: &Config, size: usize) -> anyhow::Result<Vec<Str
         let workers: Vec<_> = (0..4)
             .map(|_| {
                 scope.spawn(|| -> anyhow::Result<()> {
+                    // A line per snapshot would bury the figures.
+                    let _quiet = tracing::subscriber::set_default(
+                        tracing::subscriber::NoSubscriber::default(),
+                    );
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(db) = paths.get(i) else {
