@@ -74,7 +74,6 @@ pub fn restore_all(
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    walked.map_err(anyhow::Error::from)?;
     let mut out = io::stdout().lock();
     let _ = writeln!(
         out,
@@ -97,6 +96,19 @@ pub fn restore_all(
         }
     }
     let _ = out.flush();
+    // The summary first: what was restored before the walk broke off stays restored.
+    walked.map_err(|e| {
+        anyhow::anyhow!(
+            "the walk of {} stopped ({e}); replicas after that point were not looked at",
+            catalogue.root()
+        )
+    })?;
+    if counts.total() == 0 {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "no replica found under {}; is replica_template the one the agent used?",
+            catalogue.root()
+        )));
+    }
     if counts.failed > 0 {
         return Err(Failure::Runtime(anyhow::anyhow!(
             "{} of {} database(s) not restored (listed above)",

@@ -459,18 +459,12 @@ pub fn restore_with_mode(
         );
     }
     let files = list_all(replica)?;
+    if !dry_run {
+        let progress = io::stderr().is_terminal();
+        return restore_listed(replica, &files, target, output, mode, progress);
+    }
     if files.is_empty() {
         return Err(empty_replica(replica));
-    }
-    if !dry_run {
-        return restore_listed(
-            replica,
-            &files,
-            target,
-            output,
-            mode,
-            io::stderr().is_terminal(),
-        );
     }
     let chain = plan(&files, target)?;
     let txid = chain.last().map_or(0, |f| f.max_txid);

@@ -151,19 +151,26 @@ fn rows(db: &Path) -> String {
     .unwrap()
 }
 
+/// `out` exited with `code` and its stdout says `text`.
+fn expect(out: &Run, code: i32, text: &str) {
+    assert_eq!(out.code, code, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains(text),
+        "expected {text:?} in\n{}",
+        out.stdout
+    );
+}
+
 const FILE_TEMPLATE: &str = "{R}/replica/{{project}}/{{database}}/{{branch}}/{{tenant}}";
 
 #[test]
 fn restore_all_to_a_directory_equals_every_source_and_a_rerun_skips() {
     let fleet = Fleet::new(FILE_TEMPLATE, "file", None);
     let out = fleet.multidb(&["restore", "--all", "--to", "out", "--jobs", "3"], None);
-    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-    assert!(
-        out.stdout.contains(&format!(
-            "{COUNT} replica(s): {COUNT} restored, 0 already restored and verified, 0 failed"
-        )),
-        "{}",
-        out.stdout
+    expect(
+        &out,
+        0,
+        &format!("{COUNT} replica(s): {COUNT} restored, 0 already restored and verified, 0 failed"),
     );
     for db in &fleet.dbs {
         let restored = fleet.restored(db);
@@ -176,13 +183,10 @@ fn restore_all_to_a_directory_equals_every_source_and_a_rerun_skips() {
 
     // A rerun verifies what is there and restores nothing.
     let again = fleet.multidb(&["restore", "--all", "--to", "out"], None);
-    assert_eq!(again.code, 0, "{}\n{}", again.stdout, again.stderr);
-    assert!(
-        again.stdout.contains(&format!(
-            "0 restored, {COUNT} already restored and verified, 0 failed"
-        )),
-        "{}",
-        again.stdout
+    expect(
+        &again,
+        0,
+        &format!("0 restored, {COUNT} already restored and verified, 0 failed"),
     );
 
     // A file at an output path that is not the replica's state is never overwritten: it is a
@@ -385,6 +389,19 @@ fn a_template_that_cannot_be_read_back_is_refused() {
         }
     }
     assert!(!fleet.dir.join("out").exists());
+
+    // A template that matches nothing restores nothing, and says so.
+    fs::write(&config, text.replace("/replica/", "/elsewhere/")).unwrap();
+    let out = fleet.multidb(&["restore", "--all", "--to", "out"], None);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(
+        out.stderr.contains(&format!(
+            "no replica found under {}/elsewhere",
+            fleet.dir.display()
+        )),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

@@ -157,51 +157,29 @@ fn prepare_file_replicas(config: &Config, size: usize) -> anyhow::Result<Vec<Str
         bail!("discovered {} databases, expected {size}", paths.len());
     }
     let tmp = std::env::temp_dir();
-    let next = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let workers: Vec<_> = (0..4)
-            .map(|_| {
-                scope.spawn(|| -> anyhow::Result<()> {
-                    // A line per snapshot would bury the figures.
-                    let _quiet = tracing::subscriber::set_default(
-                        tracing::subscriber::NoSubscriber::default(),
-                    );
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(db) = paths.get(i) else {
-                            return Ok(());
-                        };
-                        let ReplicaUrl::File(location) = replica_of(config, db)? else {
-                            bail!("not a directory replica");
-                        };
-                        if location.join(crate::replica::IDENTITY_NAME).exists() {
-                            continue;
-                        }
-                        let client = ReplicaUrl::File(location).client()?;
-                        let options = crate::replicate::RunOptions {
-                            once: true,
-                            poll: Duration::from_millis(10),
-                            max_backoff: Duration::from_secs(1),
-                        };
-                        crate::replicate::run_with(
-                            Path::new(db),
-                            client,
-                            &tmp,
-                            None,
-                            options,
-                            &|| false,
-                            &mut |_| {},
-                        )?;
-                    }
-                })
-            })
-            .collect();
-        for worker in workers {
-            worker
-                .join()
-                .map_err(|_| anyhow::anyhow!("a replicating thread panicked"))??;
+    in_parallel(4, &paths, &|_, db| {
+        let ReplicaUrl::File(location) = replica_of(config, db)? else {
+            bail!("not a directory replica");
+        };
+        if location.join(crate::replica::IDENTITY_NAME).exists() {
+            return Ok(());
         }
+        let client = ReplicaUrl::File(location).client()?;
+        let options = crate::replicate::RunOptions {
+            once: true,
+            poll: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(1),
+        };
+        crate::replicate::run_with(
+            Path::new(db),
+            client,
+            &tmp,
+            None,
+            options,
+            &|| false,
+            &mut |_| {},
+        )?;
         Ok(())
     })?;
     eprintln!(
@@ -220,53 +198,30 @@ fn upload_to_s3(
     moto: &Moto,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let next = std::sync::atomic::AtomicUsize::new(0);
     let tmp = std::env::temp_dir().join(format!("multidb-bench-fleet-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let workers: Vec<_> = (0..8)
-            .map(|w| {
-                let tmp = &tmp;
-                let next = &next;
-                scope.spawn(move || -> anyhow::Result<()> {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(db) = paths.get(i) else {
-                            return Ok(());
-                        };
-                        let ReplicaUrl::S3(location) = replica_of(s3_config, db)? else {
-                            bail!("not an S3 replica");
-                        };
-                        let s3 = crate::replica::s3::S3Replica::with_credentials(
-                            location,
-                            moto.credentials(),
-                        )?;
-                        let identity = replica_of(file_config, db)?.client()?;
-                        let Some(body) = identity.read_identity()? else {
-                            bail!("{db}: its directory replica has no identity");
-                        };
-                        if s3.read_identity()?.is_some() {
-                            continue;
-                        }
-                        for f in crate::replicate::restore::list_all(identity.as_ref())? {
-                            let src = identity
-                                .local_path(f.level, f.min_txid, f.max_txid)
-                                .context("a directory replica has local paths")?;
-                            // `put` may consume its source: hand it a copy.
-                            let copy = tmp.join(format!("{w}.ltx"));
-                            std::fs::copy(&src, &copy)?;
-                            s3.put(f.level, f.min_txid, f.max_txid, &copy)?;
-                        }
-                        s3.create_identity(&body)?;
-                    }
-                })
-            })
-            .collect();
-        for worker in workers {
-            worker
-                .join()
-                .map_err(|_| anyhow::anyhow!("an uploading thread panicked"))??;
+    in_parallel(8, paths, &|worker, db| {
+        let ReplicaUrl::S3(location) = replica_of(s3_config, db)? else {
+            bail!("not an S3 replica");
+        };
+        let s3 = crate::replica::s3::S3Replica::with_credentials(location, moto.credentials())?;
+        let source = replica_of(file_config, db)?.client()?;
+        let Some(body) = source.read_identity()? else {
+            bail!("{db}: its directory replica has no identity");
+        };
+        if s3.read_identity()?.is_some() {
+            return Ok(());
         }
+        for f in crate::replicate::restore::list_all(source.as_ref())? {
+            let src = source
+                .local_path(f.level, f.min_txid, f.max_txid)
+                .context("a directory replica has local paths")?;
+            // `put` may consume its source: hand it a copy.
+            let copy = tmp.join(format!("{worker}.ltx"));
+            std::fs::copy(&src, &copy)?;
+            s3.put(f.level, f.min_txid, f.max_txid, &copy)?;
+        }
+        s3.create_identity(&body)?;
         Ok(())
     })?;
     let _ = std::fs::remove_dir_all(&tmp);
@@ -275,6 +230,41 @@ fn upload_to_s3(
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Runs `work(thread, path)` for every path on `threads` threads; the first error ends it.
+fn in_parallel(
+    threads: usize,
+    paths: &[String],
+    work: &(dyn Fn(usize, &String) -> anyhow::Result<()> + Sync),
+) -> anyhow::Result<()> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|thread| {
+                let next = &next;
+                scope.spawn(move || -> anyhow::Result<()> {
+                    // A line per snapshot or upload would bury the figures.
+                    let _quiet = tracing::subscriber::set_default(
+                        tracing::subscriber::NoSubscriber::default(),
+                    );
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(path) = paths.get(i) else {
+                            return Ok(());
+                        };
+                        work(thread, path)?;
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("a benchmark thread panicked"))??;
+        }
+        Ok(())
+    })
 }
 
 /// Times `restore --all` and the loop over the same replica, and prints both with the ratio.

@@ -17,7 +17,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Once;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use s3::command::Command;
 use s3::creds::Credentials;
@@ -323,42 +323,18 @@ impl ReplicaClient for S3Replica {
     fn list(&self, level: u8) -> Result<Vec<FileInfo>, ReplicaError> {
         let prefix = self.location.level_prefix(level);
         let mut files = Vec::new();
-        let mut token = None;
-        loop {
-            let (page, _) = self
-                .retrying("list", &prefix, || {
-                    self.bucket
-                        .list_page(prefix.clone(), None, token.clone(), None, None)
-                })
-                .map_err(|fault| self.fail("list", &prefix, &fault))?;
-            for object in &page.contents {
-                let name = object.key.strip_prefix(prefix.as_str()).unwrap_or("");
-                let Some((min, max)) = parse_file_name(name) else {
-                    continue;
-                };
+        self.each_object(&prefix, &mut |name, size, created| {
+            if let Some((min, max)) = parse_file_name(name) {
                 files.push(FileInfo {
                     level,
                     min_txid: min,
                     max_txid: max,
-                    size: object.size,
-                    created: crate::time::parse_rfc3339(&object.last_modified)
-                        .unwrap_or(UNIX_EPOCH),
+                    size,
+                    created,
                 });
             }
-            if !page.is_truncated {
-                break;
-            }
-            // Without a token the next page would be the first again: an endless loop.
-            token = Some(
-                page.next_continuation_token
-                    .ok_or_else(|| ReplicaError::S3 {
-                        bucket: self.location.bucket.clone(),
-                        key: prefix.clone(),
-                        op: "list",
-                        message: "truncated listing without a continuation token".to_string(),
-                    })?,
-            );
-        }
+            true
+        })?;
         files.sort_by_key(|f| (f.min_txid, f.max_txid));
         Ok(files)
     }
@@ -484,6 +460,7 @@ mod tests {
     use std::net::TcpListener;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+    use std::time::UNIX_EPOCH;
 
     fn location(url: &str) -> S3Location {
         S3Location::parse(url).unwrap()

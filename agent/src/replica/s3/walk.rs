@@ -19,16 +19,26 @@ impl S3Replica {
         } else {
             format!("{}/", self.location.prefix)
         };
+        self.each_object(&prefix, each)
+    }
+
+    /// Calls `each(key less prefix, size, LastModified)` for every object whose key starts
+    /// with `prefix`, page by page, until `each` returns false.
+    pub(super) fn each_object(
+        &self,
+        prefix: &str,
+        each: &mut dyn FnMut(&str, u64, SystemTime) -> bool,
+    ) -> Result<(), ReplicaError> {
         let mut token = None;
         loop {
             let (page, _) = self
-                .retrying("list", &prefix, || {
+                .retrying("list", prefix, || {
                     self.bucket
-                        .list_page(prefix.clone(), None, token.clone(), None, None)
+                        .list_page(prefix.to_string(), None, token.clone(), None, None)
                 })
-                .map_err(|fault| self.fail("list", &prefix, &fault))?;
+                .map_err(|fault| self.fail("list", prefix, &fault))?;
             for object in &page.contents {
-                let Some(rest) = object.key.strip_prefix(prefix.as_str()) else {
+                let Some(rest) = object.key.strip_prefix(prefix) else {
                     continue;
                 };
                 let created =
@@ -40,11 +50,12 @@ impl S3Replica {
             if !page.is_truncated {
                 return Ok(());
             }
+            // Without a token the next page would be the first again: an endless loop.
             token = Some(
                 page.next_continuation_token
                     .ok_or_else(|| ReplicaError::S3 {
                         bucket: self.location.bucket.clone(),
-                        key: prefix.clone(),
+                        key: prefix.to_string(),
                         op: "list",
                         message: "truncated listing without a continuation token".to_string(),
                     })?,
