@@ -84,6 +84,10 @@ pub enum Command {
         /// Keep positions here, so a restart resumes without reading the replica
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Write LTX files without database checksums, as Litestream 0.5.17 does, so its
+        /// restore accepts them (what this gives up: see the README)
+        #[arg(long)]
+        litestream_compatible: bool,
         db: PathBuf,
         url: String,
     },
@@ -101,6 +105,13 @@ pub enum Command {
         /// Print the files that would be applied, change nothing
         #[arg(long)]
         dry_run: bool,
+        /// Keep OUT current as the replica grows, until SIGINT/SIGTERM (resumes an OUT a
+        /// previous --follow made)
+        #[arg(long, conflicts_with_all = ["txid", "timestamp", "dry_run"])]
+        follow: bool,
+        /// With --follow: time between looks at the replica (one LIST request each on S3)
+        #[arg(long, requires = "follow", default_value = "1s", value_parser = crate::config::parse_duration)]
+        interval: std::time::Duration,
         /// A replica URL, or a database path whose replica the configuration names
         source: String,
     },
@@ -305,6 +316,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             poll,
             tmp_dir,
             state_dir,
+            litestream_compatible,
             db,
             url,
         } => {
@@ -315,6 +327,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 once: *once,
                 poll: *poll,
                 max_backoff: std::time::Duration::from_secs(5),
+                litestream_compatible: *litestream_compatible,
             };
             let store = match state_dir {
                 Some(dir) => Some(std::sync::Arc::new(
@@ -340,6 +353,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             txid,
             timestamp,
             dry_run,
+            follow,
+            interval,
             source,
         } => {
             let replica = replica_for(&cli, source)?;
@@ -357,6 +372,35 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             } else {
                 crate::replica::copy_mode(std::path::Path::new(source))
             };
+            if *follow {
+                let options = crate::replicate::follow::FollowOptions {
+                    interval: *interval,
+                    mode,
+                };
+                crate::cli::signals::catch_interrupts();
+                let url = client.url();
+                let txid = crate::replicate::follow::follow(
+                    client.as_ref(),
+                    output,
+                    &options,
+                    &crate::cli::signals::interrupted,
+                    &mut |step| {
+                        eprintln!(
+                            "{} TXID {} ({} files, {} pages) from {url} to {}",
+                            step.kind,
+                            step.txid,
+                            step.files,
+                            step.pages,
+                            output.display()
+                        )
+                    },
+                )?;
+                eprintln!(
+                    "stopped following at TXID {txid}; {} is current to it",
+                    output.display()
+                );
+                return Ok(());
+            }
             let restored = crate::replicate::restore::restore_with_mode(
                 client.as_ref(),
                 target,

@@ -121,6 +121,7 @@ fn latency(args: &ReplicateArgs, tmp: &Path) -> anyhow::Result<()> {
         once: false,
         poll: Duration::from_millis(10),
         max_backoff: Duration::from_secs(1),
+        litestream_compatible: false,
     };
     let (commits, idle_requests) =
         std::thread::scope(|scope| -> anyhow::Result<(Commits, Option<u64>)> {

@@ -1,0 +1,673 @@
+//! Follow mode (`multidb restore --follow -o OUT`): keeps a restored database current as its
+//! replica grows, while applications read OUT (a read replica, a warm standby).
+//!
+//! **How a step reaches OUT.** Every change goes through SQLite's own pager, journal and
+//! locks: the follower holds one connection to OUT and writes the pages of new LTX files with
+//! `INSERT INTO sqlite_dbpage(pgno, data)` (the bundled SQLite is built with
+//! `SQLITE_ENABLE_DBPAGE_VTAB`, see `.cargo/config.toml`), all files of one poll inside one
+//! `BEGIN IMMEDIATE … COMMIT`, and shrinks the database with `sqlite_dbpage`'s truncating
+//! insert of a NULL page. SQLite journals those pages like any other write (to OUT's `-wal`,
+//! since replicas of WAL databases carry WAL's header bytes on page 1), so a reader's
+//! transaction sees the state before a step or after it, never a mix, and a follower killed
+//! mid-step leaves a transaction SQLite rolls back. Writing the file directly under a lock
+//! would be faster to build but leaves a torn file behind a crash; copying a private copy
+//! with the backup API would cost the whole database per step.
+//!
+//! **What is verified before a step is committed.** Each file's checksum (the decoder checks
+//! it at the end; nothing is committed before), its TXIDs against its name, and, for files
+//! that carry database checksums (multidb's default), that it continues the chain (its
+//! pre-apply checksum is the follower's running checksum) and that the result has its
+//! post-apply checksum: the follower keeps a checksum per page, so OUT is proven equal to
+//! the source at every step without reading it back. Files without database checksums
+//! (Litestream's, or `litestream_compatible`) leave only `PRAGMA integrity_check`, which must
+//! read a committed state on a fresh connection (the writing connection's b-tree layer
+//! caches page 1 across `sqlite_dbpage` writes, so a check inside the transaction proves
+//! nothing): it runs right after such a step, and a failure stops the follower with an
+//! error naming the TXID.
+//!
+//! **Where it resumes.** `OUT.multidb-follow` (beside OUT) records the replica, the TXID and
+//! OUT's database checksum, written before each commit with the step's expected values too,
+//! so a crash on either side of the commit is recognised. A restart recomputes OUT's
+//! checksum and resumes only when it matches one of them; anything else means OUT was
+//! changed by someone else, and the follower refuses to write into it. While running, it
+//! checks `PRAGMA data_version` (another connection's commit) and OUT's inode (a file moved
+//! over it) before every step.
+//!
+//! **Which files.** A poll lists level 0 only (one LIST request per interval on S3 while
+//! level 0 holds up to 1,000 files, one more per further 1,000) and applies the files that
+//! continue OUT's TXID. When newer files exist but none at level 0 continues it (they were
+//! compacted and deleted), the other levels are listed; when nothing continues it at all (a
+//! new snapshot after a replaced database or a gap, a replica started over), a fresh
+//! verified restore is made beside OUT and copied into it page by page in one transaction.
+//! A replica that cannot be reached is retried with a capped backoff; SIGINT/SIGTERM stop
+//! the follower between steps.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::ltx::{self, Decoder};
+use crate::replica::{FileInfo, ReplicaClient, SNAPSHOT_LEVEL};
+use crate::replicate::restore::{self, Target};
+
+/// The default poll interval: Litestream's default sync interval, so a follower lags its
+/// source by about two seconds at most with both defaults.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest wait between retries while the replica cannot be read.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long the follower waits for OUT's write lock (readers in rollback-journal mode, a
+/// checkpoint) before the step counts as failed and is retried.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Stop requests are noticed within this while waiting.
+const STOP_CHECK: Duration = Duration::from_millis(20);
+
+/// How `restore --follow` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct FollowOptions {
+    /// Time between two looks at the replica.
+    pub interval: Duration,
+    /// Mode of OUT when the follower creates it.
+    pub mode: u32,
+}
+
+/// One step the follower committed to OUT.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// OUT's TXID after the step.
+    pub txid: u64,
+    /// LTX files applied (0 when resuming).
+    pub files: usize,
+    /// Pages written.
+    pub pages: usize,
+    /// What kind of step: `restored`, `resumed`, `applied`, or `restored afresh`.
+    pub kind: &'static str,
+}
+
+/// OUT was changed by something other than this follower, or is not one it made: the
+/// follower refuses to write into it. Retrying cannot help, so the follower stops.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(String);
+
+/// Follows `replica` into `output` until `stop` says so; returns OUT's TXID then.
+pub fn follow(
+    replica: &dyn ReplicaClient,
+    output: &Path,
+    options: &FollowOptions,
+    stop: &dyn Fn() -> bool,
+    on_step: &mut dyn FnMut(&Step),
+) -> anyhow::Result<u64> {
+    let (mut follower, first) = Follower::start(replica, output, options.mode)?;
+    on_step(&first);
+    let mut failures = 0u32;
+    while !stop() {
+        match follower.poll() {
+            Ok(step) => {
+                failures = 0;
+                if let Some(step) = step {
+                    tracing::info!(out = %output.display(), txid = step.txid, files = step.files, pages = step.pages, "{}", step.kind);
+                    on_step(&step);
+                }
+                wait(options.interval, stop);
+            }
+            Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
+            Err(e) => {
+                failures += 1;
+                let backoff = options
+                    .interval
+                    .saturating_mul(1 << failures.min(5))
+                    .min(MAX_BACKOFF);
+                tracing::warn!(out = %output.display(), replica = %replica.url(), txid = follower.txid, failures, retry_ms = backoff.as_millis() as u64, error = %format!("{e:#}"), "follow step failed; retrying");
+                wait(backoff, stop);
+            }
+        }
+    }
+    Ok(follower.txid)
+}
+
+fn wait(duration: Duration, stop: &dyn Fn() -> bool) {
+    let until = Instant::now() + duration;
+    while !stop() {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(STOP_CHECK));
+    }
+}
+
+/// Where the follower records how far OUT is.
+pub fn sidecar_path(output: &Path) -> PathBuf {
+    let mut p = output.as_os_str().to_owned();
+    p.push(".multidb-follow");
+    PathBuf::from(p)
+}
+
+/// The sidecar's content: OUT is at `txid` with database checksum `checksum`, or, after a
+/// crash during the commit of the step in `pending`, at that one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Position {
+    replica: String,
+    txid: u64,
+    checksum: u64,
+    pending: Option<(u64, u64)>,
+}
+
+impl Position {
+    fn encode(&self) -> String {
+        let mut text = format!(
+            "replica {}\ntxid {}\nchecksum {:016x}\n",
+            self.replica, self.txid, self.checksum
+        );
+        if let Some((txid, checksum)) = self.pending {
+            text.push_str(&format!("pending {txid} {checksum:016x}\n"));
+        }
+        text
+    }
+
+    fn decode(text: &str) -> Option<Position> {
+        let mut replica = None;
+        let (mut txid, mut checksum, mut pending) = (None, None, None);
+        for line in text.lines() {
+            let (key, value) = line.split_once(' ')?;
+            match key {
+                "replica" => replica = Some(value.to_string()),
+                "txid" => txid = value.parse().ok(),
+                "checksum" => checksum = u64::from_str_radix(value, 16).ok(),
+                "pending" => {
+                    let (t, c) = value.split_once(' ')?;
+                    pending = Some((t.parse().ok()?, u64::from_str_radix(c, 16).ok()?));
+                }
+                _ => return None,
+            }
+        }
+        Some(Position {
+            replica: replica?,
+            txid: txid?,
+            checksum: checksum?,
+            pending,
+        })
+    }
+}
+
+struct Follower<'a> {
+    replica: &'a dyn ReplicaClient,
+    output: PathBuf,
+    conn: rusqlite::Connection,
+    /// (device, inode) of OUT when the follower opened it.
+    file_id: (u64, u64),
+    /// `PRAGMA data_version` after the follower's last step: another connection's commit
+    /// changes it.
+    data_version: i64,
+    page_size: u32,
+    txid: u64,
+    /// Page checksums of OUT (index pgno-1; 0 for the lock page).
+    sums: Vec<u64>,
+    /// OUT's pages were written by a file without database checksums since the last
+    /// integrity check.
+    unchecked: bool,
+}
+
+impl<'a> Follower<'a> {
+    /// Restores OUT, or resumes it when a previous follower made it and it is unchanged.
+    fn start(
+        replica: &'a dyn ReplicaClient,
+        output: &Path,
+        mode: u32,
+    ) -> anyhow::Result<(Follower<'a>, Step)> {
+        let sidecar = sidecar_path(output);
+        if output.exists() {
+            let saved = std::fs::read_to_string(&sidecar)
+                .ok()
+                .and_then(|t| Position::decode(&t));
+            let Some(saved) = saved else {
+                return Err(Refused(format!(
+                    "{} exists and {} does not say `restore --follow` made it; refusing to write into it (remove it to restore afresh)",
+                    output.display(),
+                    sidecar.display()
+                ))
+                .into());
+            };
+            if saved.replica != replica.url() {
+                return Err(Refused(format!(
+                    "{} follows {}, not {}",
+                    output.display(),
+                    saved.replica,
+                    replica.url()
+                ))
+                .into());
+            }
+            let mut follower = Follower::open(replica, output, 0)?;
+            let checksum = follower.checksum();
+            let txid = if checksum == saved.checksum {
+                saved.txid
+            } else if let Some((txid, _)) = saved.pending.filter(|(_, c)| *c == checksum) {
+                txid
+            } else {
+                return Err(Refused(format!(
+                    "{} was changed by something other than `restore --follow` since it reached TXID {} (its database checksum is {checksum:016x}, not {:016x}); refusing to write into it (remove it and {} to restore afresh)",
+                    output.display(),
+                    saved.txid,
+                    saved.checksum,
+                    sidecar.display()
+                ))
+                .into());
+            };
+            follower.txid = txid;
+            follower.save(None)?;
+            let step = Step {
+                txid,
+                files: 0,
+                pages: 0,
+                kind: "resumed",
+            };
+            return Ok((follower, step));
+        }
+        let restored = restore::restore_with_mode(replica, Target::Latest, output, false, mode)?;
+        let follower = Follower::open(replica, output, restored.txid)?;
+        follower.save(None)?;
+        let step = Step {
+            txid: restored.txid,
+            files: restored.files,
+            pages: restored.pages as usize,
+            kind: "restored",
+        };
+        Ok((follower, step))
+    }
+
+    fn open(replica: &'a dyn ReplicaClient, output: &Path, txid: u64) -> anyhow::Result<Self> {
+        let meta =
+            std::fs::metadata(output).with_context(|| format!("opening {}", output.display()))?;
+        let conn = rusqlite::Connection::open_with_flags(
+            output,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("opening {}", output.display()))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let page_size: u32 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let data_version = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        let mut follower = Follower {
+            replica,
+            output: output.to_path_buf(),
+            conn,
+            file_id: (meta.dev(), meta.ino()),
+            data_version,
+            page_size,
+            txid,
+            sums: Vec::new(),
+            unchecked: false,
+        };
+        follower.sums = follower
+            .read_sums()
+            .with_context(|| format!("reading {}", output.display()))?;
+        Ok(follower)
+    }
+
+    /// Page checksums of OUT as SQLite serves it (its `-wal` included), in one read
+    /// transaction.
+    fn read_sums(&self) -> rusqlite::Result<Vec<u64>> {
+        let lock = ltx::lock_pgno(self.page_size);
+        let mut sums = Vec::new();
+        let mut statement = self
+            .conn
+            .prepare("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno")?;
+        let mut rows = statement.query([])?;
+        while let Some(row) = rows.next()? {
+            let pgno: u32 = row.get(0)?;
+            let data = row.get_ref(1)?.as_blob()?;
+            sums.resize(pgno as usize, 0);
+            if pgno != lock {
+                sums[pgno as usize - 1] = ltx::checksum_page(pgno, data);
+            }
+        }
+        Ok(sums)
+    }
+
+    fn checksum(&self) -> u64 {
+        restore::database_checksum(&self.sums)
+    }
+
+    /// Records the position, and the one `pending` describes, atomically (temporary file,
+    /// fsync, rename).
+    fn save(&self, pending: Option<(u64, u64)>) -> anyhow::Result<()> {
+        let position = Position {
+            replica: self.replica.url(),
+            txid: self.txid,
+            checksum: self.checksum(),
+            pending,
+        };
+        let path = sidecar_path(&self.output);
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let write = || -> std::io::Result<()> {
+            let file = crate::replica::create_new(&tmp, crate::replica::PRIVATE_MODE)?;
+            file.write_all_at(position.encode().as_bytes(), 0)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Refuses when someone else wrote OUT or replaced it since the last step.
+    fn check_untouched(&self) -> anyhow::Result<()> {
+        let id = std::fs::metadata(&self.output)
+            .map(|m| (m.dev(), m.ino()))
+            .ok();
+        if id != Some(self.file_id) {
+            return Err(Refused(format!(
+                "{} was removed or replaced by another file; stopping at TXID {}",
+                self.output.display(),
+                self.txid
+            ))
+            .into());
+        }
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        if version != self.data_version {
+            return Err(Refused(format!(
+                "another connection wrote to {} (it follows a replica and must not be written); stopping at TXID {}",
+                self.output.display(),
+                self.txid
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// One look at the replica: applies what continues OUT, if anything.
+    fn poll(&mut self) -> anyhow::Result<Option<Step>> {
+        self.check_untouched()?;
+        let level0 = self
+            .replica
+            .list(0)
+            .with_context(|| format!("listing level 0 of {}", self.replica.url()))?;
+        let newest = level0.iter().map(|f| f.max_txid).max().unwrap_or(0);
+        let mut chain = successors(&level0, self.txid);
+        if chain.is_empty() {
+            if newest == self.txid {
+                return Ok(None);
+            }
+            // Compacted away, a new snapshot, or a replica that went back: every level.
+            let all = restore::list_all(self.replica)?;
+            let newest = all.iter().map(|f| f.max_txid).max().unwrap_or(0);
+            if newest == self.txid || all.is_empty() {
+                return Ok(None);
+            }
+            chain = successors(&all, self.txid);
+            if chain.is_empty() {
+                return self.restore_afresh(&all).map(Some);
+            }
+        }
+        self.apply(&chain).map(Some)
+    }
+
+    /// Applies `chain` (each file continuing the previous) in one transaction.
+    fn apply(&mut self, chain: &[FileInfo]) -> anyhow::Result<Step> {
+        let mut files = Vec::with_capacity(chain.len());
+        for f in chain {
+            let mut bytes = Vec::new();
+            self.replica
+                .get(f.level, f.min_txid, f.max_txid, &mut bytes)
+                .with_context(|| {
+                    format!(
+                        "downloading {}",
+                        self.replica.location(f.level, f.min_txid, f.max_txid)
+                    )
+                })?;
+            files.push(bytes);
+        }
+        let mut sums = self.sums.clone();
+        let mut pages = 0;
+        let mut unchecked = false;
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let written = (|| -> anyhow::Result<()> {
+            let mut insert = self
+                .conn
+                .prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
+            let mut page = vec![0u8; self.page_size as usize];
+            for (f, bytes) in chain.iter().zip(&files) {
+                let location = self.replica.location(f.level, f.min_txid, f.max_txid);
+                let corrupt = || format!("replica file {location} is corrupt");
+                let mut decoder = Decoder::new(bytes.as_slice()).with_context(corrupt)?;
+                let header = *decoder.header();
+                ltx::check_header_against_len(&header, bytes.len() as u64).with_context(corrupt)?;
+                if (header.min_txid, header.max_txid) != (f.min_txid, f.max_txid) {
+                    bail!(
+                        "replica file {location} is corrupt: its header says TXIDs {}-{}",
+                        header.min_txid,
+                        header.max_txid
+                    );
+                }
+                if header.page_size != self.page_size {
+                    bail!(
+                        "replica file {location} has {}-byte pages, {} has {}: the source changed its page size; restore it afresh",
+                        header.page_size,
+                        self.output.display(),
+                        self.page_size
+                    );
+                }
+                let before = restore::database_checksum(&sums);
+                if header.tracks_checksums() && header.pre_apply_checksum != before {
+                    bail!(
+                        "replica file {location} does not continue {} at TXID {}: pre-apply checksum {:016x}, expected {before:016x}",
+                        self.output.display(),
+                        f.min_txid - 1,
+                        header.pre_apply_checksum
+                    );
+                }
+                while let Some(pgno) = decoder.next_page(&mut page).with_context(corrupt)? {
+                    if sums.len() < pgno as usize {
+                        sums.resize(pgno as usize, 0);
+                    }
+                    sums[pgno as usize - 1] = decoder.page_checksum();
+                    insert.execute(rusqlite::params![pgno, page])?;
+                    pages += 1;
+                }
+                // The file's checksum is verified here, before anything is committed.
+                let trailer = decoder.finish().with_context(corrupt)?;
+                sums.resize(header.commit as usize, 0);
+                let after = restore::database_checksum(&sums);
+                if header.tracks_checksums() && trailer.post_apply_checksum != after {
+                    bail!(
+                        "applying replica file {location} gives database checksum {after:016x}, not its post-apply checksum {:016x}",
+                        trailer.post_apply_checksum
+                    );
+                }
+                unchecked |= !header.tracks_checksums();
+            }
+            if sums.len() < self.sums.len() {
+                // Pages past the new end go, as the last file's commit size says.
+                self.conn.execute(
+                    "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)",
+                    [sums.len() as i64 + 1],
+                )?;
+            }
+            Ok(())
+        })();
+        let txid = chain.last().map_or(self.txid, |f| f.max_txid);
+        self.commit(written, sums, txid)?;
+        self.unchecked |= unchecked;
+        self.check_integrity()?;
+        Ok(Step {
+            txid,
+            files: chain.len(),
+            pages,
+            kind: "applied",
+        })
+    }
+
+    /// Commits the open transaction when `written` succeeded (recording the new position
+    /// first), else rolls it back.
+    fn commit(
+        &mut self,
+        written: anyhow::Result<()>,
+        sums: Vec<u64>,
+        txid: u64,
+    ) -> anyhow::Result<()> {
+        let committed = written.and_then(|()| {
+            self.save(Some((txid, restore::database_checksum(&sums))))?;
+            self.conn.execute_batch("COMMIT")?;
+            Ok(())
+        });
+        if let Err(e) = committed {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+        self.sums = sums;
+        self.txid = txid;
+        self.data_version = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        self.save(None)
+    }
+
+    /// `PRAGMA integrity_check` on a fresh connection after steps no checksum vouched for.
+    fn check_integrity(&mut self) -> anyhow::Result<()> {
+        if !self.unchecked {
+            return Ok(());
+        }
+        if let Err(e) = restore::integrity_check(&self.output) {
+            return Err(Refused(format!(
+                "{} at TXID {} (written from replica files without database checksums): {e:#}; stopping",
+                self.output.display(),
+                self.txid
+            ))
+            .into());
+        }
+        self.unchecked = false;
+        Ok(())
+    }
+
+    /// Nothing continues OUT's TXID: a verified restore of the replica's latest state beside
+    /// OUT, copied into it in one transaction.
+    fn restore_afresh(&mut self, all: &[FileInfo]) -> anyhow::Result<Step> {
+        let chain = restore::plan(all, Target::Latest)?;
+        let parent = self
+            .output
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let fresh = parent.join(format!(".multidb-follow-{}.db", std::process::id()));
+        let _ = std::fs::remove_file(&fresh);
+        let restored = restore::restore(self.replica, Target::Latest, &fresh, false);
+        let result = restored.and_then(|r| self.copy_from(&fresh, r.txid, chain.len()));
+        let _ = std::fs::remove_file(&fresh);
+        result
+    }
+
+    fn copy_from(&mut self, fresh: &Path, txid: u64, files: usize) -> anyhow::Result<Step> {
+        let file = File::open(fresh).with_context(|| format!("opening {}", fresh.display()))?;
+        let mut head = [0u8; 100];
+        file.read_exact_at(&mut head, 0)?;
+        let page_size = match u16::from_be_bytes([head[16], head[17]]) {
+            1 => 65536,
+            n => u32::from(n),
+        };
+        if page_size != self.page_size {
+            return Err(Refused(format!(
+                "the replica's new history has {page_size}-byte pages, {} has {}: follow cannot change a database's page size in place; restore it afresh",
+                self.output.display(),
+                self.page_size
+            ))
+            .into());
+        }
+        let count = (file.metadata()?.len() / u64::from(page_size)) as u32;
+        let lock = ltx::lock_pgno(page_size);
+        let mut sums = vec![0u64; count as usize];
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let written = (|| -> anyhow::Result<()> {
+            let mut insert = self
+                .conn
+                .prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
+            let mut page = vec![0u8; page_size as usize];
+            for pgno in (1..=count).filter(|p| *p != lock) {
+                file.read_exact_at(&mut page, u64::from(pgno - 1) * u64::from(page_size))?;
+                sums[pgno as usize - 1] = ltx::checksum_page(pgno, &page);
+                insert.execute(rusqlite::params![pgno, page])?;
+            }
+            if (count as usize) < self.sums.len() {
+                self.conn.execute(
+                    "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)",
+                    [i64::from(count) + 1],
+                )?;
+            }
+            Ok(())
+        })();
+        self.commit(written, sums, txid)?;
+        Ok(Step {
+            txid,
+            files,
+            pages: count as usize,
+            kind: "restored afresh",
+        })
+    }
+}
+
+/// The files that continue TXID `at`, in order: from each TXID, the non-snapshot file that
+/// reaches furthest.
+fn successors(files: &[FileInfo], mut at: u64) -> Vec<FileInfo> {
+    let mut chain = Vec::new();
+    while let Some(next) = files
+        .iter()
+        .filter(|f| f.level != SNAPSHOT_LEVEL && f.min_txid == at + 1)
+        .max_by_key(|f| f.max_txid)
+    {
+        at = next.max_txid;
+        chain.push(next.clone());
+    }
+    chain
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    fn f(level: u8, min: u64, max: u64) -> FileInfo {
+        FileInfo {
+            level,
+            min_txid: min,
+            max_txid: max,
+            size: 1,
+            created: UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn successors_continue_the_txid_through_any_level_but_snapshots() {
+        let files = [
+            f(9, 1, 5),
+            f(0, 6, 6),
+            f(1, 6, 8),
+            f(0, 7, 7),
+            f(0, 9, 9),
+            f(0, 11, 11),
+        ];
+        let ids = |c: Vec<FileInfo>| c.iter().map(|f| (f.level, f.min_txid)).collect::<Vec<_>>();
+        assert_eq!(ids(successors(&files, 5)), [(1, 6), (0, 9)]);
+        assert_eq!(ids(successors(&files, 6)), [(0, 7)]);
+        assert!(successors(&files, 9).is_empty(), "a gap at 10");
+        assert!(successors(&files, 11).is_empty());
+    }
+
+    #[test]
+    fn positions_round_trip_and_reject_other_text() {
+        let p = Position {
+            replica: "file:///r/x y".into(),
+            txid: 42,
+            checksum: 0x8000_0000_0000_00ff,
+            pending: Some((43, 0x8000_0000_0000_0001)),
+        };
+        assert_eq!(Position::decode(&p.encode()), Some(p.clone()));
+        let settled = Position { pending: None, ..p };
+        assert_eq!(Position::decode(&settled.encode()), Some(settled));
+        assert_eq!(Position::decode("txid 1\nchecksum 00\n"), None);
+        assert_eq!(Position::decode("replica x\ntxid one\nchecksum 00\n"), None);
+    }
+}
