@@ -35,7 +35,7 @@
 //!
 //! **Which files.** A poll lists level 0 only (one LIST request per interval on S3 while
 //! level 0 holds up to 1,000 files, one more per further 1,000) and applies the files that
-//! continue OUT's TXID. When newer files exist but none at level 0 continues it (they were
+//! continue OUT's TXID; every [`FULL_LIST_EVERY`] polls it lists every level (five LISTs). When newer files exist but none at level 0 continues it (they were
 //! compacted and deleted), the other levels are listed; when nothing continues it at all (a
 //! new snapshot after a replaced database or a gap, a replica started over), a fresh
 //! verified restore is made beside OUT and copied into it page by page in one transaction.
@@ -61,6 +61,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long the follower waits for OUT's write lock (readers in rollback-journal mode, a
 /// checkpoint) before the step counts as failed and is retried.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Every this many polls, every level is listed even when level 0 has nothing new: a new
+/// history (a level-9 snapshot after a replaced database or a gap) shows at level 9 only
+/// until the next write. Once a minute at the default interval.
+const FULL_LIST_EVERY: u32 = 60;
 /// Stop requests are noticed within this while waiting.
 const STOP_CHECK: Duration = Duration::from_millis(20);
 
@@ -209,6 +213,8 @@ struct Follower<'a> {
     /// OUT's pages were written by a file without database checksums since the last
     /// integrity check.
     unchecked: bool,
+    /// Polls since every level was last listed.
+    polls: u32,
 }
 
 impl<'a> Follower<'a> {
@@ -299,6 +305,7 @@ impl<'a> Follower<'a> {
             txid,
             sums: Vec::new(),
             unchecked: false,
+            polls: 0,
         };
         follower.sums = follower
             .read_sums()
@@ -389,10 +396,12 @@ impl<'a> Follower<'a> {
             .with_context(|| format!("listing level 0 of {}", self.replica.url()))?;
         let newest = level0.iter().map(|f| f.max_txid).max().unwrap_or(0);
         let mut chain = successors(&level0, self.txid);
+        self.polls += 1;
         if chain.is_empty() {
-            if newest == self.txid {
+            if newest == self.txid && self.polls < FULL_LIST_EVERY {
                 return Ok(None);
             }
+            self.polls = 0;
             // Compacted away, a new snapshot, or a replica that went back: every level.
             let all = restore::list_all(self.replica)?;
             let newest = all.iter().map(|f| f.max_txid).max().unwrap_or(0);

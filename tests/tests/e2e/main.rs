@@ -5,6 +5,7 @@ mod attacks;
 mod checkpoint;
 mod cli;
 mod extension;
+mod follow;
 mod hostile;
 mod integrity;
 mod litestream;
