@@ -181,6 +181,8 @@ pub enum BenchCommand {
     /// A writer process for `bench agent`
     #[command(hide = true)]
     AgentWriter(crate::cli::bench::WriterArgs),
+    /// Commit in a source to visible in `restore --follow`'s output, beside the poll interval
+    Follow(crate::cli::bench::FollowArgs),
     /// Run a command and print its wall time (ns) and peak RSS (bytes): the benchmarks' trampoline
     #[command(hide = true)]
     Measure {
@@ -438,6 +440,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Bench(BenchCommand::Replicate(args)) => crate::cli::bench::replicate(args)?,
         Command::Bench(BenchCommand::Agent(args)) => crate::cli::bench::agent(args)?,
         Command::Bench(BenchCommand::AgentWriter(args)) => crate::cli::bench::agent_writer(args)?,
+        Command::Bench(BenchCommand::Follow(args)) => crate::cli::bench::follow(args)?,
         Command::Bench(BenchCommand::Measure { command }) => crate::cli::bench::measure(command)?,
     }
     Ok(())

@@ -64,7 +64,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Every this many polls, every level is listed even when level 0 has nothing new: a new
 /// history (a level-9 snapshot after a replaced database or a gap) shows at level 9 only
 /// until the next write. Once a minute at the default interval.
-const FULL_LIST_EVERY: u32 = 60;
+pub const FULL_LIST_EVERY: u32 = 60;
 /// Stop requests are noticed within this while waiting.
 const STOP_CHECK: Duration = Duration::from_millis(20);
 

@@ -14,8 +14,10 @@ use crate::discover::discovery;
 use crate::discover::pattern::Pattern;
 
 mod agent;
+mod follow;
 mod replication;
 pub use agent::{agent, writer as agent_writer, AgentArgs, WriterArgs};
+pub use follow::{follow, FollowArgs};
 pub use replication::{replicate, ReplicateArgs};
 
 #[derive(Debug, clap::Args)]
