@@ -387,6 +387,18 @@ impl<'a> Follower<'a> {
         Ok(())
     }
 
+    /// Opens the step's write transaction, making sure nobody committed to OUT since the last
+    /// step: a commit between [`Follower::check_untouched`] and this lock (during the
+    /// downloads) would otherwise be counted as the follower's own.
+    fn begin(&self) -> anyhow::Result<()> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let untouched = self.check_untouched();
+        if untouched.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        untouched
+    }
+
     /// One look at the replica: applies what continues OUT, if anything.
     fn poll(&mut self) -> anyhow::Result<Option<Step>> {
         self.check_untouched()?;
@@ -434,7 +446,7 @@ impl<'a> Follower<'a> {
         let mut sums = self.sums.clone();
         let mut pages = 0;
         let mut unchecked = false;
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        self.begin()?;
         let written = (|| -> anyhow::Result<()> {
             let mut insert = self
                 .conn
@@ -589,7 +601,7 @@ impl<'a> Follower<'a> {
         let count = (file.metadata()?.len() / u64::from(page_size)) as u32;
         let lock = ltx::lock_pgno(page_size);
         let mut sums = vec![0u64; count as usize];
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        self.begin()?;
         let written = (|| -> anyhow::Result<()> {
             let mut insert = self
                 .conn
