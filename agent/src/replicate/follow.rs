@@ -26,7 +26,8 @@
 //! error naming the TXID.
 //!
 //! **Where it resumes.** `OUT.multidb-follow` (beside OUT) records the replica, the TXID and
-//! OUT's database checksum, written before each commit with the step's expected values too,
+//! the database checksum (page 1 is compared without the counter bytes SQLite rewrites on
+//! each commit, see [`Mark`]), written before each commit with the step's expected values too,
 //! so a crash on either side of the commit is recognised. A restart recomputes OUT's
 //! checksum and resumes only when it matches one of them; anything else means OUT was
 //! changed by someone else, and the follower refuses to write into it. While running, it
@@ -40,7 +41,8 @@
 //! new snapshot after a replaced database or a gap, a replica started over), a fresh
 //! verified restore is made beside OUT and copied into it page by page in one transaction.
 //! A replica that cannot be reached is retried with a capped backoff; SIGINT/SIGTERM stop
-//! the follower between steps.
+//! the follower between steps. A step takes at most [`MAX_STEP_FILES`] files (and about
+//! [`MAX_STEP_BYTES`]), so a follower far behind catches up in bounded steps back to back.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -65,6 +67,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// history (a level-9 snapshot after a replaced database or a gap) shows at level 9 only
 /// until the next write. Once a minute at the default interval.
 pub const FULL_LIST_EVERY: u32 = 60;
+/// The most LTX files one step applies, and the most bytes of them (at least one file is
+/// always taken): the files of a step are held in memory until its commit, so a follower
+/// catching up after an outage goes in bounded steps, one right after the other.
+const MAX_STEP_FILES: usize = 64;
+const MAX_STEP_BYTES: u64 = 256 << 20;
 /// Stop requests are noticed within this while waiting.
 const STOP_CHECK: Duration = Duration::from_millis(20);
 
@@ -88,6 +95,8 @@ pub struct Step {
     pub pages: usize,
     /// What kind of step: `restored`, `resumed`, `applied`, or `restored afresh`.
     pub kind: &'static str,
+    /// More files were waiting than one step takes: the next step follows at once.
+    pub behind: bool,
 }
 
 /// OUT was changed by something other than this follower, or is not one it made: the
@@ -111,11 +120,13 @@ pub fn follow(
         match follower.poll() {
             Ok(step) => {
                 failures = 0;
-                if let Some(step) = step {
+                if let Some(step) = &step {
                     tracing::info!(out = %output.display(), txid = step.txid, files = step.files, pages = step.pages, "{}", step.kind);
-                    on_step(&step);
+                    on_step(step);
                 }
-                wait(options.interval, stop);
+                if !step.is_some_and(|s| s.behind) {
+                    wait(options.interval, stop);
+                }
             }
             Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
             Err(e) => {
@@ -150,51 +161,90 @@ pub fn sidecar_path(output: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// The sidecar's content: OUT is at `txid` with database checksum `checksum`, or, after a
-/// crash during the commit of the step in `pending`, at that one.
+/// OUT at one TXID: its database checksum as the source had it, and page 1's checksum as
+/// the source had it and with the bytes SQLite rewrites on commit left out.
+///
+/// SQLite sets page 1's change counter (bytes 24-27), its copy (92-95) and its own version
+/// (96-99) whenever a transaction writes page 1, from OUT's previous counter, whatever the
+/// page written says; the source's counter moved once per source transaction, OUT's once
+/// per step. So OUT's page 1 equals the source's but for those bytes, and a restart checks
+/// page 1 without them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    txid: u64,
+    checksum: u64,
+    page1: u64,
+    page1_normalized: u64,
+}
+
+/// The sidecar's content: OUT is `at`, or, after a crash during the commit of the step in
+/// `pending`, at that one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Position {
     replica: String,
-    txid: u64,
-    checksum: u64,
-    pending: Option<(u64, u64)>,
+    at: Mark,
+    pending: Option<Mark>,
+}
+
+impl Mark {
+    fn encode(&self) -> String {
+        format!(
+            "{} {:016x} {:016x} {:016x}",
+            self.txid, self.checksum, self.page1, self.page1_normalized
+        )
+    }
+
+    fn decode(text: &str) -> Option<Mark> {
+        let mut parts = text.split(' ');
+        let txid = parts.next()?.parse().ok()?;
+        let mut next = || u64::from_str_radix(parts.next()?, 16).ok();
+        let mark = Mark {
+            txid,
+            checksum: next()?,
+            page1: next()?,
+            page1_normalized: next()?,
+        };
+        parts.next().is_none().then_some(mark)
+    }
 }
 
 impl Position {
     fn encode(&self) -> String {
-        let mut text = format!(
-            "replica {}\ntxid {}\nchecksum {:016x}\n",
-            self.replica, self.txid, self.checksum
-        );
-        if let Some((txid, checksum)) = self.pending {
-            text.push_str(&format!("pending {txid} {checksum:016x}\n"));
+        let mut text = format!("replica {}\nat {}\n", self.replica, self.at.encode());
+        if let Some(pending) = self.pending {
+            text.push_str(&format!("pending {}\n", pending.encode()));
         }
         text
     }
 
     fn decode(text: &str) -> Option<Position> {
-        let mut replica = None;
-        let (mut txid, mut checksum, mut pending) = (None, None, None);
+        let (mut replica, mut at, mut pending) = (None, None, None);
         for line in text.lines() {
             let (key, value) = line.split_once(' ')?;
             match key {
                 "replica" => replica = Some(value.to_string()),
-                "txid" => txid = value.parse().ok(),
-                "checksum" => checksum = u64::from_str_radix(value, 16).ok(),
-                "pending" => {
-                    let (t, c) = value.split_once(' ')?;
-                    pending = Some((t.parse().ok()?, u64::from_str_radix(c, 16).ok()?));
-                }
+                "at" => at = Some(Mark::decode(value)?),
+                "pending" => pending = Some(Mark::decode(value)?),
                 _ => return None,
             }
         }
         Some(Position {
             replica: replica?,
-            txid: txid?,
-            checksum: checksum?,
+            at: at?,
             pending,
         })
     }
+}
+
+/// Page 1's checksum without the bytes SQLite rewrites when it commits page 1 ([`Mark`]).
+fn normalized_page1_sum(page: &[u8]) -> u64 {
+    let mut copy = page.to_vec();
+    for range in [24..28, 92..100] {
+        if let Some(bytes) = copy.get_mut(range) {
+            bytes.fill(0);
+        }
+    }
+    ltx::checksum_page(1, &copy)
 }
 
 struct Follower<'a> {
@@ -208,8 +258,11 @@ struct Follower<'a> {
     data_version: i64,
     page_size: u32,
     txid: u64,
-    /// Page checksums of OUT (index pgno-1; 0 for the lock page).
+    /// Page checksums of the source's state at `txid` (index pgno-1; 0 for the lock page);
+    /// OUT's differ only in page 1's counter bytes ([`Mark`]).
     sums: Vec<u64>,
+    /// [`normalized_page1_sum`] of the source's page 1 at `txid`.
+    page1_normalized: u64,
     /// OUT's pages were written by a file without database checksums since the last
     /// integrity check.
     unchecked: bool,
@@ -247,21 +300,33 @@ impl<'a> Follower<'a> {
                 .into());
             }
             let mut follower = Follower::open(replica, output, 0)?;
-            let checksum = follower.checksum();
-            let txid = if checksum == saved.checksum {
-                saved.txid
-            } else if let Some((txid, _)) = saved.pending.filter(|(_, c)| *c == checksum) {
-                txid
-            } else {
+            // OUT is at a mark when page 1 matches it but for the counter bytes and the
+            // other pages with the source's page 1 give the mark's checksum.
+            let at_mark = |mark: &Mark| {
+                let mut sums = follower.sums.clone();
+                if let Some(first) = sums.first_mut() {
+                    *first = mark.page1;
+                }
+                (follower.page1_normalized == mark.page1_normalized
+                    && restore::database_checksum(&sums) == mark.checksum)
+                    .then_some(sums)
+            };
+            let found = [Some(saved.at), saved.pending]
+                .into_iter()
+                .flatten()
+                .find_map(|mark| at_mark(&mark).map(|sums| (mark, sums)));
+            let Some((mark, sums)) = found else {
                 return Err(Refused(format!(
-                    "{} was changed by something other than `restore --follow` since it reached TXID {} (its database checksum is {checksum:016x}, not {:016x}); refusing to write into it (remove it and {} to restore afresh)",
+                    "{} was changed by something other than `restore --follow` since it reached TXID {} (its pages do not have the database checksum {:016x} recorded then); refusing to write into it (remove it and {} to restore afresh)",
                     output.display(),
-                    saved.txid,
-                    saved.checksum,
+                    saved.at.txid,
+                    saved.at.checksum,
                     sidecar.display()
                 ))
                 .into());
             };
+            let txid = mark.txid;
+            follower.sums = sums;
             follower.txid = txid;
             follower.save(None)?;
             let step = Step {
@@ -269,6 +334,7 @@ impl<'a> Follower<'a> {
                 files: 0,
                 pages: 0,
                 kind: "resumed",
+                behind: false,
             };
             return Ok((follower, step));
         }
@@ -280,6 +346,7 @@ impl<'a> Follower<'a> {
             files: restored.files,
             pages: restored.pages as usize,
             kind: "restored",
+            behind: false,
         };
         Ok((follower, step))
     }
@@ -304,20 +371,21 @@ impl<'a> Follower<'a> {
             page_size,
             txid,
             sums: Vec::new(),
+            page1_normalized: 0,
             unchecked: false,
             polls: 0,
         };
-        follower.sums = follower
+        (follower.sums, follower.page1_normalized) = follower
             .read_sums()
             .with_context(|| format!("reading {}", output.display()))?;
         Ok(follower)
     }
 
     /// Page checksums of OUT as SQLite serves it (its `-wal` included), in one read
-    /// transaction.
-    fn read_sums(&self) -> rusqlite::Result<Vec<u64>> {
+    /// transaction, and page 1's [`normalized_page1_sum`].
+    fn read_sums(&self) -> rusqlite::Result<(Vec<u64>, u64)> {
         let lock = ltx::lock_pgno(self.page_size);
-        let mut sums = Vec::new();
+        let (mut sums, mut page1) = (Vec::new(), 0);
         let mut statement = self
             .conn
             .prepare("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno")?;
@@ -326,24 +394,35 @@ impl<'a> Follower<'a> {
             let pgno: u32 = row.get(0)?;
             let data = row.get_ref(1)?.as_blob()?;
             sums.resize(pgno as usize, 0);
+            if pgno == 1 {
+                page1 = normalized_page1_sum(data);
+            }
             if pgno != lock {
                 sums[pgno as usize - 1] = ltx::checksum_page(pgno, data);
             }
         }
-        Ok(sums)
+        Ok((sums, page1))
     }
 
     fn checksum(&self) -> u64 {
         restore::database_checksum(&self.sums)
     }
 
-    /// Records the position, and the one `pending` describes, atomically (temporary file,
-    /// fsync, rename).
-    fn save(&self, pending: Option<(u64, u64)>) -> anyhow::Result<()> {
-        let position = Position {
-            replica: self.replica.url(),
+    fn mark(&self) -> Mark {
+        Mark {
             txid: self.txid,
             checksum: self.checksum(),
+            page1: self.sums.first().copied().unwrap_or(0),
+            page1_normalized: self.page1_normalized,
+        }
+    }
+
+    /// Records the position, and the one `pending` describes, atomically (temporary file,
+    /// fsync, rename).
+    fn save(&self, pending: Option<Mark>) -> anyhow::Result<()> {
+        let position = Position {
+            replica: self.replica.url(),
+            at: self.mark(),
             pending,
         };
         let path = sidecar_path(&self.output);
@@ -425,7 +504,19 @@ impl<'a> Follower<'a> {
                 return self.restore_afresh(&all).map(Some);
             }
         }
-        self.apply(&chain).map(Some)
+        let mut bytes = 0;
+        let take = chain
+            .iter()
+            .take(MAX_STEP_FILES)
+            .take_while(|f| {
+                bytes += f.size;
+                bytes <= MAX_STEP_BYTES
+            })
+            .count()
+            .max(1);
+        let behind = chain.len() > take;
+        chain.truncate(take);
+        self.apply(&chain).map(|step| Some(Step { behind, ..step }))
     }
 
     /// Applies `chain` (each file continuing the previous) in one transaction.
@@ -444,6 +535,7 @@ impl<'a> Follower<'a> {
             files.push(bytes);
         }
         let mut sums = self.sums.clone();
+        let mut page1_normalized = self.page1_normalized;
         let mut pages = 0;
         let mut unchecked = false;
         self.begin()?;
@@ -487,6 +579,9 @@ impl<'a> Follower<'a> {
                         sums.resize(pgno as usize, 0);
                     }
                     sums[pgno as usize - 1] = decoder.page_checksum();
+                    if pgno == 1 {
+                        page1_normalized = normalized_page1_sum(&page);
+                    }
                     insert.execute(rusqlite::params![pgno, page])?;
                     pages += 1;
                 }
@@ -512,7 +607,7 @@ impl<'a> Follower<'a> {
             Ok(())
         })();
         let txid = chain.last().map_or(self.txid, |f| f.max_txid);
-        self.commit(written, sums, txid)?;
+        self.commit(written, sums, page1_normalized, txid)?;
         self.unchecked |= unchecked;
         self.check_integrity()?;
         Ok(Step {
@@ -520,6 +615,7 @@ impl<'a> Follower<'a> {
             files: chain.len(),
             pages,
             kind: "applied",
+            behind: false,
         })
     }
 
@@ -529,10 +625,16 @@ impl<'a> Follower<'a> {
         &mut self,
         written: anyhow::Result<()>,
         sums: Vec<u64>,
+        page1_normalized: u64,
         txid: u64,
     ) -> anyhow::Result<()> {
         let committed = written.and_then(|()| {
-            self.save(Some((txid, restore::database_checksum(&sums))))?;
+            self.save(Some(Mark {
+                txid,
+                checksum: restore::database_checksum(&sums),
+                page1: sums.first().copied().unwrap_or(0),
+                page1_normalized,
+            }))?;
             self.conn.execute_batch("COMMIT")?;
             Ok(())
         });
@@ -541,6 +643,7 @@ impl<'a> Follower<'a> {
             return Err(e);
         }
         self.sums = sums;
+        self.page1_normalized = page1_normalized;
         self.txid = txid;
         self.data_version = self
             .conn
@@ -601,6 +704,7 @@ impl<'a> Follower<'a> {
         let count = (file.metadata()?.len() / u64::from(page_size)) as u32;
         let lock = ltx::lock_pgno(page_size);
         let mut sums = vec![0u64; count as usize];
+        let mut page1_normalized = 0;
         self.begin()?;
         let written = (|| -> anyhow::Result<()> {
             let mut insert = self
@@ -610,6 +714,9 @@ impl<'a> Follower<'a> {
             for pgno in (1..=count).filter(|p| *p != lock) {
                 file.read_exact_at(&mut page, u64::from(pgno - 1) * u64::from(page_size))?;
                 sums[pgno as usize - 1] = ltx::checksum_page(pgno, &page);
+                if pgno == 1 {
+                    page1_normalized = normalized_page1_sum(&page);
+                }
                 insert.execute(rusqlite::params![pgno, page])?;
             }
             if (count as usize) < self.sums.len() {
@@ -620,12 +727,13 @@ impl<'a> Follower<'a> {
             }
             Ok(())
         })();
-        self.commit(written, sums, txid)?;
+        self.commit(written, sums, page1_normalized, txid)?;
         Ok(Step {
             txid,
             files,
             pages: count as usize,
             kind: "restored afresh",
+            behind: false,
         })
     }
 }
@@ -679,16 +787,33 @@ mod tests {
 
     #[test]
     fn positions_round_trip_and_reject_other_text() {
+        let mark = |txid| Mark {
+            txid,
+            checksum: 0x8000_0000_0000_00ff,
+            page1: 7,
+            page1_normalized: 9,
+        };
         let p = Position {
             replica: "file:///r/x y".into(),
-            txid: 42,
-            checksum: 0x8000_0000_0000_00ff,
-            pending: Some((43, 0x8000_0000_0000_0001)),
+            at: mark(42),
+            pending: Some(mark(43)),
         };
         assert_eq!(Position::decode(&p.encode()), Some(p.clone()));
         let settled = Position { pending: None, ..p };
         assert_eq!(Position::decode(&settled.encode()), Some(settled));
-        assert_eq!(Position::decode("txid 1\nchecksum 00\n"), None);
-        assert_eq!(Position::decode("replica x\ntxid one\nchecksum 00\n"), None);
+        assert_eq!(Position::decode("at 1 00 00 00\n"), None);
+        assert_eq!(Position::decode("replica x\nat one 00 00 00\n"), None);
+        assert_eq!(Position::decode("replica x\nat 1 00 00\n"), None);
+    }
+
+    #[test]
+    fn page_1_is_compared_without_the_counter_bytes_sqlite_rewrites() {
+        let mut page = vec![3u8; 4096];
+        let before = normalized_page1_sum(&page);
+        page[24..28].copy_from_slice(&[1, 2, 3, 4]);
+        page[92..100].fill(8);
+        assert_eq!(normalized_page1_sum(&page), before);
+        page[28] = 0;
+        assert_ne!(normalized_page1_sum(&page), before);
     }
 }

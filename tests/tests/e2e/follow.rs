@@ -294,21 +294,37 @@ fn follow_cycle(dir: &Path, url: &str, env: &[(&str, String)], replicate_args: &
     assert!(log.contains("stopped following at TXID"), "{log}");
     assert_eq!(dump(&out), dump(&db), "OUT after following");
 
-    // Stopped, the source moves on; a new follower resumes from OUT's TXID.
-    write_transactions(&db, 120, 140, Duration::ZERO);
+    // Stopped, the source moves on by more files than one step takes; a new follower
+    // resumes from OUT's TXID and catches up in bounded steps.
+    write_transactions(&db, 120, 200, Duration::from_millis(30));
     let mut follower = Following::start(url, &out, env);
     let reader = Reader::start(&out);
-    wait_for(&out, 420, &mut follower);
+    wait_for(&out, 600, &mut follower);
     reader.finish();
     let log = follower.stop();
     assert!(log.contains("resumed TXID"), "{log}");
+    // Level-0 files hold one TXID each, so more than 64 TXIDs behind means a full step.
+    let txid_after = |prefix: &str| -> u64 {
+        let at = log.rfind(prefix).expect(prefix) + prefix.len();
+        log[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let behind = txid_after("stopped following at TXID ") - txid_after("resumed TXID ");
+    assert!(
+        behind <= 64 || log.contains(" (64 files, "),
+        "{behind} TXIDs behind without a full step of 64 files: {log}"
+    );
     assert_eq!(dump(&out), dump(&db), "OUT after resuming");
 
     // A new history: frames checkpointed away while nobody replicated make the replicator
     // start over with a snapshot, which nothing at levels 0-3 continues from OUT's TXID.
     replicating.stop();
     let mut follower = Following::start(url, &out, env);
-    write_transactions(&db, 140, 150, Duration::ZERO);
+    write_transactions(&db, 200, 210, Duration::ZERO);
     shell(&db, "PRAGMA wal_checkpoint(TRUNCATE);\nDELETE FROM items WHERE v > 400;\nUPDATE agg SET n = 400, s = 400 * 401 / 2;\nVACUUM;\nPRAGMA wal_checkpoint(TRUNCATE);\n");
     let replicating = Replicating::start_with(&db, url, replicate_args, env);
     let reader = Reader::start(&out);
@@ -327,7 +343,7 @@ fn follow_cycle(dir: &Path, url: &str, env: &[(&str, String)], replicate_args: &
     intruder.busy_timeout(Duration::from_secs(10)).unwrap();
     intruder.execute("UPDATE agg SET s = 0", []).unwrap();
     drop(intruder);
-    write_transactions(&db, 150, 160, Duration::ZERO);
+    write_transactions(&db, 210, 220, Duration::ZERO);
     let (code, log) = follower.exit();
     assert_eq!(code, 1, "{log}");
     assert!(log.contains("another connection wrote to"), "{log}");
