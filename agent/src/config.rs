@@ -82,6 +82,7 @@ struct RawReplica {
     region: Option<String>,
     endpoint: Option<String>,
     force_path_style: Option<bool>,
+    litestream_compatible: Option<bool>,
 }
 
 /// Where replicas go.
@@ -102,6 +103,9 @@ pub struct ReplicaTemplate {
     pub region: Option<String>,
     pub endpoint: Option<String>,
     pub force_path_style: bool,
+    /// Write LTX files as Litestream 0.5.17 does, without database checksums, so its restore
+    /// accepts them (its issue #1427); restores of such files verify less (see the README).
+    pub litestream_compatible: bool,
 }
 
 impl ReplicaTemplate {
@@ -399,6 +403,7 @@ fn replica_template(
         // A custom endpoint (MinIO, R2, a local server) almost always wants path-style keys.
         force_path_style: r.force_path_style.unwrap_or(r.endpoint.is_some()),
         endpoint: r.endpoint,
+        litestream_compatible: r.litestream_compatible.unwrap_or(false),
     })
 }
 
@@ -814,6 +819,29 @@ multi_db:
         assert_eq!(
             error_of("other: 1\n"),
             "multidb.yml:1:1: unknown field `other`, expected `multi_db`"
+        );
+    }
+
+    /// Issue 11, item 5: `litestream_compatible` is off unless asked for, and only a boolean.
+    #[test]
+    fn litestream_compatible_is_a_validated_boolean() {
+        let base = "multi_db:\n  discovery_pattern: \"/d/*.db\"\n  replica_template:\n    path: \"/r/{{1}}\"\n";
+        let load = |extra: &str| Config::parse(&format!("{base}{extra}"), "multidb.yml", None);
+        let compatible = |c: Config| c.multi_db.replica.unwrap().litestream_compatible;
+        assert!(!compatible(load("").unwrap()));
+        assert!(compatible(
+            load("    litestream_compatible: true\n").unwrap()
+        ));
+        assert!(!compatible(
+            load("    litestream_compatible: false\n").unwrap()
+        ));
+        let e = load("    litestream_compatible: sometimes\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "multidb.yml:5:28: multi_db.replica_template.litestream_compatible: invalid type: \
+             string \"sometimes\", expected a boolean"
         );
     }
 }

@@ -317,6 +317,7 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> Result<(), AgentError> {
         let ctx = worker::WorkerContext {
             tmp_dir: tmp_dir.clone(),
             store: store.clone(),
+            litestream_compatible: template.litestream_compatible,
         };
         workers.push(
             std::thread::Builder::new()
@@ -560,6 +561,7 @@ mod tests {
         let ctx = worker::WorkerContext {
             tmp_dir: dir.path().join("tmp"),
             store: Arc::new(StateStore::open(&dir.path().join("state")).unwrap()),
+            litestream_compatible: false,
         };
         let job = Job {
             id: 7,

@@ -8,6 +8,8 @@ use super::*;
 pub(super) struct WorkerContext {
     pub(super) tmp_dir: PathBuf,
     pub(super) store: Arc<StateStore>,
+    /// `replica_template.litestream_compatible`.
+    pub(super) litestream_compatible: bool,
 }
 
 impl WorkerContext {
@@ -77,7 +79,9 @@ impl WorkerContext {
             db: job.path.display().to_string(),
             error,
         })?;
-        Ok(Replicator::open(&job.path, client, &self.tmp_dir)?.with_state(self.store.clone()))
+        Ok(Replicator::open(&job.path, client, &self.tmp_dir)?
+            .with_state(self.store.clone())
+            .litestream_compatible(self.litestream_compatible))
     }
 }
 

@@ -85,6 +85,10 @@ pub enum Command {
         /// Keep positions here, so a restart resumes without reading the replica
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Write LTX files without database checksums, as Litestream 0.5.17 does, so its
+        /// restore accepts them (what this gives up: see the README)
+        #[arg(long)]
+        litestream_compatible: bool,
         db: PathBuf,
         url: String,
     },
@@ -102,6 +106,13 @@ pub enum Command {
         /// Print the files that would be applied, change nothing
         #[arg(long, conflicts_with = "all")]
         dry_run: bool,
+        /// Keep OUT current as the replica grows, until SIGINT/SIGTERM (resumes an OUT a
+        /// previous --follow made)
+        #[arg(long, conflicts_with_all = ["txid", "timestamp", "dry_run", "all"])]
+        follow: bool,
+        /// With --follow: time between looks at the replica (one LIST request each on S3)
+        #[arg(long, requires = "follow", default_value = "1s", value_parser = crate::config::parse_duration)]
+        interval: std::time::Duration,
         /// A replica URL, or a database path whose replica the configuration names
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         source: Option<String>,
@@ -195,6 +206,8 @@ pub enum BenchCommand {
     /// A writer process for `bench agent`
     #[command(hide = true)]
     AgentWriter(crate::cli::bench::WriterArgs),
+    /// Commit in a source to visible in `restore --follow`'s output, beside the poll interval
+    Follow(crate::cli::bench::FollowArgs),
     /// Run a command and print its wall time (ns) and peak RSS (bytes): the benchmarks' trampoline
     #[command(hide = true)]
     Measure {
@@ -331,6 +344,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             poll,
             tmp_dir,
             state_dir,
+            litestream_compatible,
             db,
             url,
         } => {
@@ -341,6 +355,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 once: *once,
                 poll: *poll,
                 max_backoff: std::time::Duration::from_secs(5),
+                litestream_compatible: *litestream_compatible,
             };
             let store = match state_dir {
                 Some(dir) => Some(std::sync::Arc::new(
@@ -366,6 +381,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             txid,
             timestamp,
             dry_run,
+            follow,
+            interval,
             source,
             all,
             to,
@@ -389,6 +406,35 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             } else {
                 crate::replica::copy_mode(std::path::Path::new(source))
             };
+            if *follow {
+                let options = crate::replicate::follow::FollowOptions {
+                    interval: *interval,
+                    mode,
+                };
+                crate::cli::signals::catch_interrupts();
+                let url = client.url();
+                let txid = crate::replicate::follow::follow(
+                    client.as_ref(),
+                    output,
+                    &options,
+                    &crate::cli::signals::interrupted,
+                    &mut |step| {
+                        eprintln!(
+                            "{} TXID {} ({} files, {} pages) from {url} to {}",
+                            step.kind,
+                            step.txid,
+                            step.files,
+                            step.pages,
+                            output.display()
+                        )
+                    },
+                )?;
+                eprintln!(
+                    "stopped following at TXID {txid}; {} is current to it",
+                    output.display()
+                );
+                return Ok(());
+            }
             let restored = crate::replicate::restore::restore_with_mode(
                 client.as_ref(),
                 target,
@@ -432,6 +478,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Bench(BenchCommand::Agent(args)) => crate::cli::bench::agent(args)?,
         Command::Bench(BenchCommand::Fleet(args)) => crate::cli::bench::fleet(args)?,
         Command::Bench(BenchCommand::AgentWriter(args)) => crate::cli::bench::agent_writer(args)?,
+        Command::Bench(BenchCommand::Follow(args)) => crate::cli::bench::follow(args)?,
         Command::Bench(BenchCommand::Measure { command }) => crate::cli::bench::measure(command)?,
     }
     Ok(())

@@ -33,6 +33,7 @@ pub mod catalogue;
 mod checkpoint;
 pub mod compaction;
 pub mod fleet;
+pub mod follow;
 pub mod restore;
 mod resume;
 mod run;
@@ -172,6 +173,8 @@ pub struct Replicator {
     file_id: (u64, u64),
     /// Whether the replica's identity was found to name this database (or was created).
     identity_checked: bool,
+    /// Files go out without database checksums, as Litestream 0.5.17 writes them.
+    litestream_compatible: bool,
 }
 
 impl Drop for Replicator {
@@ -239,6 +242,7 @@ impl Replicator {
             store: None,
             file_id: before,
             identity_checked: false,
+            litestream_compatible: false,
         })
     }
 
@@ -263,6 +267,17 @@ impl Replicator {
         store: std::sync::Arc<crate::replicate::state::StateStore>,
     ) -> Replicator {
         self.store = Some(store);
+        self
+    }
+
+    /// Writes LTX files as Litestream 0.5.17 does: the NoChecksum flag, no pre- or post-apply
+    /// checksum. Its restore refuses a chain whose last file carries a post-apply checksum
+    /// (its issue #1427), so only such files restore there. The replicator still keeps the
+    /// database checksum itself (positions and resumes are verified as before); what is lost
+    /// is the replica's record of it, so restores can no longer prove the result equals the
+    /// source, and a restart without saved positions snapshots rather than resumes.
+    pub fn litestream_compatible(mut self, compatible: bool) -> Replicator {
+        self.litestream_compatible = compatible;
         self
     }
 

@@ -351,7 +351,7 @@ fn start_writeback(file: &File) {
 fn start_writeback(_file: &File) {}
 
 /// The database checksum of a set of page checksums.
-fn database_checksum(sums: &[u64]) -> u64 {
+pub(crate) fn database_checksum(sums: &[u64]) -> u64 {
     sums.iter()
         .filter(|s| **s != 0)
         .fold(ltx::EMPTY_DATABASE_CHECKSUM, |c, s| {
@@ -407,7 +407,7 @@ fn apply(
 }
 
 /// `PRAGMA integrity_check` on the restored file.
-fn integrity_check(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn integrity_check(path: &Path) -> anyhow::Result<()> {
     let conn = rusqlite::Connection::open(path)?;
     conn.pragma_update_and_check(None, "mmap_size", CHECK_MMAP_BYTES, |r| r.get::<_, i64>(0))?;
     let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;

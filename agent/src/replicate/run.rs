@@ -12,6 +12,8 @@ pub struct RunOptions {
     pub poll: std::time::Duration,
     /// The longest wait before retrying after a failed sync.
     pub max_backoff: std::time::Duration,
+    /// Write files Litestream 0.5.17 restores ([`Replicator::litestream_compatible`]).
+    pub litestream_compatible: bool,
 }
 
 /// The replication loop: syncs when the WAL changes, until `stop` says so (then one final
@@ -26,7 +28,8 @@ pub fn run_with(
     on_sync: &mut dyn FnMut(&Synced),
 ) -> Result<u64, ReplicateError> {
     let url = replica.url();
-    let mut replicator = Replicator::open(db, replica, tmp_dir)?;
+    let mut replicator = Replicator::open(db, replica, tmp_dir)?
+        .litestream_compatible(options.litestream_compatible);
     if let Some(store) = store {
         replicator = replicator.with_state(store);
     }

@@ -113,8 +113,12 @@ impl Replicator {
     /// Starts an LTX file in the temporary directory.
     pub(super) fn create_ltx(
         &self,
-        header: Header,
+        mut header: Header,
     ) -> Result<(PathBuf, Encoder<BufWriter<File>>), ReplicateError> {
+        if self.litestream_compatible {
+            header.flags |= ltx::HEADER_FLAG_NO_CHECKSUM;
+            header.pre_apply_checksum = 0;
+        }
         // Unique per file: the agent's replicators share one temporary directory, and two
         // databases often reach the same TXID at the same moment.
         static FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -145,9 +149,8 @@ impl Replicator {
     ) -> Result<u64, ReplicateError> {
         let header = *encoder.header();
         let result = (|| {
-            let (out, _) = encoder
-                .finish(Some(post_apply))
-                .map_err(self.ltx_err("finish"))?;
+            let post_apply = (!self.litestream_compatible).then_some(post_apply);
+            let (out, _) = encoder.finish(post_apply).map_err(self.ltx_err("finish"))?;
             let bytes = finish_file(out, tmp).map_err(self.io_err("write temporary LTX"))?;
             self.replica
                 .put(level, header.min_txid, header.max_txid, tmp)

@@ -15,6 +15,9 @@
 //!   file itself. The tests check that this is the only obstacle: the same replica with the
 //!   checksums taken out (flag set, pre- and post-apply checksums zeroed, nothing else
 //!   changed) restores in Litestream, at every TXID, to what multidb restores.
+//! - So `replica_template.litestream_compatible: true` (`multidb replicate
+//!   --litestream-compatible`) writes files that way from the start, and Litestream restores
+//!   that replica at every TXID.
 
 use std::fs;
 use std::io::BufWriter;
@@ -400,6 +403,54 @@ fn litestream_restores_what_multidb_replicates() {
     assert_restores_agree(tmp.path(), &stripped_url, &url, 1..=max_txid(&replica));
     // And multidb restores files without checksums, as Litestream writes them.
     assert_restores_equal(&db, &stripped_url);
+}
+
+/// Issue 11, item 5: a replica written with `--litestream-compatible` has no database checksum
+/// in any file (level 0, compactions and snapshots alike), and the real Litestream restores it
+/// at every TXID to what multidb restores from it, and its latest state to the source.
+#[test]
+fn litestream_restores_a_litestream_compatible_replica_at_every_txid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = new_db(tmp.path());
+    let replica = tmp.path().join("replica");
+    let url = url_of(&replica);
+    let replicating = Replicating::start_with(&db, &url, &["--litestream-compatible"], &[]);
+    let until = Instant::now() + MULTIDB_RUN;
+    let mut txid = wait_for_txid_above(&replica, 0);
+    let mut session = 0;
+    while Instant::now() < until {
+        shell(&db, &session_sql(session));
+        txid = wait_for_txid_above(&replica, txid);
+        session += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    replicating.stop();
+    let files = replica_files(&replica);
+    for level in [9, 1, 0] {
+        assert!(
+            files.iter().any(|f| f.0 == level),
+            "multidb wrote level {level}: {files:?}"
+        );
+    }
+    for (level, min, max) in &files {
+        let name = multidb_agent::replica::file_name(*min, *max);
+        let path = replica.join(format!("ltx/{level}/{name}"));
+        let mut decoder = Decoder::new(fs::File::open(&path).unwrap()).unwrap();
+        let header = *decoder.header();
+        assert_eq!(
+            (header.flags, header.pre_apply_checksum),
+            (ltx::HEADER_FLAG_NO_CHECKSUM, 0),
+            "{}",
+            path.display()
+        );
+        let mut page = vec![0u8; header.page_size as usize];
+        while decoder.next_page(&mut page).unwrap().is_some() {}
+        assert_eq!(decoder.finish().unwrap().post_apply_checksum, 0);
+    }
+    let latest = litestream_restored(&url, &tmp.path().join("litestream.db"), None);
+    assert_eq!(dump(&latest), dump(&db), "Litestream's restore");
+    assert_restores_equal(&db, &url);
+    assert_restores_agree(tmp.path(), &url, &url, 1..=max_txid(&replica));
 }
 
 #[test]

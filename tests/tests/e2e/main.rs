@@ -6,6 +6,7 @@ mod checkpoint;
 mod cli;
 mod extension;
 mod fleet;
+mod follow;
 mod hostile;
 mod integrity;
 mod litestream;

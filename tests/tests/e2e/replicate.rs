@@ -112,10 +112,16 @@ impl Replicating {
     }
 
     pub fn start_with_env(db: &Path, url: &str, env: &[(&str, String)]) -> Replicating {
+        Replicating::start_with(db, url, &[], env)
+    }
+
+    /// `multidb replicate ARGS.. DB URL` with extra environment.
+    pub fn start_with(db: &Path, url: &str, args: &[&str], env: &[(&str, String)]) -> Replicating {
         let child = Command::new(multidb_bin())
             .env("MULTIDB_LOG", "warn")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .arg("replicate")
+            .args(args)
             .arg(db)
             .arg(url)
             .stderr(Stdio::piped())

@@ -15,9 +15,11 @@ use crate::discover::pattern::Pattern;
 
 mod agent;
 mod fleet;
+mod follow;
 mod replication;
 pub use agent::{agent, writer as agent_writer, AgentArgs, WriterArgs};
 pub use fleet::{fleet, FleetArgs};
+pub use follow::{follow, FollowArgs};
 pub use replication::{replicate, ReplicateArgs};
 
 #[derive(Debug, clap::Args)]

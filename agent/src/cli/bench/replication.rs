@@ -36,7 +36,7 @@ pub struct ReplicateArgs {
     pub idle_secs: u64,
 }
 
-fn fresh(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+pub(super) fn fresh(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     for suffix in ["", "-wal", "-shm"] {
         let mut p = path.as_os_str().to_owned();
@@ -47,7 +47,12 @@ fn fresh(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn replica_url(args: &ReplicateArgs, name: &str) -> anyhow::Result<String> {
-    Ok(match &args.url {
+    replica_url_in(args.url.as_deref(), &args.dir, name)
+}
+
+/// A replica for one figure: below `url` when given, else a directory in `dir`.
+pub(super) fn replica_url_in(url: Option<&str>, dir: &Path, name: &str) -> anyhow::Result<String> {
+    Ok(match url {
         Some(url) if url.starts_with("s3://") => {
             let (base, query) = url.split_once('?').unwrap_or((url, ""));
             let run = std::process::id();
@@ -63,7 +68,7 @@ fn replica_url(args: &ReplicateArgs, name: &str) -> anyhow::Result<String> {
             std::process::id()
         ),
         None => {
-            let dir = std::fs::canonicalize(&args.dir)?.join(format!("replica-{name}"));
+            let dir = std::fs::canonicalize(dir)?.join(format!("replica-{name}"));
             let _ = std::fs::remove_dir_all(&dir);
             format!("file://{}", dir.display())
         }
@@ -73,18 +78,18 @@ fn replica_url(args: &ReplicateArgs, name: &str) -> anyhow::Result<String> {
 /// When each commit finished and the WAL offset it ended at.
 type Commits = Vec<(Instant, u64)>;
 
-fn quantile(sorted: &[Duration], q: f64) -> Duration {
+pub(super) fn quantile(sorted: &[Duration], q: f64) -> Duration {
     sorted
         .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
         .copied()
         .unwrap_or_default()
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn open_writer(db: &Path) -> anyhow::Result<rusqlite::Connection> {
+pub(super) fn open_writer(db: &Path) -> anyhow::Result<rusqlite::Connection> {
     let conn = rusqlite::Connection::open(db)?;
     conn.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=0;
@@ -121,6 +126,7 @@ fn latency(args: &ReplicateArgs, tmp: &Path) -> anyhow::Result<()> {
         once: false,
         poll: Duration::from_millis(10),
         max_backoff: Duration::from_secs(1),
+        litestream_compatible: false,
     };
     let (commits, idle_requests) =
         std::thread::scope(|scope| -> anyhow::Result<(Commits, Option<u64>)> {

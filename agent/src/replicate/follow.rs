@@ -1,0 +1,819 @@
+//! Follow mode (`multidb restore --follow -o OUT`): keeps a restored database current as its
+//! replica grows, while applications read OUT (a read replica, a warm standby).
+//!
+//! **How a step reaches OUT.** Every change goes through SQLite's own pager, journal and
+//! locks: the follower holds one connection to OUT and writes the pages of new LTX files with
+//! `INSERT INTO sqlite_dbpage(pgno, data)` (the bundled SQLite is built with
+//! `SQLITE_ENABLE_DBPAGE_VTAB`, see `.cargo/config.toml`), all files of one poll inside one
+//! `BEGIN IMMEDIATE … COMMIT`, and shrinks the database with `sqlite_dbpage`'s truncating
+//! insert of a NULL page. SQLite journals those pages like any other write (to OUT's `-wal`,
+//! since replicas of WAL databases carry WAL's header bytes on page 1), so a reader's
+//! transaction sees the state before a step or after it, never a mix, and a follower killed
+//! mid-step leaves a transaction SQLite rolls back. Writing the file directly under a lock
+//! would be faster to build but leaves a torn file behind a crash; copying a private copy
+//! with the backup API would cost the whole database per step.
+//!
+//! **What is verified before a step is committed.** Each file's checksum (the decoder checks
+//! it at the end; nothing is committed before), its TXIDs against its name, and, for files
+//! that carry database checksums (multidb's default), that it continues the chain (its
+//! pre-apply checksum is the follower's running checksum) and that the result has its
+//! post-apply checksum: the follower keeps a checksum per page, so OUT is proven equal to
+//! the source at every step without reading it back. Files without database checksums
+//! (Litestream's, or `litestream_compatible`) leave only `PRAGMA integrity_check`, which must
+//! read a committed state on a fresh connection (the writing connection's b-tree layer
+//! caches page 1 across `sqlite_dbpage` writes, so a check inside the transaction proves
+//! nothing): it runs right after such a step, and a failure stops the follower with an
+//! error naming the TXID.
+//!
+//! **Where it resumes.** `OUT.multidb-follow` (beside OUT) records the replica, the TXID and
+//! the database checksum (page 1 is compared without the counter bytes SQLite rewrites on
+//! each commit, see [`Mark`]), written before each commit with the step's expected values too,
+//! so a crash on either side of the commit is recognised. A restart recomputes OUT's
+//! checksum and resumes only when it matches one of them; anything else means OUT was
+//! changed by someone else, and the follower refuses to write into it. While running, it
+//! checks `PRAGMA data_version` (another connection's commit) and OUT's inode (a file moved
+//! over it) before every step.
+//!
+//! **Which files.** A poll lists level 0 only (one LIST request per interval on S3 while
+//! level 0 holds up to 1,000 files, one more per further 1,000) and applies the files that
+//! continue OUT's TXID; every [`FULL_LIST_EVERY`] polls it lists every level (five LISTs). When newer files exist but none at level 0 continues it (they were
+//! compacted and deleted), the other levels are listed; when nothing continues it at all (a
+//! new snapshot after a replaced database or a gap, a replica started over), a fresh
+//! verified restore is made beside OUT and copied into it page by page in one transaction.
+//! A replica that cannot be reached is retried with a capped backoff; SIGINT/SIGTERM stop
+//! the follower between steps. A step takes at most [`MAX_STEP_FILES`] files (and about
+//! [`MAX_STEP_BYTES`]), so a follower far behind catches up in bounded steps back to back.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::ltx::{self, Decoder};
+use crate::replica::{FileInfo, ReplicaClient, SNAPSHOT_LEVEL};
+use crate::replicate::restore::{self, Target};
+
+/// The default poll interval: Litestream's default sync interval, so a follower lags its
+/// source by about two seconds at most with both defaults.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest wait between retries while the replica cannot be read.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long the follower waits for OUT's write lock (readers in rollback-journal mode, a
+/// checkpoint) before the step counts as failed and is retried.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Every this many polls, every level is listed even when level 0 has nothing new: a new
+/// history (a level-9 snapshot after a replaced database or a gap) shows at level 9 only
+/// until the next write. Once a minute at the default interval.
+pub const FULL_LIST_EVERY: u32 = 60;
+/// The most LTX files one step applies, and the most bytes of them (at least one file is
+/// always taken): the files of a step are held in memory until its commit, so a follower
+/// catching up after an outage goes in bounded steps, one right after the other.
+const MAX_STEP_FILES: usize = 64;
+const MAX_STEP_BYTES: u64 = 256 << 20;
+/// Stop requests are noticed within this while waiting.
+const STOP_CHECK: Duration = Duration::from_millis(20);
+
+/// How `restore --follow` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct FollowOptions {
+    /// Time between two looks at the replica.
+    pub interval: Duration,
+    /// Mode of OUT when the follower creates it.
+    pub mode: u32,
+}
+
+/// One step the follower committed to OUT.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// OUT's TXID after the step.
+    pub txid: u64,
+    /// LTX files applied (0 when resuming).
+    pub files: usize,
+    /// Pages written.
+    pub pages: usize,
+    /// What kind of step: `restored`, `resumed`, `applied`, or `restored afresh`.
+    pub kind: &'static str,
+    /// More files were waiting than one step takes: the next step follows at once.
+    pub behind: bool,
+}
+
+/// OUT was changed by something other than this follower, or is not one it made: the
+/// follower refuses to write into it. Retrying cannot help, so the follower stops.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(String);
+
+/// Follows `replica` into `output` until `stop` says so; returns OUT's TXID then.
+pub fn follow(
+    replica: &dyn ReplicaClient,
+    output: &Path,
+    options: &FollowOptions,
+    stop: &dyn Fn() -> bool,
+    on_step: &mut dyn FnMut(&Step),
+) -> anyhow::Result<u64> {
+    let (mut follower, first) = Follower::start(replica, output, options.mode)?;
+    on_step(&first);
+    let mut failures = 0u32;
+    while !stop() {
+        match follower.poll() {
+            Ok(step) => {
+                failures = 0;
+                if let Some(step) = &step {
+                    tracing::info!(out = %output.display(), txid = step.txid, files = step.files, pages = step.pages, "{}", step.kind);
+                    on_step(step);
+                }
+                if !step.is_some_and(|s| s.behind) {
+                    wait(options.interval, stop);
+                }
+            }
+            Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
+            Err(e) => {
+                failures += 1;
+                let backoff = options
+                    .interval
+                    .saturating_mul(1 << failures.min(5))
+                    .min(MAX_BACKOFF);
+                tracing::warn!(out = %output.display(), replica = %replica.url(), txid = follower.txid, failures, retry_ms = backoff.as_millis() as u64, error = %format!("{e:#}"), "follow step failed; retrying");
+                wait(backoff, stop);
+            }
+        }
+    }
+    Ok(follower.txid)
+}
+
+fn wait(duration: Duration, stop: &dyn Fn() -> bool) {
+    let until = Instant::now() + duration;
+    while !stop() {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(STOP_CHECK));
+    }
+}
+
+/// Where the follower records how far OUT is.
+pub fn sidecar_path(output: &Path) -> PathBuf {
+    let mut p = output.as_os_str().to_owned();
+    p.push(".multidb-follow");
+    PathBuf::from(p)
+}
+
+/// OUT at one TXID: its database checksum as the source had it, and page 1's checksum as
+/// the source had it and with the bytes SQLite rewrites on commit left out.
+///
+/// SQLite sets page 1's change counter (bytes 24-27), its copy (92-95) and its own version
+/// (96-99) whenever a transaction writes page 1, from OUT's previous counter, whatever the
+/// page written says; the source's counter moved once per source transaction, OUT's once
+/// per step. So OUT's page 1 equals the source's but for those bytes, and a restart checks
+/// page 1 without them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    txid: u64,
+    checksum: u64,
+    page1: u64,
+    page1_normalized: u64,
+}
+
+/// The sidecar's content: OUT is `at`, or, after a crash during the commit of the step in
+/// `pending`, at that one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Position {
+    replica: String,
+    at: Mark,
+    pending: Option<Mark>,
+}
+
+impl Mark {
+    fn encode(&self) -> String {
+        format!(
+            "{} {:016x} {:016x} {:016x}",
+            self.txid, self.checksum, self.page1, self.page1_normalized
+        )
+    }
+
+    fn decode(text: &str) -> Option<Mark> {
+        let mut parts = text.split(' ');
+        let txid = parts.next()?.parse().ok()?;
+        let mut next = || u64::from_str_radix(parts.next()?, 16).ok();
+        let mark = Mark {
+            txid,
+            checksum: next()?,
+            page1: next()?,
+            page1_normalized: next()?,
+        };
+        parts.next().is_none().then_some(mark)
+    }
+}
+
+impl Position {
+    fn encode(&self) -> String {
+        let mut text = format!("replica {}\nat {}\n", self.replica, self.at.encode());
+        if let Some(pending) = self.pending {
+            text.push_str(&format!("pending {}\n", pending.encode()));
+        }
+        text
+    }
+
+    fn decode(text: &str) -> Option<Position> {
+        let (mut replica, mut at, mut pending) = (None, None, None);
+        for line in text.lines() {
+            let (key, value) = line.split_once(' ')?;
+            match key {
+                "replica" => replica = Some(value.to_string()),
+                "at" => at = Some(Mark::decode(value)?),
+                "pending" => pending = Some(Mark::decode(value)?),
+                _ => return None,
+            }
+        }
+        Some(Position {
+            replica: replica?,
+            at: at?,
+            pending,
+        })
+    }
+}
+
+/// Page 1's checksum without the bytes SQLite rewrites when it commits page 1 ([`Mark`]).
+fn normalized_page1_sum(page: &[u8]) -> u64 {
+    let mut copy = page.to_vec();
+    for range in [24..28, 92..100] {
+        if let Some(bytes) = copy.get_mut(range) {
+            bytes.fill(0);
+        }
+    }
+    ltx::checksum_page(1, &copy)
+}
+
+struct Follower<'a> {
+    replica: &'a dyn ReplicaClient,
+    output: PathBuf,
+    conn: rusqlite::Connection,
+    /// (device, inode) of OUT when the follower opened it.
+    file_id: (u64, u64),
+    /// `PRAGMA data_version` after the follower's last step: another connection's commit
+    /// changes it.
+    data_version: i64,
+    page_size: u32,
+    txid: u64,
+    /// Page checksums of the source's state at `txid` (index pgno-1; 0 for the lock page);
+    /// OUT's differ only in page 1's counter bytes ([`Mark`]).
+    sums: Vec<u64>,
+    /// [`normalized_page1_sum`] of the source's page 1 at `txid`.
+    page1_normalized: u64,
+    /// OUT's pages were written by a file without database checksums since the last
+    /// integrity check.
+    unchecked: bool,
+    /// Polls since every level was last listed.
+    polls: u32,
+}
+
+impl<'a> Follower<'a> {
+    /// Restores OUT, or resumes it when a previous follower made it and it is unchanged.
+    fn start(
+        replica: &'a dyn ReplicaClient,
+        output: &Path,
+        mode: u32,
+    ) -> anyhow::Result<(Follower<'a>, Step)> {
+        let sidecar = sidecar_path(output);
+        if output.exists() {
+            let saved = std::fs::read_to_string(&sidecar)
+                .ok()
+                .and_then(|t| Position::decode(&t));
+            let Some(saved) = saved else {
+                return Err(Refused(format!(
+                    "{} exists and {} does not say `restore --follow` made it; refusing to write into it (remove it to restore afresh)",
+                    output.display(),
+                    sidecar.display()
+                ))
+                .into());
+            };
+            if saved.replica != replica.url() {
+                return Err(Refused(format!(
+                    "{} follows {}, not {}",
+                    output.display(),
+                    saved.replica,
+                    replica.url()
+                ))
+                .into());
+            }
+            let mut follower = Follower::open(replica, output, 0)?;
+            // OUT is at a mark when page 1 matches it but for the counter bytes and the
+            // other pages with the source's page 1 give the mark's checksum.
+            let at_mark = |mark: &Mark| {
+                let mut sums = follower.sums.clone();
+                if let Some(first) = sums.first_mut() {
+                    *first = mark.page1;
+                }
+                (follower.page1_normalized == mark.page1_normalized
+                    && restore::database_checksum(&sums) == mark.checksum)
+                    .then_some(sums)
+            };
+            let found = [Some(saved.at), saved.pending]
+                .into_iter()
+                .flatten()
+                .find_map(|mark| at_mark(&mark).map(|sums| (mark, sums)));
+            let Some((mark, sums)) = found else {
+                return Err(Refused(format!(
+                    "{} was changed by something other than `restore --follow` since it reached TXID {} (its pages do not have the database checksum {:016x} recorded then); refusing to write into it (remove it and {} to restore afresh)",
+                    output.display(),
+                    saved.at.txid,
+                    saved.at.checksum,
+                    sidecar.display()
+                ))
+                .into());
+            };
+            let txid = mark.txid;
+            follower.sums = sums;
+            follower.txid = txid;
+            follower.save(None)?;
+            let step = Step {
+                txid,
+                files: 0,
+                pages: 0,
+                kind: "resumed",
+                behind: false,
+            };
+            return Ok((follower, step));
+        }
+        let restored = restore::restore_with_mode(replica, Target::Latest, output, false, mode)?;
+        let follower = Follower::open(replica, output, restored.txid)?;
+        follower.save(None)?;
+        let step = Step {
+            txid: restored.txid,
+            files: restored.files,
+            pages: restored.pages as usize,
+            kind: "restored",
+            behind: false,
+        };
+        Ok((follower, step))
+    }
+
+    fn open(replica: &'a dyn ReplicaClient, output: &Path, txid: u64) -> anyhow::Result<Self> {
+        let meta =
+            std::fs::metadata(output).with_context(|| format!("opening {}", output.display()))?;
+        let conn = rusqlite::Connection::open_with_flags(
+            output,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("opening {}", output.display()))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let page_size: u32 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let data_version = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        let mut follower = Follower {
+            replica,
+            output: output.to_path_buf(),
+            conn,
+            file_id: (meta.dev(), meta.ino()),
+            data_version,
+            page_size,
+            txid,
+            sums: Vec::new(),
+            page1_normalized: 0,
+            unchecked: false,
+            polls: 0,
+        };
+        (follower.sums, follower.page1_normalized) = follower
+            .read_sums()
+            .with_context(|| format!("reading {}", output.display()))?;
+        Ok(follower)
+    }
+
+    /// Page checksums of OUT as SQLite serves it (its `-wal` included), in one read
+    /// transaction, and page 1's [`normalized_page1_sum`].
+    fn read_sums(&self) -> rusqlite::Result<(Vec<u64>, u64)> {
+        let lock = ltx::lock_pgno(self.page_size);
+        let (mut sums, mut page1) = (Vec::new(), 0);
+        let mut statement = self
+            .conn
+            .prepare("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno")?;
+        let mut rows = statement.query([])?;
+        while let Some(row) = rows.next()? {
+            let pgno: u32 = row.get(0)?;
+            let data = row.get_ref(1)?.as_blob()?;
+            sums.resize(pgno as usize, 0);
+            if pgno == 1 {
+                page1 = normalized_page1_sum(data);
+            }
+            if pgno != lock {
+                sums[pgno as usize - 1] = ltx::checksum_page(pgno, data);
+            }
+        }
+        Ok((sums, page1))
+    }
+
+    fn checksum(&self) -> u64 {
+        restore::database_checksum(&self.sums)
+    }
+
+    fn mark(&self) -> Mark {
+        Mark {
+            txid: self.txid,
+            checksum: self.checksum(),
+            page1: self.sums.first().copied().unwrap_or(0),
+            page1_normalized: self.page1_normalized,
+        }
+    }
+
+    /// Records the position, and the one `pending` describes, atomically (temporary file,
+    /// fsync, rename).
+    fn save(&self, pending: Option<Mark>) -> anyhow::Result<()> {
+        let position = Position {
+            replica: self.replica.url(),
+            at: self.mark(),
+            pending,
+        };
+        let path = sidecar_path(&self.output);
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let write = || -> std::io::Result<()> {
+            let file = crate::replica::create_new(&tmp, crate::replica::PRIVATE_MODE)?;
+            file.write_all_at(position.encode().as_bytes(), 0)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Refuses when someone else wrote OUT or replaced it since the last step.
+    fn check_untouched(&self) -> anyhow::Result<()> {
+        let id = std::fs::metadata(&self.output)
+            .map(|m| (m.dev(), m.ino()))
+            .ok();
+        if id != Some(self.file_id) {
+            return Err(Refused(format!(
+                "{} was removed or replaced by another file; stopping at TXID {}",
+                self.output.display(),
+                self.txid
+            ))
+            .into());
+        }
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        if version != self.data_version {
+            return Err(Refused(format!(
+                "another connection wrote to {} (it follows a replica and must not be written); stopping at TXID {}",
+                self.output.display(),
+                self.txid
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Opens the step's write transaction, making sure nobody committed to OUT since the last
+    /// step: a commit between [`Follower::check_untouched`] and this lock (during the
+    /// downloads) would otherwise be counted as the follower's own.
+    fn begin(&self) -> anyhow::Result<()> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let untouched = self.check_untouched();
+        if untouched.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        untouched
+    }
+
+    /// One look at the replica: applies what continues OUT, if anything.
+    fn poll(&mut self) -> anyhow::Result<Option<Step>> {
+        self.check_untouched()?;
+        let level0 = self
+            .replica
+            .list(0)
+            .with_context(|| format!("listing level 0 of {}", self.replica.url()))?;
+        let newest = level0.iter().map(|f| f.max_txid).max().unwrap_or(0);
+        let mut chain = successors(&level0, self.txid);
+        self.polls += 1;
+        if chain.is_empty() {
+            if newest == self.txid && self.polls < FULL_LIST_EVERY {
+                return Ok(None);
+            }
+            self.polls = 0;
+            // Compacted away, a new snapshot, or a replica that went back: every level.
+            let all = restore::list_all(self.replica)?;
+            let newest = all.iter().map(|f| f.max_txid).max().unwrap_or(0);
+            if newest == self.txid || all.is_empty() {
+                return Ok(None);
+            }
+            chain = successors(&all, self.txid);
+            if chain.is_empty() {
+                return self.restore_afresh(&all).map(Some);
+            }
+        }
+        let mut bytes = 0;
+        let take = chain
+            .iter()
+            .take(MAX_STEP_FILES)
+            .take_while(|f| {
+                bytes += f.size;
+                bytes <= MAX_STEP_BYTES
+            })
+            .count()
+            .max(1);
+        let behind = chain.len() > take;
+        chain.truncate(take);
+        self.apply(&chain).map(|step| Some(Step { behind, ..step }))
+    }
+
+    /// Applies `chain` (each file continuing the previous) in one transaction.
+    fn apply(&mut self, chain: &[FileInfo]) -> anyhow::Result<Step> {
+        let mut files = Vec::with_capacity(chain.len());
+        for f in chain {
+            let mut bytes = Vec::new();
+            self.replica
+                .get(f.level, f.min_txid, f.max_txid, &mut bytes)
+                .with_context(|| {
+                    format!(
+                        "downloading {}",
+                        self.replica.location(f.level, f.min_txid, f.max_txid)
+                    )
+                })?;
+            files.push(bytes);
+        }
+        let mut sums = self.sums.clone();
+        let mut page1_normalized = self.page1_normalized;
+        let mut pages = 0;
+        let mut unchecked = false;
+        self.begin()?;
+        let written = (|| -> anyhow::Result<()> {
+            let mut insert = self
+                .conn
+                .prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
+            let mut page = vec![0u8; self.page_size as usize];
+            for (f, bytes) in chain.iter().zip(&files) {
+                let location = self.replica.location(f.level, f.min_txid, f.max_txid);
+                let corrupt = || format!("replica file {location} is corrupt");
+                let mut decoder = Decoder::new(bytes.as_slice()).with_context(corrupt)?;
+                let header = *decoder.header();
+                ltx::check_header_against_len(&header, bytes.len() as u64).with_context(corrupt)?;
+                if (header.min_txid, header.max_txid) != (f.min_txid, f.max_txid) {
+                    bail!(
+                        "replica file {location} is corrupt: its header says TXIDs {}-{}",
+                        header.min_txid,
+                        header.max_txid
+                    );
+                }
+                if header.page_size != self.page_size {
+                    bail!(
+                        "replica file {location} has {}-byte pages, {} has {}: the source changed its page size; restore it afresh",
+                        header.page_size,
+                        self.output.display(),
+                        self.page_size
+                    );
+                }
+                let before = restore::database_checksum(&sums);
+                if header.tracks_checksums() && header.pre_apply_checksum != before {
+                    bail!(
+                        "replica file {location} does not continue {} at TXID {}: pre-apply checksum {:016x}, expected {before:016x}",
+                        self.output.display(),
+                        f.min_txid - 1,
+                        header.pre_apply_checksum
+                    );
+                }
+                while let Some(pgno) = decoder.next_page(&mut page).with_context(corrupt)? {
+                    if sums.len() < pgno as usize {
+                        sums.resize(pgno as usize, 0);
+                    }
+                    sums[pgno as usize - 1] = decoder.page_checksum();
+                    if pgno == 1 {
+                        page1_normalized = normalized_page1_sum(&page);
+                    }
+                    insert.execute(rusqlite::params![pgno, page])?;
+                    pages += 1;
+                }
+                // The file's checksum is verified here, before anything is committed.
+                let trailer = decoder.finish().with_context(corrupt)?;
+                sums.resize(header.commit as usize, 0);
+                let after = restore::database_checksum(&sums);
+                if header.tracks_checksums() && trailer.post_apply_checksum != after {
+                    bail!(
+                        "applying replica file {location} gives database checksum {after:016x}, not its post-apply checksum {:016x}",
+                        trailer.post_apply_checksum
+                    );
+                }
+                unchecked |= !header.tracks_checksums();
+            }
+            if sums.len() < self.sums.len() {
+                // Pages past the new end go, as the last file's commit size says.
+                self.conn.execute(
+                    "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)",
+                    [sums.len() as i64 + 1],
+                )?;
+            }
+            Ok(())
+        })();
+        let txid = chain.last().map_or(self.txid, |f| f.max_txid);
+        self.commit(written, sums, page1_normalized, txid)?;
+        self.unchecked |= unchecked;
+        self.check_integrity()?;
+        Ok(Step {
+            txid,
+            files: chain.len(),
+            pages,
+            kind: "applied",
+            behind: false,
+        })
+    }
+
+    /// Commits the open transaction when `written` succeeded (recording the new position
+    /// first), else rolls it back.
+    fn commit(
+        &mut self,
+        written: anyhow::Result<()>,
+        sums: Vec<u64>,
+        page1_normalized: u64,
+        txid: u64,
+    ) -> anyhow::Result<()> {
+        let committed = written.and_then(|()| {
+            self.save(Some(Mark {
+                txid,
+                checksum: restore::database_checksum(&sums),
+                page1: sums.first().copied().unwrap_or(0),
+                page1_normalized,
+            }))?;
+            self.conn.execute_batch("COMMIT")?;
+            Ok(())
+        });
+        if let Err(e) = committed {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+        self.sums = sums;
+        self.page1_normalized = page1_normalized;
+        self.txid = txid;
+        self.data_version = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        self.save(None)
+    }
+
+    /// `PRAGMA integrity_check` on a fresh connection after steps no checksum vouched for.
+    fn check_integrity(&mut self) -> anyhow::Result<()> {
+        if !self.unchecked {
+            return Ok(());
+        }
+        if let Err(e) = restore::integrity_check(&self.output) {
+            return Err(Refused(format!(
+                "{} at TXID {} (written from replica files without database checksums): {e:#}; stopping",
+                self.output.display(),
+                self.txid
+            ))
+            .into());
+        }
+        self.unchecked = false;
+        Ok(())
+    }
+
+    /// Nothing continues OUT's TXID: a verified restore of the replica's latest state beside
+    /// OUT, copied into it in one transaction.
+    fn restore_afresh(&mut self, all: &[FileInfo]) -> anyhow::Result<Step> {
+        let chain = restore::plan(all, Target::Latest)?;
+        let parent = self
+            .output
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let fresh = parent.join(format!(".multidb-follow-{}.db", std::process::id()));
+        let _ = std::fs::remove_file(&fresh);
+        let restored = restore::restore(self.replica, Target::Latest, &fresh, false);
+        let result = restored.and_then(|r| self.copy_from(&fresh, r.txid, chain.len()));
+        let _ = std::fs::remove_file(&fresh);
+        result
+    }
+
+    fn copy_from(&mut self, fresh: &Path, txid: u64, files: usize) -> anyhow::Result<Step> {
+        let file = File::open(fresh).with_context(|| format!("opening {}", fresh.display()))?;
+        let mut head = [0u8; 100];
+        file.read_exact_at(&mut head, 0)?;
+        let page_size = match u16::from_be_bytes([head[16], head[17]]) {
+            1 => 65536,
+            n => u32::from(n),
+        };
+        if page_size != self.page_size {
+            return Err(Refused(format!(
+                "the replica's new history has {page_size}-byte pages, {} has {}: follow cannot change a database's page size in place; restore it afresh",
+                self.output.display(),
+                self.page_size
+            ))
+            .into());
+        }
+        let count = (file.metadata()?.len() / u64::from(page_size)) as u32;
+        let lock = ltx::lock_pgno(page_size);
+        let mut sums = vec![0u64; count as usize];
+        let mut page1_normalized = 0;
+        self.begin()?;
+        let written = (|| -> anyhow::Result<()> {
+            let mut insert = self
+                .conn
+                .prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
+            let mut page = vec![0u8; page_size as usize];
+            for pgno in (1..=count).filter(|p| *p != lock) {
+                file.read_exact_at(&mut page, u64::from(pgno - 1) * u64::from(page_size))?;
+                sums[pgno as usize - 1] = ltx::checksum_page(pgno, &page);
+                if pgno == 1 {
+                    page1_normalized = normalized_page1_sum(&page);
+                }
+                insert.execute(rusqlite::params![pgno, page])?;
+            }
+            if (count as usize) < self.sums.len() {
+                self.conn.execute(
+                    "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)",
+                    [i64::from(count) + 1],
+                )?;
+            }
+            Ok(())
+        })();
+        self.commit(written, sums, page1_normalized, txid)?;
+        Ok(Step {
+            txid,
+            files,
+            pages: count as usize,
+            kind: "restored afresh",
+            behind: false,
+        })
+    }
+}
+
+/// The files that continue TXID `at`, in order: from each TXID, the non-snapshot file that
+/// reaches furthest.
+fn successors(files: &[FileInfo], mut at: u64) -> Vec<FileInfo> {
+    let mut chain = Vec::new();
+    while let Some(next) = files
+        .iter()
+        .filter(|f| f.level != SNAPSHOT_LEVEL && f.min_txid == at + 1)
+        .max_by_key(|f| f.max_txid)
+    {
+        at = next.max_txid;
+        chain.push(next.clone());
+    }
+    chain
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    fn f(level: u8, min: u64, max: u64) -> FileInfo {
+        FileInfo {
+            level,
+            min_txid: min,
+            max_txid: max,
+            size: 1,
+            created: UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn successors_continue_the_txid_through_any_level_but_snapshots() {
+        let files = [
+            f(9, 1, 5),
+            f(0, 6, 6),
+            f(1, 6, 8),
+            f(0, 7, 7),
+            f(0, 9, 9),
+            f(0, 11, 11),
+        ];
+        let ids = |c: Vec<FileInfo>| c.iter().map(|f| (f.level, f.min_txid)).collect::<Vec<_>>();
+        assert_eq!(ids(successors(&files, 5)), [(1, 6), (0, 9)]);
+        assert_eq!(ids(successors(&files, 6)), [(0, 7)]);
+        assert!(successors(&files, 9).is_empty(), "a gap at 10");
+        assert!(successors(&files, 11).is_empty());
+    }
+
+    #[test]
+    fn positions_round_trip_and_reject_other_text() {
+        let mark = |txid| Mark {
+            txid,
+            checksum: 0x8000_0000_0000_00ff,
+            page1: 7,
+            page1_normalized: 9,
+        };
+        let p = Position {
+            replica: "file:///r/x y".into(),
+            at: mark(42),
+            pending: Some(mark(43)),
+        };
+        assert_eq!(Position::decode(&p.encode()), Some(p.clone()));
+        let settled = Position { pending: None, ..p };
+        assert_eq!(Position::decode(&settled.encode()), Some(settled));
+        assert_eq!(Position::decode("at 1 00 00 00\n"), None);
+        assert_eq!(Position::decode("replica x\nat one 00 00 00\n"), None);
+        assert_eq!(Position::decode("replica x\nat 1 00 00\n"), None);
+    }
+
+    #[test]
+    fn page_1_is_compared_without_the_counter_bytes_sqlite_rewrites() {
+        let mut page = vec![3u8; 4096];
+        let before = normalized_page1_sum(&page);
+        page[24..28].copy_from_slice(&[1, 2, 3, 4]);
+        page[92..100].fill(8);
+        assert_eq!(normalized_page1_sum(&page), before);
+        page[28] = 0;
+        assert_ne!(normalized_page1_sum(&page), before);
+    }
+}
