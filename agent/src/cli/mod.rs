@@ -176,6 +176,9 @@ pub enum BenchCommand {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
+    /// The process `bench commit` counts instructions and system calls of
+    #[command(hide = true)]
+    CommitChild(crate::cli::bench::CommitChildArgs),
 }
 
 impl Command {
@@ -395,6 +398,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Bench(BenchCommand::Agent(args)) => crate::cli::bench::agent(args)?,
         Command::Bench(BenchCommand::AgentWriter(args)) => crate::cli::bench::agent_writer(args)?,
         Command::Bench(BenchCommand::Measure { command }) => crate::cli::bench::measure(command)?,
+        Command::Bench(BenchCommand::CommitChild(args)) => crate::cli::bench::commit_child(args)?,
     }
     Ok(())
 }

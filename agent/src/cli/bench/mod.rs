@@ -14,8 +14,10 @@ use crate::discover::discovery;
 use crate::discover::pattern::Pattern;
 
 mod agent;
+mod instructions;
 mod replication;
 pub use agent::{agent, writer as agent_writer, AgentArgs, WriterArgs};
+pub use instructions::{child as commit_child, CommitChildArgs};
 pub use replication::{replicate, ReplicateArgs};
 
 #[derive(Debug, clap::Args)]
@@ -219,6 +221,9 @@ pub struct CommitArgs {
     /// The libmultidb library to load [default: next to this binary]
     #[arg(long)]
     pub extension: Option<PathBuf>,
+    /// Commits counted under callgrind and strace (0 skips the counts)
+    #[arg(long, default_value_t = 5_000)]
+    pub count_commits: usize,
 }
 
 fn commit_run(conn: &rusqlite::Connection, commits: usize) -> anyhow::Result<Duration> {
@@ -355,6 +360,21 @@ pub fn commit(args: &CommitArgs) -> anyhow::Result<()> {
         quantile(&mut sporadic, 0.5),
         quantile(&mut sporadic, 0.99)
     );
+    if args.count_commits > 0 {
+        // Databases on tmpfs, as applications' tests and the figures have them: the
+        // counts are then SQLite's and the extension's, not the file system's.
+        let shm = Path::new("/dev/shm");
+        let count_dir = if shm.is_dir() {
+            shm.join(format!("multidb-bench-{}", std::process::id()))
+        } else {
+            tmp.join("count")
+        };
+        std::fs::create_dir_all(&count_dir)?;
+        let exe = std::env::current_exe()?;
+        let counted = instructions::report(&exe, &extension, &count_dir, ring, args.count_commits);
+        let _ = std::fs::remove_dir_all(&count_dir);
+        counted?;
+    }
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
 }
