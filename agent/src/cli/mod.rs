@@ -179,6 +179,8 @@ pub enum BenchCommand {
     /// The process `bench commit` counts instructions and system calls of
     #[command(hide = true)]
     CommitChild(crate::cli::bench::CommitChildArgs),
+    /// Litestream and the multidb agent on the same trees of WAL databases, side by side
+    Peers(crate::cli::bench::PeersArgs),
 }
 
 impl Command {
@@ -399,6 +401,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Bench(BenchCommand::AgentWriter(args)) => crate::cli::bench::agent_writer(args)?,
         Command::Bench(BenchCommand::Measure { command }) => crate::cli::bench::measure(command)?,
         Command::Bench(BenchCommand::CommitChild(args)) => crate::cli::bench::commit_child(args)?,
+        Command::Bench(BenchCommand::Peers(args)) => crate::cli::bench::peers(args)?,
     }
     Ok(())
 }

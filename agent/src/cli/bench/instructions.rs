@@ -123,11 +123,12 @@ fn run_quiet(command: &mut Command, what: &str) -> anyhow::Result<()> {
 fn callgrind_total(
     exe: &Path,
     dir: &Path,
+    profiles: &Path,
     name: &str,
     commits: usize,
     extension: Option<&Path>,
 ) -> anyhow::Result<u64> {
-    let out = dir.join(format!("callgrind.{name}.out"));
+    let out = profiles.join(format!("callgrind.{name}.out"));
     let db = dir.join(format!("{name}.db"));
     run_quiet(
         Command::new("valgrind")
@@ -188,6 +189,7 @@ pub fn report(
     exe: &Path,
     extension: &Path,
     dir: &Path,
+    profiles: &Path,
     ring: Ring<'_>,
     commits: usize,
 ) -> anyhow::Result<()> {
@@ -196,19 +198,25 @@ pub fn report(
         scope.spawn(|| {
             crate::agent::ring::read_loop(ring, |_, _| stop.load(Ordering::Relaxed), |_| {})
         });
-        let result = counts(exe, extension, dir, commits);
+        let result = counts(exe, extension, dir, profiles, commits);
         stop.store(true, Ordering::Relaxed);
         result
     })
 }
 
-fn counts(exe: &Path, extension: &Path, dir: &Path, commits: usize) -> anyhow::Result<()> {
+fn counts(
+    exe: &Path,
+    extension: &Path,
+    dir: &Path,
+    profiles: &Path,
+    commits: usize,
+) -> anyhow::Result<()> {
     println!(
         "instructions per commit (callgrind, {commits} autocommit INSERTs after {WARMUP_COMMITS} warm-up, ring read by this process, counted inside the loop only):"
     );
     if available("valgrind") {
-        let plain = callgrind_total(exe, dir, "plain", commits, None)?;
-        let hooked = callgrind_total(exe, dir, "hooked", commits, Some(extension))?;
+        let plain = callgrind_total(exe, dir, profiles, "plain", commits, None)?;
+        let hooked = callgrind_total(exe, dir, profiles, "hooked", commits, Some(extension))?;
         let per = |total: u64| total as f64 / commits as f64;
         println!(
             "  baseline: plain SQLite                 {plain:>14} Ir = {:>9.0} per commit",

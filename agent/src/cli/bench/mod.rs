@@ -15,9 +15,11 @@ use crate::discover::pattern::Pattern;
 
 mod agent;
 mod instructions;
+mod peers;
 mod replication;
 pub use agent::{agent, writer as agent_writer, AgentArgs, WriterArgs};
 pub use instructions::{child as commit_child, CommitChildArgs};
+pub use peers::{peers, PeersArgs};
 pub use replication::{replicate, ReplicateArgs};
 
 #[derive(Debug, clap::Args)]
@@ -224,6 +226,9 @@ pub struct CommitArgs {
     /// Commits counted under callgrind and strace (0 skips the counts)
     #[arg(long, default_value_t = 5_000)]
     pub count_commits: usize,
+    /// Keep callgrind's profiles here (`callgrind.plain.out`, `callgrind.hooked.out`) for `callgrind_annotate`
+    #[arg(long)]
+    pub callgrind_out: Option<PathBuf>,
 }
 
 fn commit_run(conn: &rusqlite::Connection, commits: usize) -> anyhow::Result<Duration> {
@@ -371,7 +376,17 @@ pub fn commit(args: &CommitArgs) -> anyhow::Result<()> {
         };
         std::fs::create_dir_all(&count_dir)?;
         let exe = std::env::current_exe()?;
-        let counted = instructions::report(&exe, &extension, &count_dir, ring, args.count_commits);
+        let profiles = args.callgrind_out.as_deref().unwrap_or(&count_dir);
+        std::fs::create_dir_all(profiles)
+            .with_context(|| format!("creating {}", profiles.display()))?;
+        let counted = instructions::report(
+            &exe,
+            &extension,
+            &count_dir,
+            profiles,
+            ring,
+            args.count_commits,
+        );
         let _ = std::fs::remove_dir_all(&count_dir);
         counted?;
     }
