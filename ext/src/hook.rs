@@ -4,8 +4,12 @@
 //! Installing a WAL hook replaces SQLite's auto-checkpoint (which is itself a WAL hook), so
 //! the hook checkpoints as SQLite would (PASSIVE once the WAL reaches the connection's
 //! threshold) unless a live agent replicates the database: then checkpoints are the agent's,
-//! up to a hard cap. The threshold travels in the hook's argument pointer, so no per-connection
-//! allocation exists to leak when connections close.
+//! up to a hard cap. The threshold and the connection's cache ticket (see `connection`) travel
+//! in the hook's argument pointer, so no per-connection allocation exists to leak when
+//! connections close.
+//!
+//! Every commit of the application runs through here: a steady-state commit costs about 290
+//! instructions (`multidb bench commit` counts them) and no system call.
 
 use std::os::raw::{c_char, c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -157,11 +161,11 @@ unsafe fn on_commit(
             let (dev, ino) = (target.cached.dev, target.cached.ino);
             let registered = shared::peek(hash)
                 .is_some_and(|i| i.registered == generation && (i.dev, i.ino) == (dev, ino));
-            // SAFETY: as above.
             let path = || {
-                target
-                    .path
-                    .unwrap_or_else(|| unsafe { api::db_filename(db, schema) })
+                target.path.unwrap_or_else(|| {
+                    // SAFETY: `db` and `schema` come from SQLite for this commit.
+                    unsafe { api::db_filename(db, schema) }
+                })
             };
             if registered || ring.push_registration(dev, ino, pid, path()) {
                 shared::mark_registered(hash, generation);

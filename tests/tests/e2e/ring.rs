@@ -355,8 +355,8 @@ fn with_a_live_ring_connection_per_write_leaves_frames_for_the_agent() {
     assert_eq!(count_rows(&control), 20);
 }
 
-#[test]
-fn a_connection_opened_after_loading_is_hooked() {
+/// `first.db` and `second.db` in a new directory, and a `ring tail` reading a ring beside them.
+fn two_databases_and_a_tail() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf, Tail) {
     let tmp = tempfile::tempdir().unwrap();
     let ring = tmp.path().join("multidb.ring");
     let first = tmp.path().join("first.db");
@@ -364,6 +364,12 @@ fn a_connection_opened_after_loading_is_hooked() {
     create_db(&first);
     create_db(&second);
     let tail = Tail::start(&ring, 1024, "2s");
+    (tmp, ring, first, second, tail)
+}
+
+#[test]
+fn a_connection_opened_after_loading_is_hooked() {
+    let (_tmp, ring, first, second, tail) = two_databases_and_a_tail();
     // `.open` closes the loading connection and opens a new one: only the auto-extension
     // (and its one-shot commit hook) can hook it.
     let script = format!("INSERT INTO t VALUES(1);\n.open {}\nINSERT INTO t VALUES(2);\nINSERT INTO t VALUES(3);\nSELECT multidb_version();\n", second.display());
@@ -379,4 +385,40 @@ fn a_connection_opened_after_loading_is_hooked() {
         .filter(|r| r["kind"] == "commit" && r["path"].as_str().unwrap().ends_with("second.db"))
         .count();
     assert_eq!(on_second, 2, "{records:?}");
+}
+
+/// The WAL hook caches each connection's database; a closed connection's memory is often
+/// reused by the next one (here, `.open` closes one and opens the next), and a stale cache
+/// entry would post the next database's commits under the previous one's name.
+#[test]
+fn a_reopened_connection_posts_under_its_own_database() {
+    let (_tmp, ring, first, second, tail) = two_databases_and_a_tail();
+    let mut script = String::new();
+    for round in 0..6 {
+        let db = if round % 2 == 0 { &second } else { &first };
+        script.push_str(&format!(
+            ".open {}\nINSERT INTO t VALUES({round});\n",
+            db.display()
+        ));
+    }
+    let out = run(&mut writer(&first, &ring, &script));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let (records, _) = tail.finish();
+    let names: Vec<&str> = records
+        .iter()
+        .filter(|r| r["kind"] == "commit")
+        .map(|r| {
+            let path = r["path"].as_str().unwrap();
+            if path.ends_with("first.db") {
+                "first"
+            } else {
+                "second"
+            }
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["second", "first", "second", "first", "second", "first"],
+        "{records:?}"
+    );
 }

@@ -5,6 +5,7 @@
 //! fails to start is a row that says so; every phase has a timeout.
 
 use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -95,6 +96,8 @@ struct Figures {
     idle_cpu: Option<f64>,
     files_written: Option<usize>,
     listings: Option<Result<u64, String>>,
+    /// The descriptor limit the tool ran with.
+    fd_limit: Option<u64>,
     lag_plain: Vec<Option<Duration>>,
     lag_extension: Vec<Option<Duration>>,
 }
@@ -157,13 +160,17 @@ fn idle_phase(
     let pid = tool.pid();
     // Start-up work (a first sync, compactions it schedules) is not idle cost.
     std::thread::sleep(args.settle);
-    let files_before = count_files(replica);
+    // New paths, not a count: a tool may delete files (retention) while it writes others.
+    let mut files_before = BTreeSet::new();
+    files_under(replica, &mut files_before);
     let cpu_before = cpu_time(pid)?;
     let started = Instant::now();
     std::thread::sleep(args.idle);
     let cpu = (cpu_time(pid)? - cpu_before).as_secs_f64() / started.elapsed().as_secs_f64();
     figures.idle_cpu = Some(cpu);
-    figures.files_written = Some(count_files(replica).saturating_sub(files_before));
+    let mut files_after = BTreeSet::new();
+    files_under(replica, &mut files_after);
+    figures.files_written = Some(files_after.difference(&files_before).count());
     figures.rss = Some(rss(pid).0);
     figures.fds = Some(fds(pid));
     figures.threads = threads(pid);
@@ -171,21 +178,45 @@ fn idle_phase(
     Ok(())
 }
 
-/// Commits once to each connection, back to back, and waits until each database's replica
-/// (the paired directory) holds a file that was not there before its commit.
+/// One commit to each database, each by its own `sqlite3` shell process (with libmultidb
+/// loaded when `extension` is given), started back to back; then waits until each database's
+/// replica (the paired directory) holds a file that was not there before. Each lag counts from
+/// the start of its shell, so it includes the shell's start-up (a few milliseconds).
+///
+/// A process, not a connection of this one: once libmultidb is loaded its auto-extension
+/// hooks every connection the process opens, and the plain samples must stay plain.
 fn lag_of_commits(
-    writers: &[(rusqlite::Connection, PathBuf)],
+    targets: &[(PathBuf, PathBuf)],
+    extension: Option<&Path>,
     timeout: Duration,
 ) -> anyhow::Result<Vec<Option<Duration>>> {
     let mut pending = Vec::new();
-    for (conn, replica) in writers {
+    for (db, replica) in targets {
         let mut before = BTreeSet::new();
         files_under(replica, &mut before);
+        let mut shell = Command::new("sqlite3");
+        if let Some(extension) = extension {
+            shell
+                .arg("-cmd")
+                .arg(format!(".load {}", extension.display()));
+        }
         let committed = Instant::now();
-        conn.execute("INSERT INTO items(name) VALUES ('bench peers')", [])?;
+        let out = shell
+            .arg(db)
+            .arg("PRAGMA busy_timeout=10000; INSERT INTO items(name) VALUES ('bench peers');")
+            .stdin(Stdio::null())
+            .output()
+            .context("running sqlite3")?;
+        if !out.status.success() {
+            bail!(
+                "sqlite3 {}: {}",
+                db.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
         pending.push((replica, before, committed));
     }
-    let mut lags = vec![None; writers.len()];
+    let mut lags = vec![None; targets.len()];
     let started = Instant::now();
     while started.elapsed() < timeout && lags.iter().any(Option::is_none) {
         for (i, (replica, before, committed)) in pending.iter().enumerate() {
@@ -203,33 +234,14 @@ fn lag_of_commits(
     Ok(lags)
 }
 
-/// Opens `db` for a lag sample, with libmultidb loaded when `extension` is given.
-fn writer(db: &Path, extension: Option<&Path>) -> anyhow::Result<rusqlite::Connection> {
-    let conn = rusqlite::Connection::open(db)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    if let Some(extension) = extension {
-        // SAFETY: loading our own extension.
-        unsafe {
-            conn.load_extension_enable()?;
-            conn.load_extension(extension, None::<&str>)
-                .with_context(|| format!("loading {}", extension.display()))?;
-            conn.load_extension_disable()?;
-        }
-    }
-    Ok(conn)
-}
-
 /// Lag samples: one commit to each of the next `samples` databases, idle until then.
 fn lag_samples(
     dbs: &mut impl Iterator<Item = (PathBuf, PathBuf)>,
     args: &PeersArgs,
     extension: Option<&Path>,
 ) -> anyhow::Result<Vec<Option<Duration>>> {
-    let writers = dbs
-        .take(args.samples)
-        .map(|(db, replica)| Ok((writer(&db, extension)?, replica)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    lag_of_commits(&writers, args.lag_timeout)
+    let targets: Vec<(PathBuf, PathBuf)> = dbs.take(args.samples).collect();
+    lag_of_commits(&targets, extension, args.lag_timeout)
 }
 
 /// Waits until `ready` says so or the tool exits or the timeout passes.
@@ -251,6 +263,35 @@ fn wait_started(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Raises RLIMIT_NOFILE to 1,048,576 where permitted (root), else to the hard limit.
+fn raise_nofile_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let wanted = libc::rlimit {
+            rlim_cur: 1 << 20,
+            rlim_max: limit.rlim_max.max(1 << 20),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// The descriptor limit a child of `pid` runs with, from /proc.
+fn nofile_limit(pid: u32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 fn litestream(
@@ -276,8 +317,18 @@ fn litestream(
     let log = dir.join("litestream.log");
     let log_file = std::fs::File::create(&log)?;
     let started = Instant::now();
+    let mut command = Command::new(&args.litestream);
+    // Litestream keeps about five descriptors per database: give it what the host allows,
+    // as an operator would, so a failure is Litestream's and not this machine's ulimit.
+    // SAFETY: the closure only calls async-signal-safe setrlimit between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            raise_nofile_limit();
+            Ok(())
+        })
+    };
     let mut tool = Running {
-        child: Command::new(&args.litestream)
+        child: command
             .args(["replicate", "-config"])
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -290,15 +341,32 @@ fn litestream(
     // Started: every database has its first file in its replica (Litestream's initial sync of
     // each database), which needs every database open.
     let total = dbs.len();
+    let pid = tool.pid();
+    figures.fd_limit = nofile_limit(pid);
+    // Databases found started are not looked at again: the check stays cheap at 10,000.
+    let mut first_unstarted = 0;
     let startup = wait_started(&mut tool, args.start_timeout, |_| {
-        (0..total).all(|i| count_files(&replica_of(i)) > 0)
+        while first_unstarted < total && count_files(&replica_of(first_unstarted)) > 0 {
+            first_unstarted += 1;
+        }
+        first_unstarted == total
     })
     .map(|_| started.elapsed());
-    let ok = startup.is_ok();
-    figures.startup = Some(startup);
-    if !ok {
+    if let Err(why) = startup {
+        let started_dbs = (0..total)
+            .filter(|&i| count_files(&replica_of(i)) > 0)
+            .count();
+        let log = std::fs::read_to_string(dir.join("litestream.log")).unwrap_or_default();
+        let errors = log.lines().filter(|l| l.contains("level=ERROR")).count();
+        let too_many = log.matches("too many open files").count();
+        figures.startup = Some(Err(format!(
+            "{why}; {started_dbs} of {total} databases had a replica file, {} descriptors, RSS {}, {errors} ERROR lines in its log ({too_many} \"too many open files\")",
+            fds(pid),
+            mb(rss(pid).0)
+        )));
         return Ok(figures);
     }
+    figures.startup = Some(startup);
     idle_phase(
         &mut tool,
         &replica,
@@ -371,6 +439,7 @@ fn multidb(
     .map(|_| started.elapsed());
     let ok = startup.is_ok();
     figures.startup = Some(startup);
+    figures.fd_limit = nofile_limit(tool.pid());
     if !ok {
         return Ok(figures);
     }
@@ -444,6 +513,7 @@ fn print_table(size: usize, args: &PeersArgs, tools: &[(&str, &Figures)]) {
             },
             "rss" => f.rss.map_or_else(not_started, mb),
             "fds" => f.fds.map_or_else(not_started, |n| n.to_string()),
+            "limit" => f.fd_limit.map_or("—".to_string(), |n| n.to_string()),
             "threads" => f.threads.map_or_else(not_started, |n| n.to_string()),
             "cpu" => f
                 .idle_cpu
@@ -471,12 +541,13 @@ fn print_table(size: usize, args: &PeersArgs, tools: &[(&str, &Figures)]) {
         ("startup", "start-up (Litestream: every database has its first replica file; multidb: `status` counts every database discovered)".to_string()),
         ("rss", "RSS, idle".to_string()),
         ("fds", "descriptors, idle".to_string()),
+        ("limit", "descriptor limit it ran with".to_string()),
         ("threads", "threads".to_string()),
         ("cpu", format!("CPU, idle {} s", args.idle.as_secs())),
         ("files", format!("replica files written, idle {} s", args.idle.as_secs())),
         ("listings", format!("directory listings (`getdents64`), idle {} s", args.trace.as_secs())),
-        ("lag_plain", format!("commit → new replica file, plain SQLite without the extension ({} commits, each to another idle database)", args.samples)),
-        ("lag_extension", format!("commit → new replica file, with libmultidb ({} commits)", args.samples)),
+        ("lag_plain", format!("commit → new replica file, `sqlite3` shell without the extension ({} commits, each to another idle database; from the shell's start)", args.samples)),
+        ("lag_extension", format!("commit → new replica file, `sqlite3` shell with libmultidb loaded ({} commits)", args.samples)),
     ];
     println!();
     println!(
@@ -545,7 +616,7 @@ pub fn peers(args: &PeersArgs) -> anyhow::Result<()> {
         args.lag_timeout.as_secs()
     );
     for &size in &args.databases {
-        let tree = root.join(format!("tree-{size}"));
+        let pristine = root.join(format!("tree-{size}"));
         let layout = Layout {
             projects: 10,
             databases: 10,
@@ -554,9 +625,29 @@ pub fn peers(args: &PeersArgs) -> anyhow::Result<()> {
         };
         eprintln!(
             "preparing {size} WAL databases under {} ...",
-            tree.display()
+            pristine.display()
         );
-        generate::generate(&tree, &layout, true)?;
+        generate::generate(&pristine, &layout, true)?;
+        // Litestream writes into every database it replicates (its `_litestream_seq` and
+        // `_litestream_lock` tables), so each run works on a fresh copy of the generated tree,
+        // multidb first: it writes nothing into a database.
+        let dir = root.join(format!("run-{size}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let tree = dir.join("tree");
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(&pristine)
+            .arg(&tree)
+            .status()
+            .context("running cp")?;
+        if !copied.success() {
+            bail!(
+                "copying {} to {} failed",
+                pristine.display(),
+                tree.display()
+            );
+        }
         let mut found = BTreeSet::new();
         files_under(&tree, &mut found);
         let dbs: Vec<PathBuf> = found
@@ -570,12 +661,12 @@ pub fn peers(args: &PeersArgs) -> anyhow::Result<()> {
                 dbs.len()
             );
         }
-        let dir = root.join(format!("run-{size}"));
-        std::fs::create_dir_all(&dir)?;
         // Lag samples take databases nobody wrote during the run, spread over the tree; the
         // two tools take different ones, so each first commit finds its database idle.
         let step = (size / (3 * args.samples + 1)).max(1);
         let mut spare = (1..).map(move |k| (k * step) % size);
+        eprintln!("  multidb ...");
+        let ours = multidb(args, &tree, &dbs, &dir, &extension, &mut spare)?;
         eprintln!("  Litestream ...");
         let theirs = if version.is_empty() {
             Figures {
@@ -585,13 +676,13 @@ pub fn peers(args: &PeersArgs) -> anyhow::Result<()> {
         } else {
             litestream(args, &dbs, &dir, &mut spare)?
         };
-        eprintln!("  multidb ...");
-        let ours = multidb(args, &tree, &dbs, &dir, &extension, &mut spare)?;
         print_table(
             size,
             args,
             &[(&litestream_name, &theirs), ("multidb", &ours)],
         );
+        // The copy is 3 files per database; the pristine tree stays for the next run.
+        let _ = std::fs::remove_dir_all(&tree);
     }
     Ok(())
 }
