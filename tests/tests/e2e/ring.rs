@@ -357,13 +357,18 @@ fn with_a_live_ring_connection_per_write_leaves_frames_for_the_agent() {
 
 /// `first.db` and `second.db` in a new directory, and a `ring tail` reading a ring beside them.
 fn two_databases_and_a_tail() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf, Tail) {
+    two_databases_and_a_tail_of(1024)
+}
+
+/// As [`two_databases_and_a_tail`], with a ring of `slots`.
+fn two_databases_and_a_tail_of(slots: u32) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf, Tail) {
     let tmp = tempfile::tempdir().unwrap();
     let ring = tmp.path().join("multidb.ring");
     let first = tmp.path().join("first.db");
     let second = tmp.path().join("second.db");
     create_db(&first);
     create_db(&second);
-    let tail = Tail::start(&ring, 1024, "2s");
+    let tail = Tail::start(&ring, slots, "2s");
     (tmp, ring, first, second, tail)
 }
 
@@ -421,4 +426,44 @@ fn a_reopened_connection_posts_under_its_own_database() {
         ["second", "first", "second", "first", "second", "first"],
         "{records:?}"
     );
+}
+
+/// More connections in one process than the hook's per-connection cache has slots (1,024):
+/// each later connection takes over an earlier one's slot, and the earlier one, committing
+/// again, must notice and still post every commit under its own database.
+#[test]
+fn more_connections_than_cache_slots_post_every_commit_under_its_database() {
+    let (tmp, ring, first, second, tail) = two_databases_and_a_tail_of(65_536);
+    let connections = 1100;
+    let list = tmp.path().join("connections.txt");
+    let lines: Vec<String> = (0..connections)
+        .map(|i| {
+            // Connection i + 1024 takes connection i's slot: for i = 0, 3, 6, ... it writes
+            // the other database, so a slot read by the wrong connection shows in the paths.
+            let db = if i % 3 == 0 { &first } else { &second };
+            db.display().to_string()
+        })
+        .collect();
+    fs::write(&list, lines.join("\n")).unwrap();
+    // Round robin over the connections, so each commits three or four times.
+    let out = run(Command::new(multidb_bin())
+        .args(["bench", "agent-writer", "--list"])
+        .arg(&list)
+        .args(["--rate", "2500", "--duration", "1600ms", "--extension"])
+        .arg(extension())
+        .env("MULTIDB_RING", &ring));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let committed: usize = out.stdout.trim().parse().unwrap();
+    assert!(committed > 2 * connections, "only {committed} commits");
+    let (records, summary) = tail.finish();
+    let on = |name: &str| {
+        records
+            .iter()
+            .filter(|r| r["kind"] == "commit" && r["path"].as_str().unwrap().ends_with(name))
+            .count()
+    };
+    // Plus one commit each: the writer's first connection to each database creates its table.
+    let to_first = (0..committed).filter(|k| k % connections % 3 == 0).count();
+    assert_eq!(on("first.db"), to_first + 1, "{summary}");
+    assert_eq!(on("second.db"), committed - to_first + 1, "{summary}");
 }
