@@ -7,6 +7,7 @@
 //! the commit path in `hook`, the SQL functions in `status` and `version`.
 
 mod api;
+mod connection;
 mod hook;
 pub mod ring;
 mod shared;

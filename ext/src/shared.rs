@@ -121,6 +121,8 @@ pub struct PathInfo {
     /// WAL frame count after this process's last commit to it.
     pub last_frames: u64,
     pub last_commit_ns: u64,
+    /// When the path was last `stat`ed (the entry is trusted for [`PATH_RECHECK_NS`] after).
+    pub checked_ns: u64,
 }
 
 /// One cache line: a sequence lock (odd while written) and the fields.
@@ -154,7 +156,7 @@ fn slot(hash: u64) -> &'static Slot {
 }
 
 /// Reads the entry for `hash` if it is cached and consistent.
-fn read(hash: u64) -> Option<(PathInfo, u64)> {
+fn read(hash: u64) -> Option<PathInfo> {
     let s = slot(hash);
     let seq = s.seq.load(Ordering::Acquire);
     if seq % 2 == 1 || s.hash.load(Ordering::Relaxed) != hash {
@@ -166,10 +168,10 @@ fn read(hash: u64) -> Option<(PathInfo, u64)> {
         registered: s.registered.load(Ordering::Relaxed),
         last_frames: s.last_frames.load(Ordering::Relaxed),
         last_commit_ns: s.last_commit_ns.load(Ordering::Relaxed),
+        checked_ns: s.checked_ns.load(Ordering::Relaxed),
     };
-    let checked = s.checked_ns.load(Ordering::Relaxed);
     fence(Ordering::Acquire);
-    (s.seq.load(Ordering::Relaxed) == seq).then_some((info, checked))
+    (s.seq.load(Ordering::Relaxed) == seq).then_some(info)
 }
 
 /// Runs `write` on the slot of `hash` under its lock; skips if another thread holds it.
@@ -190,8 +192,8 @@ fn write(hash: u64, write: impl FnOnce(&Slot)) {
 
 /// The (device, inode) of `path` (hash `hash`), from the cache or one `stat`.
 pub fn lookup(hash: u64, path: &[u8], now: u64) -> Option<PathInfo> {
-    if let Some((info, checked)) = read(hash) {
-        if now.saturating_sub(checked) < PATH_RECHECK_NS {
+    if let Some(info) = read(hash) {
+        if now.saturating_sub(info.checked_ns) < PATH_RECHECK_NS {
             return Some(info);
         }
     }
@@ -206,14 +208,15 @@ pub fn lookup_fresh(hash: u64, path: &[u8], now: u64) -> Option<PathInfo> {
     }
     let meta = std::fs::metadata(std::ffi::OsStr::from_bytes(path)).ok()?;
     let (dev, ino) = (meta.dev(), meta.ino());
-    let previous = read(hash)
-        .map(|(i, _)| i)
-        .filter(|i| i.dev == dev && i.ino == ino);
-    let info = previous.unwrap_or(PathInfo {
-        dev,
-        ino,
-        ..PathInfo::default()
-    });
+    let previous = read(hash).filter(|i| i.dev == dev && i.ino == ino);
+    let info = PathInfo {
+        checked_ns: now,
+        ..previous.unwrap_or(PathInfo {
+            dev,
+            ino,
+            ..PathInfo::default()
+        })
+    };
     write(hash, |s| {
         s.hash.store(hash, Ordering::Relaxed);
         s.dev.store(dev, Ordering::Relaxed);
@@ -267,7 +270,7 @@ pub fn last_commit_time(hash: u64) -> u64 {
 
 /// What the cache holds for `hash`, without touching the file system.
 pub fn peek(hash: u64) -> Option<PathInfo> {
-    read(hash).map(|(info, _)| info)
+    read(hash)
 }
 
 #[cfg(test)]

@@ -214,6 +214,11 @@ pub enum BenchCommand {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
+    /// The process `bench commit` counts instructions and system calls of
+    #[command(hide = true)]
+    CommitChild(crate::cli::bench::CommitChildArgs),
+    /// Litestream and the multidb agent on the same trees of WAL databases, side by side
+    Peers(crate::cli::bench::PeersArgs),
 }
 
 impl Command {
@@ -480,6 +485,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Bench(BenchCommand::AgentWriter(args)) => crate::cli::bench::agent_writer(args)?,
         Command::Bench(BenchCommand::Follow(args)) => crate::cli::bench::follow(args)?,
         Command::Bench(BenchCommand::Measure { command }) => crate::cli::bench::measure(command)?,
+        Command::Bench(BenchCommand::CommitChild(args)) => crate::cli::bench::commit_child(args)?,
+        Command::Bench(BenchCommand::Peers(args)) => crate::cli::bench::peers(args)?,
     }
     Ok(())
 }

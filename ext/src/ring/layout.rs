@@ -8,7 +8,8 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"MDBRING1");
 /// 2: the status table's hash changed (entries of version 1 would be looked up elsewhere).
 /// 3: status entries carry a refusal reason and the tier [`Tier::Refused`] (a version-2 reader
 /// would take a refused database for a cold, replicated one).
-pub const VERSION: u32 = 3;
+/// 4: records carry a cheaper check word (every record of version 3 would fail its check).
+pub const VERSION: u32 = 4;
 /// Bytes before the first slot: one page, so slots start page-aligned.
 pub const HEADER_SIZE: usize = 4096;
 /// One cache line per slot: a producer and the consumer never share a line mid-record.

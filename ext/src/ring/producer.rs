@@ -10,6 +10,7 @@ use super::*;
 
 impl Ring<'_> {
     /// Claims `k` consecutive tickets, or `None` when the ring is full or contention persists.
+    #[inline]
     pub(super) fn claim(&self, k: u64) -> Option<u64> {
         if k == 0 || k > self.slots {
             return None;
@@ -46,6 +47,7 @@ impl Ring<'_> {
     }
 
     /// Publishes ticket `t`; fails if the consumer abandoned it meanwhile.
+    #[inline]
     pub(super) fn publish(&self, t: u64) -> bool {
         self.seq(t)
             .compare_exchange(t, t.wrapping_add(1), Ordering::Release, Ordering::Relaxed)
@@ -59,6 +61,7 @@ impl Ring<'_> {
     /// Posts a commit record. Never blocks, allocates or makes a system call, except one
     /// futex wake when the consumer is asleep. A record that cannot be posted is counted in
     /// `dropped`. Returns whether it was posted.
+    #[inline]
     pub fn push_commit(&self, c: &Commit) -> bool {
         let Some(t) = self.claim(1) else {
             self.count_drop();
@@ -81,6 +84,7 @@ impl Ring<'_> {
         true
     }
 
+    #[inline]
     fn write_first(&self, t: u64, words: &[u64; 6]) {
         for (i, w) in words.iter().enumerate() {
             self.word(t, i).store(*w, Ordering::Relaxed);
@@ -134,6 +138,7 @@ impl Ring<'_> {
 
     /// Wakes the consumer only if it said it is going to sleep: steady traffic makes no
     /// system calls.
+    #[inline]
     fn wake_consumer(&self) {
         let sleeping = self.u32_at(off::SLEEPING);
         if sleeping.load(Ordering::SeqCst) != 0 && sleeping.swap(0, Ordering::SeqCst) != 0 {

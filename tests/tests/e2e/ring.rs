@@ -355,15 +355,26 @@ fn with_a_live_ring_connection_per_write_leaves_frames_for_the_agent() {
     assert_eq!(count_rows(&control), 20);
 }
 
-#[test]
-fn a_connection_opened_after_loading_is_hooked() {
+/// `first.db` and `second.db` in a new directory, and a `ring tail` reading a ring beside them.
+fn two_databases_and_a_tail() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf, Tail) {
+    two_databases_and_a_tail_of(1024)
+}
+
+/// As [`two_databases_and_a_tail`], with a ring of `slots`.
+fn two_databases_and_a_tail_of(slots: u32) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf, Tail) {
     let tmp = tempfile::tempdir().unwrap();
     let ring = tmp.path().join("multidb.ring");
     let first = tmp.path().join("first.db");
     let second = tmp.path().join("second.db");
     create_db(&first);
     create_db(&second);
-    let tail = Tail::start(&ring, 1024, "2s");
+    let tail = Tail::start(&ring, slots, "2s");
+    (tmp, ring, first, second, tail)
+}
+
+#[test]
+fn a_connection_opened_after_loading_is_hooked() {
+    let (_tmp, ring, first, second, tail) = two_databases_and_a_tail();
     // `.open` closes the loading connection and opens a new one: only the auto-extension
     // (and its one-shot commit hook) can hook it.
     let script = format!("INSERT INTO t VALUES(1);\n.open {}\nINSERT INTO t VALUES(2);\nINSERT INTO t VALUES(3);\nSELECT multidb_version();\n", second.display());
@@ -379,4 +390,80 @@ fn a_connection_opened_after_loading_is_hooked() {
         .filter(|r| r["kind"] == "commit" && r["path"].as_str().unwrap().ends_with("second.db"))
         .count();
     assert_eq!(on_second, 2, "{records:?}");
+}
+
+/// The WAL hook caches each connection's database; a closed connection's memory is often
+/// reused by the next one (here, `.open` closes one and opens the next), and a stale cache
+/// entry would post the next database's commits under the previous one's name.
+#[test]
+fn a_reopened_connection_posts_under_its_own_database() {
+    let (_tmp, ring, first, second, tail) = two_databases_and_a_tail();
+    let mut script = String::new();
+    for round in 0..6 {
+        let db = if round % 2 == 0 { &second } else { &first };
+        script.push_str(&format!(
+            ".open {}\nINSERT INTO t VALUES({round});\n",
+            db.display()
+        ));
+    }
+    let out = run(&mut writer(&first, &ring, &script));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let (records, _) = tail.finish();
+    let names: Vec<&str> = records
+        .iter()
+        .filter(|r| r["kind"] == "commit")
+        .map(|r| {
+            let path = r["path"].as_str().unwrap();
+            if path.ends_with("first.db") {
+                "first"
+            } else {
+                "second"
+            }
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["second", "first", "second", "first", "second", "first"],
+        "{records:?}"
+    );
+}
+
+/// More connections in one process than the hook's per-connection cache has slots (1,024):
+/// each later connection takes over an earlier one's slot, and the earlier one, committing
+/// again, must notice and still post every commit under its own database.
+#[test]
+fn more_connections_than_cache_slots_post_every_commit_under_its_database() {
+    let (tmp, ring, first, second, tail) = two_databases_and_a_tail_of(65_536);
+    let connections = 1100;
+    let list = tmp.path().join("connections.txt");
+    let lines: Vec<String> = (0..connections)
+        .map(|i| {
+            // Connection i + 1024 takes connection i's slot: for i = 0, 3, 6, ... it writes
+            // the other database, so a slot read by the wrong connection shows in the paths.
+            let db = if i % 3 == 0 { &first } else { &second };
+            db.display().to_string()
+        })
+        .collect();
+    fs::write(&list, lines.join("\n")).unwrap();
+    // Round robin over the connections, so each commits three or four times.
+    let out = run(Command::new(multidb_bin())
+        .args(["bench", "agent-writer", "--list"])
+        .arg(&list)
+        .args(["--rate", "2500", "--duration", "1600ms", "--extension"])
+        .arg(extension())
+        .env("MULTIDB_RING", &ring));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let committed: usize = out.stdout.trim().parse().unwrap();
+    assert!(committed > 2 * connections, "only {committed} commits");
+    let (records, summary) = tail.finish();
+    let on = |name: &str| {
+        records
+            .iter()
+            .filter(|r| r["kind"] == "commit" && r["path"].as_str().unwrap().ends_with(name))
+            .count()
+    };
+    // Plus one commit each: the writer's first connection to each database creates its table.
+    let to_first = (0..committed).filter(|k| k % connections % 3 == 0).count();
+    assert_eq!(on("first.db"), to_first + 1, "{summary}");
+    assert_eq!(on("second.db"), committed - to_first + 1, "{summary}");
 }

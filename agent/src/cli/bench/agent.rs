@@ -50,7 +50,7 @@ pub struct WriterArgs {
 }
 
 /// CPU time (user + system) of a process, from /proc.
-fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+pub(super) fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -63,7 +63,7 @@ fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
 }
 
 /// Resident and peak resident memory of a process, bytes.
-fn rss(pid: u32) -> (u64, u64) {
+pub(super) fn rss(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -76,11 +76,11 @@ fn rss(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-fn fds(pid: u32) -> usize {
+pub(super) fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-fn count_files(dir: &Path) -> usize {
+pub(super) fn count_files(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -97,7 +97,7 @@ fn count_files(dir: &Path) -> usize {
         .sum()
 }
 
-fn mb(bytes: u64) -> String {
+pub(super) fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 

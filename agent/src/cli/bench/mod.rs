@@ -16,10 +16,14 @@ use crate::discover::pattern::Pattern;
 mod agent;
 mod fleet;
 mod follow;
+mod instructions;
+mod peers;
 mod replication;
 pub use agent::{agent, writer as agent_writer, AgentArgs, WriterArgs};
 pub use fleet::{fleet, FleetArgs};
 pub use follow::{follow, FollowArgs};
+pub use instructions::{child as commit_child, CommitChildArgs};
+pub use peers::{peers, PeersArgs};
 pub use replication::{replicate, ReplicateArgs};
 
 #[derive(Debug, clap::Args)]
@@ -223,6 +227,12 @@ pub struct CommitArgs {
     /// The libmultidb library to load [default: next to this binary]
     #[arg(long)]
     pub extension: Option<PathBuf>,
+    /// Commits counted under callgrind and strace (0 skips the counts)
+    #[arg(long, default_value_t = 5_000)]
+    pub count_commits: usize,
+    /// Keep callgrind's profiles here (`callgrind.plain.out`, `callgrind.hooked.out`) for `callgrind_annotate`
+    #[arg(long)]
+    pub callgrind_out: Option<PathBuf>,
 }
 
 fn commit_run(conn: &rusqlite::Connection, commits: usize) -> anyhow::Result<Duration> {
@@ -359,6 +369,31 @@ pub fn commit(args: &CommitArgs) -> anyhow::Result<()> {
         quantile(&mut sporadic, 0.5),
         quantile(&mut sporadic, 0.99)
     );
+    if args.count_commits > 0 {
+        // Databases on tmpfs, as applications' tests and the figures have them: the
+        // counts are then SQLite's and the extension's, not the file system's.
+        let shm = Path::new("/dev/shm");
+        let count_dir = if shm.is_dir() {
+            shm.join(format!("multidb-bench-{}", std::process::id()))
+        } else {
+            tmp.join("count")
+        };
+        std::fs::create_dir_all(&count_dir)?;
+        let exe = std::env::current_exe()?;
+        let profiles = args.callgrind_out.as_deref().unwrap_or(&count_dir);
+        std::fs::create_dir_all(profiles)
+            .with_context(|| format!("creating {}", profiles.display()))?;
+        let counted = instructions::report(
+            &exe,
+            &extension,
+            &count_dir,
+            profiles,
+            ring,
+            args.count_commits,
+        );
+        let _ = std::fs::remove_dir_all(&count_dir);
+        counted?;
+    }
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
 }
