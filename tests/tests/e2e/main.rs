@@ -12,3 +12,4 @@ mod replicate;
 mod ring;
 mod s3;
 mod scale;
+mod watch;
