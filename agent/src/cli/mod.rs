@@ -167,6 +167,8 @@ pub enum BenchCommand {
     Replicate(crate::cli::bench::ReplicateArgs),
     /// The agent at host scale: 100,000 discovered, idle cost, then 1,000 hot at 10,000 commits/s
     Agent(crate::cli::bench::AgentArgs),
+    /// Commit-to-replica of applications without libmultidb: inotify beside scans only
+    NonextLag(crate::cli::bench::NonextArgs),
     /// A writer process for `bench agent`
     #[command(hide = true)]
     AgentWriter(crate::cli::bench::WriterArgs),
@@ -394,6 +396,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Bench(BenchCommand::Replicate(args)) => crate::cli::bench::replicate(args)?,
         Command::Bench(BenchCommand::Agent(args)) => crate::cli::bench::agent(args)?,
         Command::Bench(BenchCommand::AgentWriter(args)) => crate::cli::bench::agent_writer(args)?,
+        Command::Bench(BenchCommand::NonextLag(args)) => crate::cli::bench::nonext(args)?,
         Command::Bench(BenchCommand::Measure { command }) => crate::cli::bench::measure(command)?,
     }
     Ok(())

@@ -14,8 +14,10 @@ use crate::discover::discovery;
 use crate::discover::pattern::Pattern;
 
 mod agent;
+mod nonext;
 mod replication;
 pub use agent::{agent, writer as agent_writer, AgentArgs, WriterArgs};
+pub use nonext::{nonext, NonextArgs};
 pub use replication::{replicate, ReplicateArgs};
 
 #[derive(Debug, clap::Args)]
