@@ -321,7 +321,7 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     watches.watch_new_dirs(&arena);
     let watch_reader = match watches.fd() {
         Some(fd) => Some(
-            watch::spawn_watch_reader(fd, event_tx.clone(), reader_stop.clone())
+            watch::spawn_watch_reader(fd, event_tx.clone())
                 .map_err(io_error("starting the watch reader"))?,
         ),
         None => None,
@@ -420,9 +420,11 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     let unsynced = scheduler.shut_down(&done_rx);
     reader_stop.store(true, Ordering::Relaxed);
     drop(scheduler);
+    // A reader blocked on a full queue returns when its send fails.
+    drop(event_rx);
     let _ = reader.join();
     if let Some(watch_reader) = watch_reader {
-        let _ = watch_reader.join();
+        watch_reader.stop();
     }
     let _ = std::fs::remove_file(&socket);
     if !unsynced.is_empty() {

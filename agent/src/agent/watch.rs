@@ -40,8 +40,6 @@ const NAME_CHANGES: u32 =
 const ECHO_WINDOW: Duration = Duration::from_secs(10);
 /// Bytes read from the inotify descriptor at a time (a few hundred events).
 const READ_BUFFER: usize = 64 * 1024;
-/// How often the reader looks at the stop flag while no event comes.
-const POLL_MS: i32 = 250;
 /// Where Linux says how many watches one user may hold.
 const MAX_USER_WATCHES: &str = "/proc/sys/fs/inotify/max_user_watches";
 
@@ -259,26 +257,54 @@ pub(super) struct FsEvent {
     pub name: Vec<u8>,
 }
 
-/// The watch reader: reads the inotify descriptor and sends events to the scheduler.
+/// The watch reader thread, and the eventfd that wakes it to stop: it sleeps in `poll`
+/// without a timeout, so an idle host pays no wake-ups for it.
+pub(super) struct WatchReader {
+    thread: std::thread::JoinHandle<()>,
+    wake: Arc<OwnedFd>,
+    stop: Arc<AtomicBool>,
+}
+
+impl WatchReader {
+    pub(super) fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        let _ = self.thread.join();
+    }
+}
+
+/// Starts the watch reader: it reads the inotify descriptor and sends events to the scheduler.
 pub(super) fn spawn_watch_reader(
     fd: Arc<OwnedFd>,
     events: Sender<Event>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
+) -> std::io::Result<WatchReader> {
+    // SAFETY: eventfd takes an initial value and flags and returns a new descriptor or -1.
+    let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if wake < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `wake` is a descriptor we just opened and own.
+    let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(wake) });
+    let stop = Arc::new(AtomicBool::new(false));
+    let (thread_wake, thread_stop) = (wake.clone(), stop.clone());
+    let thread = std::thread::Builder::new()
         .name("watch".into())
         .spawn(move || {
             // u64 words, so the kernel's event structures are aligned for reading.
             let mut buf = vec![0u64; READ_BUFFER / 8];
             let mut batch: Vec<FsEvent> = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let mut poll = libc::pollfd {
-                    fd: fd.as_raw_fd(),
+            while !thread_stop.load(Ordering::Relaxed) {
+                let mut polls = [fd.as_raw_fd(), thread_wake.as_raw_fd()].map(|fd| libc::pollfd {
+                    fd,
                     events: libc::POLLIN,
                     revents: 0,
-                };
-                // SAFETY: one valid pollfd for the duration of the call.
-                if unsafe { libc::poll(&mut poll, 1, POLL_MS) } <= 0 {
+                });
+                // SAFETY: two valid pollfds for the duration of the call.
+                if unsafe { libc::poll(polls.as_mut_ptr(), 2, -1) } <= 0
+                    || polls[0].revents & libc::POLLIN == 0
+                {
                     continue;
                 }
                 // SAFETY: `buf` is writable for its whole length in bytes.
@@ -294,7 +320,8 @@ pub(super) fn spawn_watch_reader(
                     }
                 }
             }
-        })
+        })?;
+    Ok(WatchReader { thread, wake, stop })
 }
 
 /// Splits what one `read` returned into events, merging repeats of (descriptor, name).
@@ -353,8 +380,12 @@ impl Scheduler<'_> {
             None => (&name[..], false),
         };
         let Some(id) = self.arena.find_in_dir(dir, base) else {
-            // A new database (or a new name for one): the scan adds it.
-            if !is_wal && mask & (NAME_CHANGES | libc::IN_MODIFY) != 0 {
+            // A new database (or a new name for one): the scan adds it. Other files (an
+            // application's log beside its databases) must not cost a scan per write.
+            if !is_wal
+                && mask & (NAME_CHANGES | libc::IN_MODIFY) != 0
+                && self.names_a_database(base)
+            {
                 self.ask_rescan();
             }
             return;
@@ -366,6 +397,12 @@ impl Scheduler<'_> {
             self.metrics.watch_writes.fetch_add(1, Ordering::Relaxed);
             self.on_watched_write(id, is_wal);
         }
+    }
+
+    /// Whether a file of this name in a leaf directory would be a database.
+    fn names_a_database(&self, name: &[u8]) -> bool {
+        let last = self.config.multi_db.pattern.segments().last();
+        std::str::from_utf8(name).is_ok_and(|name| last.is_some_and(|s| s.matches(name)))
     }
 
     fn on_watched_write(&mut self, id: DbId, is_wal: bool) {

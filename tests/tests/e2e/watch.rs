@@ -113,6 +113,15 @@ fn a_plain_sqlite3_insert_reaches_the_replica_without_a_scan() {
     let s = agent.status();
     assert_eq!(s["scans"], 0, "no scan ran: {s}");
     assert!(s["watch_writes"].as_u64().unwrap() >= 2, "{s}");
+    // A file that is no database, written beside them, costs no scan (a new database's
+    // name starts one within a second).
+    let notes = site.dbs[3].with_file_name("notes.txt");
+    for line in 0..3 {
+        std::fs::write(&notes, format!("line {line}\n")).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let s = agent.status();
+    assert_eq!(s["scans"], 0, "writes to notes.txt started no scan: {s}");
     // A second write to a database that is hot now arrives too.
     plain_sqlite3(&site.dbs[3], "INSERT INTO items(name) VALUES ('again');");
     wait_replicated(&site, &agent, &site.dbs[3]);
