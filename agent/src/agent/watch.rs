@@ -29,7 +29,9 @@ const WATCH_MASK: u32 = libc::IN_MODIFY
     | libc::IN_DELETE
     | libc::IN_MOVED_FROM
     | libc::IN_MOVED_TO
+    | libc::IN_MOVE_SELF
     | libc::IN_ONLYDIR
+    | libc::IN_DONT_FOLLOW
     | libc::IN_EXCL_UNLINK;
 /// Events that add, remove or replace a database file: the next scan (within
 /// [`RESCAN_AFTER_UNKNOWN`]) applies them, with the collision checks a new path needs.
@@ -150,6 +152,16 @@ impl Watches {
     pub(super) fn dir_of(&self, wd: i32) -> Option<u32> {
         let dir = *self.by_wd.get(usize::try_from(wd).ok()?)?;
         (dir != NO_DIR).then_some(dir)
+    }
+
+    /// The directory of `wd` was moved away: its events no longer name the path the arena
+    /// knows, so the watch goes (the next scan watches whatever is at the path then).
+    pub(super) fn unwatch(&mut self, wd: i32) {
+        if let Some(fd) = &self.fd {
+            // SAFETY: removes a watch of our own inotify descriptor; a stale `wd` is EINVAL.
+            unsafe { libc::inotify_rm_watch(fd.as_raw_fd(), wd) };
+        }
+        self.forget(wd);
     }
 
     /// The kernel removed watch `wd` (its directory was deleted or unmounted).
@@ -368,6 +380,11 @@ impl Scheduler<'_> {
         }
         if mask & libc::IN_IGNORED != 0 {
             self.watches.forget(wd);
+            self.ask_rescan();
+            return;
+        }
+        if mask & libc::IN_MOVE_SELF != 0 {
+            self.watches.unwatch(wd);
             self.ask_rescan();
             return;
         }

@@ -246,3 +246,29 @@ fn watch_false_leaves_writes_to_scans() {
     assert_eq!(agent.status()["watch_writes"], 0);
     assert_eq!(agent.stop(), 0);
 }
+
+/// A leaf directory moved away takes its watch along: the watch is dropped (its events would
+/// name the old path), and the directory recreated at the path is watched after the scan
+/// that finds it (new directories are the scans' part).
+#[test]
+fn a_leaf_directory_moved_away_and_recreated_is_watched_again() {
+    let site = site("  scan_interval: 2s\n");
+    let agent = start(&site);
+    let dir = site.dbs[0].parent().unwrap().to_path_buf();
+    std::fs::rename(&dir, dir.with_file_name("moved-away")).unwrap();
+    wait_status(&agent, "the moved directory's databases are gone", |s| {
+        s["tiers"]["discovered"] == 35 && s["tiers"]["watched_dirs"] == 7
+    });
+    std::fs::create_dir(&dir).unwrap();
+    let db = dir.join("fresh.db");
+    plain_sqlite3(&db, "PRAGMA journal_mode=WAL; CREATE TABLE t(x);");
+    wait_status(&agent, "the recreated directory is watched", |s| {
+        s["tiers"]["discovered"] == 36 && s["tiers"]["watched_dirs"] == 8
+    });
+    let seen = agent.status()["watch_writes"].as_u64().unwrap();
+    plain_sqlite3(&db, "INSERT INTO t VALUES ('in the new directory');");
+    wait_replicated(&site, &agent, &db);
+    let s = agent.status();
+    assert!(s["watch_writes"].as_u64().unwrap() > seen, "{s}");
+    assert_eq!(agent.stop(), 0);
+}
