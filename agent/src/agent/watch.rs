@@ -79,6 +79,17 @@ impl Echo {
     }
 }
 
+/// Whether the database file's header says WAL mode (read and write versions 2, bytes 18 and
+/// 19). Read through a descriptor of its own, which is safe for a cold database only: the
+/// agent holds no connection (and so no POSIX lock) that closing it could release.
+fn in_wal_mode(path: &str) -> bool {
+    use std::io::Read;
+    let mut header = [0u8; 20];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .is_ok_and(|()| header[18] == 2 && header[19] == 2)
+}
+
 fn main_mtime_ns(path: &str) -> u64 {
     std::fs::metadata(path).map_or(0, |m| crate::discover::arena::mtime_ns(&m))
 }
@@ -433,12 +444,26 @@ impl Scheduler<'_> {
             if WalStamp::of_wal(&hot.path) == hot.wal_stamp {
                 return;
             }
-        } else if let Some(echo) = self.echoes.get(&id) {
+        } else if !is_wal && self.refused.contains_key(&id) {
+            // A database refused for not being in WAL mode (the one refusal a write can
+            // undo) is retried when a `-wal` appears, not at each write of its rollback
+            // journal; the ring's records retry it for applications with libmultidb.
+            return;
+        } else {
             let path = self.arena.path(id);
-            if echo.wal == WalStamp::of_wal(&path) && echo.main_mtime_ns == main_mtime_ns(&path) {
+            if let Some(echo) = self.echoes.get(&id) {
+                if echo.wal == WalStamp::of_wal(&path) && echo.main_mtime_ns == main_mtime_ns(&path)
+                {
+                    return;
+                }
+                self.echoes.remove(&id);
+            }
+            // A rollback-journal database is written in place: opening it now, mid-write,
+            // would hold a shared lock that fails the application's next commit with
+            // SQLITE_BUSY. The ring and scans cover such databases, as before.
+            if !is_wal && !in_wal_mode(&path) {
                 return;
             }
-            self.echoes.remove(&id);
         }
         self.on_write(id, layout::now_ns(), Signal::Detected);
     }

@@ -272,3 +272,22 @@ fn a_leaf_directory_moved_away_and_recreated_is_watched_again() {
     assert!(s["watch_writes"].as_u64().unwrap() > seen, "{s}");
     assert_eq!(agent.stop(), 0);
 }
+
+/// A rollback-journal database is written in place: an agent that opened it on the write's
+/// event would hold a shared lock mid-write and fail the application's next commit with
+/// "database is locked" (the `sqlite3` shell waits for no lock). Its writes are left to the
+/// ring and scans, as before the watches.
+#[test]
+fn writes_to_a_rollback_journal_database_are_never_made_to_fail() {
+    let site = site("  scan_interval: 1h\n");
+    let agent = start(&site);
+    let db = &site.dbs[7];
+    plain_sqlite3(db, "PRAGMA journal_mode=DELETE;");
+    let many: String = (0..50)
+        .map(|i| format!("INSERT INTO items(name) VALUES ('rollback {i}');"))
+        .collect();
+    for _ in 0..5 {
+        plain_sqlite3(db, &many);
+    }
+    assert_eq!(agent.stop(), 0);
+}
