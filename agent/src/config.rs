@@ -70,6 +70,8 @@ struct RawMultiDb {
     state_dir: Option<String>,
     addr: Option<String>,
     replica_template: Option<RawReplica>,
+    watch: Option<Value>,
+    max_watches: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +156,11 @@ pub struct MultiDb {
     /// Prometheus metrics listen address, if any (a bare `:PORT` means loopback).
     pub addr: Option<std::net::SocketAddr>,
     pub replica: Option<ReplicaTemplate>,
+    /// Whether leaf directories are watched with inotify (writes by applications without
+    /// the extension are then seen at once instead of at the next scan).
+    pub watch: bool,
+    /// At most this many inotify watches (directories) for this agent; the rest are scanned.
+    pub max_watches: Option<u64>,
 }
 
 /// A validated configuration.
@@ -196,6 +203,8 @@ impl Config {
                 state_dir: PathBuf::from(DEFAULT_STATE_DIR),
                 addr: None,
                 replica: None,
+                watch: true,
+                max_watches: None,
             },
         }
     }
@@ -291,6 +300,21 @@ impl Config {
             None => None,
             Some(r) => Some(replica_template(r, &pattern, &at)?),
         };
+        let watch = match &m.watch {
+            None => true,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| at(&["multi_db", "watch"], "expected true or false"))?,
+        };
+        let max_watches = match &m.max_watches {
+            None => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                at(
+                    &["multi_db", "max_watches"],
+                    "expected a non-negative integer",
+                )
+            })?),
+        };
         Ok(Config {
             source: None,
             multi_db: MultiDb {
@@ -303,6 +327,8 @@ impl Config {
                 state_dir,
                 addr,
                 replica,
+                watch,
+                max_watches,
             },
         })
     }
@@ -612,6 +638,8 @@ multi_db:
         let c = Config::load(&file, None).unwrap().multi_db;
         assert_eq!(c.sync_interval, Duration::from_millis(200));
         assert_eq!(c.idle_timeout, Duration::from_secs(5));
+        assert!(c.watch, "inotify is on by default");
+        assert_eq!(c.max_watches, None);
         assert_eq!(c.policy.retention, Duration::from_secs(3600));
         assert_eq!(c.state_dir, dir.path().join("st"));
         assert_eq!(c.addr, Some("127.0.0.1:9464".parse().unwrap()));
@@ -776,7 +804,7 @@ multi_db:
             ),
             (
                 "  max_actve: 3\n",
-                "multidb.yml:3:3: multi_db: unknown field `max_actve`, expected one of `discovery_pattern`, `max_active`, `scan_interval`, `sync_interval`, `idle_timeout`, `snapshot_interval`, `retention`, `state_dir`, `addr`, `replica_template`",
+                "multidb.yml:3:3: multi_db: unknown field `max_actve`, expected one of `discovery_pattern`, `max_active`, `scan_interval`, `sync_interval`, `idle_timeout`, `snapshot_interval`, `retention`, `state_dir`, `addr`, `replica_template`, `watch`, `max_watches`",
             ),
             (
                 "  replica_template:\n    type: s3\n    path: \"{{project}}/{{tenant}}\"\n    bucket: b\n",
@@ -799,7 +827,8 @@ multi_db:
             (
                 "  replica_template:\n    path: \"backups/{{1}}\"\n",
                 "multidb.yml:4:5: multi_db.replica_template.path: a file replica needs an absolute directory template",
-            ),
+            ),            ("  watch: maybe\n", "multidb.yml:3:3: multi_db.watch: expected true or false"),
+            ("  max_watches: -1\n", "multidb.yml:3:3: multi_db.max_watches: expected a non-negative integer"),
         ];
         for (extra, expected) in cases {
             assert_eq!(

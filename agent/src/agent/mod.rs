@@ -31,6 +31,7 @@ mod recovery;
 pub mod ring;
 pub mod status;
 mod tiers;
+mod watch;
 mod worker;
 
 use crate::agent::ring::RingFile;
@@ -87,8 +88,18 @@ pub struct Options {
 }
 
 enum Event {
-    Commit { dev: u64, ino: u64, time_ns: u64 },
-    Register { dev: u64, ino: u64, path: Vec<u8> },
+    Commit {
+        dev: u64,
+        ino: u64,
+        time_ns: u64,
+    },
+    Register {
+        dev: u64,
+        ino: u64,
+        path: Vec<u8>,
+    },
+    /// A change in a watched leaf directory (inotify).
+    Fs(watch::FsEvent),
 }
 
 /// What told the scheduler a database was written.
@@ -301,6 +312,28 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     let (event_tx, event_rx) = crossbeam_channel::bounded(EVENT_QUEUE);
     let reader_stop = Arc::new(AtomicBool::new(false));
     let (ring_tx, ring_rx) = crossbeam_channel::unbounded();
+    let mut watches = if multi.watch {
+        watch::Watches::new(multi.max_watches)
+    } else {
+        watch::Watches::disabled()
+    };
+    // Before recovery: a write after this is an event, one before it is caught up below.
+    watches.watch_new_dirs(&arena);
+    let watch_reader = match watches.fd() {
+        Some(fd) => Some(
+            watch::spawn_watch_reader(fd, event_tx.clone())
+                .map_err(io_error("starting the watch reader"))?,
+        ),
+        None => None,
+    };
+    if watches.enabled() {
+        tracing::info!(
+            directories = watches.watched(),
+            unwatched = watches.unwatched(),
+            bytes = watches.heap_bytes(),
+            "watching leaf directories"
+        );
+    }
     let reader = reader::spawn_ring_reader(
         ring_file.clone(),
         ring_rx,
@@ -379,6 +412,8 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> Result<(), AgentError> {
         last_scan_ms: report_ms(started),
         rescan_soon: None,
         last_wal_poll: Instant::now(),
+        watches,
+        echoes: HashMap::new(),
     };
     scheduler.check_collisions();
     scheduler.recover(watch_start_ns, options.baseline)?;
@@ -386,7 +421,12 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     let unsynced = scheduler.shut_down(&done_rx);
     reader_stop.store(true, Ordering::Relaxed);
     drop(scheduler);
+    // A reader blocked on a full queue returns when its send fails.
+    drop(event_rx);
     let _ = reader.join();
+    if let Some(watch_reader) = watch_reader {
+        watch_reader.stop();
+    }
     let _ = std::fs::remove_file(&socket);
     if !unsynced.is_empty() {
         // Workers still in a request are not waited for: the process is ending.
@@ -488,6 +528,10 @@ struct Scheduler<'a> {
     last_scan_ms: u64,
     rescan_soon: Option<Instant>,
     last_wal_poll: Instant,
+    /// inotify watches on leaf directories.
+    watches: watch::Watches,
+    /// Recently demoted databases: what their demotion left on disk.
+    echoes: HashMap<DbId, watch::Echo>,
 }
 
 /// Why a database is not replicated.

@@ -259,6 +259,8 @@ impl Scheduler<'_> {
             ring_capacity: stats.capacity,
             refused: self.refused.len() as u64,
             oldest_unreplicated_ms: oldest_ms,
+            watched_dirs: self.watches.watched(),
+            unwatched_dirs: self.watches.unwatched(),
         });
     }
 }

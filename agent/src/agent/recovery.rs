@@ -30,7 +30,7 @@ impl Scheduler<'_> {
         self.store.for_each_wal_stamp(|path, stamp| {
             if let Some(id) = self.arena.lookup_path(path) {
                 seen[id as usize] = true;
-                if stamp != self.arena.wal(id).raw() {
+                if stamp == HOT_STAMP || !self.arena.same_wal(id, WalStamp::from_raw(stamp)) {
                     written.push(id);
                 }
             }
@@ -83,6 +83,7 @@ impl Scheduler<'_> {
         for id in idle {
             self.start_demotion(id);
         }
+        self.forget_old_echoes();
         self.update_gauges();
     }
 
@@ -143,12 +144,15 @@ impl Scheduler<'_> {
         // A database created since the last scan is new content, unless it is still an empty
         // file (its first write will show in its `-wal`).
         let created = diff.added.iter().filter(|&&id| {
-            self.arena.wal(id) != WalStamp::NONE
+            self.arena.has_wal(id)
                 || std::fs::metadata(self.arena.path(id)).is_ok_and(|m| m.len() > 0)
         });
         let written: Vec<DbId> = diff.changed.iter().chain(created).copied().collect();
         if !diff.added.is_empty() || !diff.removed.is_empty() {
             self.check_collisions();
+        }
+        if !diff.added.is_empty() || (self.watches.enabled() && self.watches.unwatched() > 0) {
+            self.watch_new_dirs();
         }
         for id in written {
             self.on_write(id, now, Signal::Detected);

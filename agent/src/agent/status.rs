@@ -45,6 +45,8 @@ pub struct Metrics {
     pub ring_commits: AtomicU64,
     pub scans: AtomicU64,
     pub checkpoints: AtomicU64,
+    /// Writes seen through inotify (events that named a database or its `-wal`).
+    pub watch_writes: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -79,6 +81,10 @@ pub struct Tiers {
     pub refused: u64,
     /// Age of the oldest commit not yet in the replica, over every database (0: caught up).
     pub oldest_unreplicated_ms: u64,
+    /// Leaf directories watched with inotify.
+    pub watched_dirs: u64,
+    /// Leaf directories left to scans: a watch limit was reached (or inotify is off).
+    pub unwatched_dirs: u64,
 }
 
 impl Metrics {
@@ -183,6 +189,7 @@ impl Metrics {
             "checkpoints": self.checkpoints.load(Ordering::Relaxed),
             "ring_commits": self.ring_commits.load(Ordering::Relaxed),
             "scans": self.scans.load(Ordering::Relaxed),
+            "watch_writes": self.watch_writes.load(Ordering::Relaxed),
             "oldest_unreplicated_ms": inner.tiers.oldest_unreplicated_ms,
             "errors": errors,
         })
@@ -217,6 +224,16 @@ impl Metrics {
             t.refused,
         );
         gauge(
+            "watched_directories",
+            "Leaf directories watched with inotify.",
+            t.watched_dirs,
+        );
+        gauge(
+            "unwatched_directories",
+            "Leaf directories seen only at scans (a watch limit was reached, or watch is off).",
+            t.unwatched_dirs,
+        );
+        gauge(
             "waiting",
             "Written databases waiting for a hot slot.",
             t.waiting,
@@ -231,7 +248,12 @@ impl Metrics {
             "# HELP multidb_oldest_unreplicated_seconds Age of the oldest commit not yet in the replica (0: caught up).\n# TYPE multidb_oldest_unreplicated_seconds gauge\nmultidb_oldest_unreplicated_seconds {:.3}",
             t.oldest_unreplicated_ms as f64 / 1000.0
         );
-        let counters: [(&str, &str, u64); 11] = [
+        let counters: [(&str, &str, u64); 12] = [
+            (
+                "watch_writes_total",
+                "Writes seen through inotify on watched directories.",
+                self.watch_writes.load(Ordering::Relaxed),
+            ),
             (
                 "syncs_total",
                 "Syncs that uploaded an LTX file.",

@@ -77,6 +77,7 @@ impl Scheduler<'_> {
                     self.ask_rescan();
                 }
             }
+            Event::Fs(event) => self.on_fs_event(event),
         }
     }
 
@@ -209,7 +210,8 @@ impl Scheduler<'_> {
             last_sync_start: None,
             due: Some(now),
             demoting: false,
-            wal_stamp: self.arena.wal(id),
+            // Taken when the first sync is dispatched, which `due: now` makes at once.
+            wal_stamp: WalStamp::NONE,
             last_checkpoint: now,
             last_maintenance_start: now,
             written_since_maintenance: false,
@@ -378,7 +380,6 @@ impl Scheduler<'_> {
         };
         self.metrics.demotions.fetch_add(1, Ordering::Relaxed);
         self.arena.set_tier(id, Tier::Cold);
-        self.arena.set_txid(id, hot.txid);
         self.arena.set_wal(id, stamp);
         if let Err(e) = self
             .store
@@ -388,6 +389,7 @@ impl Scheduler<'_> {
         }
         self.publish(Self::status_of(&hot, Tier::Cold));
         self.cold_entries.push_back((hot.dev, hot.ino));
+        self.remember_echo(id, &hot.path);
         tracing::debug!(db = %hot.path, txid = hot.txid, "demoted to cold");
         if hot.dirty {
             // Written while the demotion ran: back in line.

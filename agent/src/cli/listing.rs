@@ -207,6 +207,11 @@ fn status_text(v: &serde_json::Value) -> String {
         "ring: {} commits read, {} dropped, {} invalid; last scan {} ms",
         v["ring_commits"], t["ring_dropped"], t["ring_invalid"], t["last_scan_ms"]
     );
+    let _ = writeln!(
+        out,
+        "watches: {} directories watched, {} left to scans; {} writes seen through inotify",
+        t["watched_dirs"], t["unwatched_dirs"], v["watch_writes"]
+    );
     let oldest = v["oldest_unreplicated_ms"].as_u64().unwrap_or(0);
     if oldest == 0 {
         let _ = writeln!(out, "replicas: caught up; {} refused", t["refused"]);

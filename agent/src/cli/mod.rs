@@ -203,6 +203,8 @@ pub enum BenchCommand {
     Agent(crate::cli::bench::AgentArgs),
     /// `restore --all` of 2,000 and 10,000 databases beside a loop of `multidb restore`, file and S3
     Fleet(crate::cli::bench::FleetArgs),
+    /// Commit-to-replica of applications without libmultidb: inotify beside scans only
+    NonextLag(crate::cli::bench::NonextArgs),
     /// A writer process for `bench agent`
     #[command(hide = true)]
     AgentWriter(crate::cli::bench::WriterArgs),
@@ -484,6 +486,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Bench(BenchCommand::Fleet(args)) => crate::cli::bench::fleet(args)?,
         Command::Bench(BenchCommand::AgentWriter(args)) => crate::cli::bench::agent_writer(args)?,
         Command::Bench(BenchCommand::Follow(args)) => crate::cli::bench::follow(args)?,
+        Command::Bench(BenchCommand::NonextLag(args)) => crate::cli::bench::nonext(args)?,
         Command::Bench(BenchCommand::Measure { command }) => crate::cli::bench::measure(command)?,
         Command::Bench(BenchCommand::CommitChild(args)) => crate::cli::bench::commit_child(args)?,
         Command::Bench(BenchCommand::Peers(args)) => crate::cli::bench::peers(args)?,

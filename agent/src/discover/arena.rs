@@ -7,6 +7,7 @@
 //! set of array slots (struct of arrays, so no padding) addressed by a stable `u32` id.
 //! Nothing here allocates per database: no `String`, `PathBuf` or `Box`.
 
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 
 use hashbrown::hash_table::HashTable;
@@ -44,6 +45,23 @@ const FLAG_SEEN: u8 = 2;
 const FLAG_HOT: u8 = 4;
 /// Sentinel for "no parent" / "the root's name".
 const NONE: u32 = u32::MAX;
+
+/// Bytes of the per-database arrays (`rec_*`), checked by a test so a widened field shows.
+pub const RECORD_BYTES: usize = 4 + 4 + 4 + 4 + 1;
+
+/// The 32 bits of a `-wal` stamp that change detection needs. A stamp packs the size and the
+/// low 32 bits of the mtime in ns; a commit changes the mtime (and almost always the size), and
+/// both map one-to-one into the result while the other stays, so a write goes unseen only if
+/// both change so as to cancel out (2^-32), and then only until the next write. Zero means
+/// "no `-wal`", as [`WalStamp::NONE`] does.
+fn wal_fingerprint(stamp: WalStamp) -> u32 {
+    let raw = stamp.raw();
+    if raw == 0 {
+        return 0;
+    }
+    let (size, mtime) = ((raw >> 32) as u32, raw as u32);
+    (mtime ^ size.wrapping_mul(0x9E37_79B1)).max(1)
+}
 
 /// Interned names: `[len: u8][bytes]` back to back, addressed by offset. File and directory
 /// names are at most 255 bytes (NAME_MAX), so one length byte is enough.
@@ -163,14 +181,20 @@ pub struct Arena {
     dir_names: Pool,
     dir_index: HashTable<u32>,
     leaves: Pool,
-    // One slot per database id (struct of arrays: 33 bytes, no padding).
+    // One slot per database id (struct of arrays: [`RECORD_BYTES`], no padding).
     rec_dir: Vec<u32>,
     rec_leaf: Vec<u32>,
-    rec_ino: Vec<u64>,
-    rec_wal: Vec<WalStamp>,
-    rec_txid: Vec<u64>,
+    /// The inode's low 32 bits; the few inodes past 2^32 keep their high bits in `ino_high`.
+    rec_ino: Vec<u32>,
+    rec_wal: Vec<u32>,
     rec_flags: Vec<u8>,
-    by_path: HashTable<DbId>,
+    ino_high: HashMap<DbId, u32>,
+    /// Live ids grouped by directory and sorted by name within it, as of the last scan that
+    /// changed the tree: `by_path[dir_first[d]..dir_first[d + 1]]` are directory `d`'s
+    /// databases. 4 bytes per database, where a hash table cost 6.5 to 10.5, and the same table
+    /// answers "which database is `name` in this directory" for inotify events.
+    by_path: Vec<DbId>,
+    dir_first: Vec<u32>,
     /// Live ids sorted by (device, inode); rebuilt when a scan changes inodes.
     by_inode: Vec<DbId>,
     free: Vec<DbId>,
@@ -194,9 +218,10 @@ impl Arena {
             rec_leaf: Vec::new(),
             rec_ino: Vec::new(),
             rec_wal: Vec::new(),
-            rec_txid: Vec::new(),
             rec_flags: Vec::new(),
-            by_path: HashTable::new(),
+            ino_high: HashMap::new(),
+            by_path: Vec::new(),
+            dir_first: Vec::new(),
             by_inode: Vec::new(),
             free: Vec::new(),
             live: 0,
@@ -234,18 +259,21 @@ impl Arena {
             .is_some_and(|f| f & FLAG_LIVE != 0)
     }
 
-    fn path_hash(hasher: &DefaultHashBuilder, dir: u32, name: &[u8]) -> u64 {
-        hasher.hash_one((dir, name))
+    fn leaf_name(&self, id: DbId) -> &[u8] {
+        self.leaves.get(self.rec_leaf[id as usize])
     }
 
-    /// Rehash callback for `by_path`: the key of record `id` as stored.
-    fn record_hash(&self, id: DbId) -> u64 {
-        let i = id as usize;
-        Self::path_hash(
-            &self.leaves.hasher,
-            self.rec_dir[i],
-            self.leaves.get(self.rec_leaf[i]),
-        )
+    fn ino(&self, id: DbId) -> u64 {
+        let high = self.ino_high.get(&id).copied().unwrap_or(0);
+        u64::from(high) << 32 | u64::from(self.rec_ino[id as usize])
+    }
+
+    fn set_ino(&mut self, id: DbId, ino: u64) {
+        self.rec_ino[id as usize] = ino as u32;
+        match (ino >> 32) as u32 {
+            0 => self.ino_high.remove(&id),
+            high => self.ino_high.insert(id, high),
+        };
     }
 
     fn dir_hash(parent: u32, name: u32) -> u64 {
@@ -299,14 +327,16 @@ impl Arena {
         Some(dir)
     }
 
+    /// The record of `name` in `dir` as of the last rebuild of `by_path` (databases a scan
+    /// inserts are found from the end of that scan on; a scan visits each directory once).
     fn find_record(&self, dir: u32, name: &[u8]) -> Option<DbId> {
-        let hash = Self::path_hash(&self.leaves.hasher, dir, name);
-        self.by_path
-            .find(hash, |&id| {
-                let i = id as usize;
-                self.rec_dir[i] == dir && self.leaves.get(self.rec_leaf[i]) == name
-            })
-            .copied()
+        let d = dir as usize;
+        let (start, end) = (*self.dir_first.get(d)?, *self.dir_first.get(d + 1)?);
+        let ids = &self.by_path[start as usize..end as usize];
+        let at = ids
+            .binary_search_by(|&id| self.leaf_name(id).cmp(name))
+            .ok()?;
+        Some(ids[at])
     }
 
     /// Marks every database unseen; the scan that follows marks what it finds.
@@ -336,12 +366,13 @@ impl Arena {
                 Some(id) => {
                     let i = id as usize;
                     self.rec_flags[i] |= FLAG_SEEN;
-                    if self.rec_wal[i] != file.wal || self.rec_ino[i] != file.ino {
-                        if self.rec_ino[i] != file.ino {
+                    let wal = wal_fingerprint(file.wal);
+                    if self.rec_wal[i] != wal || self.ino(id) != file.ino {
+                        if self.ino(id) != file.ino {
                             self.scan_dirty = true;
+                            self.set_ino(id, file.ino);
                         }
-                        self.rec_wal[i] = file.wal;
-                        self.rec_ino[i] = file.ino;
+                        self.rec_wal[i] = wal;
                         diff.changed.push(id);
                     }
                 }
@@ -397,14 +428,13 @@ impl Arena {
     fn insert(&mut self, dir: u32, file: &FoundFile) -> Option<DbId> {
         let leaf = self.leaves.intern(file.name.as_bytes())?;
         let flags = FLAG_LIVE | FLAG_SEEN;
+        let wal = wal_fingerprint(file.wal);
         let id = match self.free.pop() {
             Some(id) => {
                 let i = id as usize;
                 self.rec_dir[i] = dir;
                 self.rec_leaf[i] = leaf;
-                self.rec_ino[i] = file.ino;
-                self.rec_wal[i] = file.wal;
-                self.rec_txid[i] = 0;
+                self.rec_wal[i] = wal;
                 self.rec_flags[i] = flags;
                 id
             }
@@ -414,17 +444,13 @@ impl Arena {
                     .filter(|&id| id != NONE)?;
                 self.rec_dir.push(dir);
                 self.rec_leaf.push(leaf);
-                self.rec_ino.push(file.ino);
-                self.rec_wal.push(file.wal);
-                self.rec_txid.push(0);
+                self.rec_ino.push(0);
+                self.rec_wal.push(wal);
                 self.rec_flags.push(flags);
                 id
             }
         };
-        let hash = Self::path_hash(&self.leaves.hasher, dir, file.name.as_bytes());
-        let mut by_path = std::mem::take(&mut self.by_path);
-        by_path.insert_unique(hash, id, |&r| self.record_hash(r));
-        self.by_path = by_path;
+        self.set_ino(id, file.ino);
         self.live += 1;
         self.scan_dirty = true;
         Some(id)
@@ -450,56 +476,126 @@ impl Arena {
         }
         self.leaves.drop_index();
         if self.scan_dirty {
+            self.rebuild_path_index();
             self.rebuild_inode_index();
             self.shrink();
             self.scan_dirty = false;
         }
     }
 
+    /// Removal leaves `by_path` stale until the rebuild that ends the scan: lookups check
+    /// liveness, and a freed id is reused only by a later scan.
     fn remove(&mut self, id: DbId) {
-        let i = id as usize;
-        let hash = self.record_hash(id);
-        if let Ok(entry) = self.by_path.find_entry(hash, |&r| r == id) {
-            entry.remove();
-        }
-        self.rec_flags[i] = 0;
+        self.rec_flags[id as usize] = 0;
+        self.ino_high.remove(&id);
         self.free.push(id);
         self.live -= 1;
         self.scan_dirty = true;
+    }
+
+    /// Groups live ids by directory (a counting sort: linear, no hashing) and sorts each
+    /// directory's few names.
+    fn rebuild_path_index(&mut self) {
+        let dirs = self.dirs.len();
+        let mut first = std::mem::take(&mut self.dir_first);
+        first.clear();
+        first.resize(dirs + 1, 0);
+        for id in self.ids() {
+            first[self.rec_dir[id as usize] as usize + 1] += 1;
+        }
+        for d in 0..dirs {
+            first[d + 1] += first[d];
+        }
+        let mut next = first.clone();
+        let mut by_path = std::mem::take(&mut self.by_path);
+        by_path.clear();
+        by_path.resize(self.live, 0);
+        for id in self.ids() {
+            let slot = &mut next[self.rec_dir[id as usize] as usize];
+            by_path[*slot as usize] = id;
+            *slot += 1;
+        }
+        drop(next);
+        for d in 0..dirs {
+            let group = &mut by_path[first[d] as usize..first[d + 1] as usize];
+            if group.len() > 1 {
+                group.sort_unstable_by(|&a, &b| self.leaf_name(a).cmp(self.leaf_name(b)));
+            }
+        }
+        self.by_path = by_path;
+        self.dir_first = first;
     }
 
     fn rebuild_inode_index(&mut self) {
         let mut index: Vec<DbId> = std::mem::take(&mut self.by_inode);
         index.clear();
         index.extend(self.ids());
-        index.sort_unstable_by_key(|&id| (self.dev(id), self.rec_ino[id as usize]));
+        index.sort_unstable_by_key(|&id| (self.dev(id), self.ino(id)));
         self.by_inode = index;
     }
 
     /// Gives slack from growth back: a cold host should hold only what it needs.
     fn shrink(&mut self) {
-        fn fit<T>(v: &mut Vec<T>) {
-            if v.capacity() > v.len() + v.len() / 8 + 16 {
-                v.shrink_to_fit();
-            }
-        }
-        fit(&mut self.rec_dir);
-        fit(&mut self.rec_leaf);
-        fit(&mut self.rec_ino);
-        fit(&mut self.rec_wal);
-        fit(&mut self.rec_txid);
-        fit(&mut self.rec_flags);
-        fit(&mut self.by_inode);
-        fit(&mut self.dirs);
+        // Exact: growth by doubling leaves up to half of each array unused, and a scan that
+        // changed the tree is rare enough that the next growth's copy costs nothing.
+        self.rec_dir.shrink_to_fit();
+        self.rec_leaf.shrink_to_fit();
+        self.rec_ino.shrink_to_fit();
+        self.rec_wal.shrink_to_fit();
+        self.rec_flags.shrink_to_fit();
+        self.by_inode.shrink_to_fit();
+        self.by_path.shrink_to_fit();
+        self.dir_first.shrink_to_fit();
+        self.dirs.shrink_to_fit();
+        self.free.shrink_to_fit();
+        self.ino_high.shrink_to_fit();
         self.leaves.shrink();
         self.dir_names.shrink();
-        let mut by_path = std::mem::take(&mut self.by_path);
-        by_path.shrink_to_fit(|&r| self.record_hash(r));
-        self.by_path = by_path;
     }
 
     fn dev(&self, id: DbId) -> u64 {
         self.dirs[self.rec_dir[id as usize] as usize].dev
+    }
+
+    /// The directory ids (below the root) that hold at least one live database, ascending.
+    pub fn leaf_dirs(&self) -> Vec<u32> {
+        let mut has = vec![false; self.dirs.len()];
+        for id in self.ids() {
+            has[self.rec_dir[id as usize] as usize] = true;
+        }
+        (0..self.dirs.len() as u32)
+            .filter(|&d| has[d as usize])
+            .collect()
+    }
+
+    /// The full path of directory `dir` (an id from [`Arena::leaf_dirs`]).
+    pub fn dir_path(&self, dir: u32) -> String {
+        let mut names = Vec::new();
+        let mut at = dir;
+        while at != 0 {
+            let node = self.dirs[at as usize];
+            names.push(std::str::from_utf8(self.dir_names.get(node.name)).unwrap_or(""));
+            at = node.parent;
+        }
+        let mut path = self.root.clone();
+        for name in names.iter().rev() {
+            if !path.is_empty() {
+                path.push('/');
+            }
+            path.push_str(name);
+        }
+        if path.is_empty() {
+            path.push('.');
+        }
+        path
+    }
+
+    /// The database named `name` in directory `dir`, if discovered.
+    pub fn find_in_dir(&self, dir: u32, name: &[u8]) -> Option<DbId> {
+        if dir as usize >= self.dirs.len() {
+            return None;
+        }
+        self.find_record(dir, name).filter(|&id| self.is_live(id))
     }
 
     /// The database at `path`, if discovered.
@@ -523,7 +619,7 @@ impl Arena {
         let key = (dev, ino);
         let at = self
             .by_inode
-            .binary_search_by_key(&key, |&id| (self.dev(id), self.rec_ino[id as usize]))
+            .binary_search_by_key(&key, |&id| (self.dev(id), self.ino(id)))
             .ok()?;
         self.by_inode
             .get(at)
@@ -561,17 +657,24 @@ impl Arena {
     }
 
     pub fn inode(&self, id: DbId) -> (u64, u64) {
-        (self.dev(id), self.rec_ino[id as usize])
+        (self.dev(id), self.ino(id))
     }
 
-    pub fn wal(&self, id: DbId) -> WalStamp {
-        self.rec_wal[id as usize]
+    /// Whether `stamp` is the `-wal` stamp recorded for `id` (up to the fingerprint's
+    /// 32 bits, see [`wal_fingerprint`]).
+    pub fn same_wal(&self, id: DbId, stamp: WalStamp) -> bool {
+        self.rec_wal[id as usize] == wal_fingerprint(stamp)
+    }
+
+    /// Whether `id` had a `-wal` when it was last seen.
+    pub fn has_wal(&self, id: DbId) -> bool {
+        self.rec_wal[id as usize] != 0
     }
 
     /// Records the `-wal` stamp the agent saw when it last replicated `id`, so the next scan
     /// reports a change only for writes after that.
     pub fn set_wal(&mut self, id: DbId, stamp: WalStamp) {
-        self.rec_wal[id as usize] = stamp;
+        self.rec_wal[id as usize] = wal_fingerprint(stamp);
     }
 
     pub fn tier(&self, id: DbId) -> Tier {
@@ -592,15 +695,6 @@ impl Arena {
         }
     }
 
-    /// The last TXID replicated for `id` (0: nothing yet).
-    pub fn txid(&self, id: DbId) -> u64 {
-        self.rec_txid[id as usize]
-    }
-
-    pub fn set_txid(&mut self, id: DbId, txid: u64) {
-        self.rec_txid[id as usize] = txid;
-    }
-
     /// Heap bytes the arena holds, counted from capacities (what the allocator gave us).
     pub fn heap_bytes(&self) -> usize {
         use std::mem::size_of;
@@ -611,11 +705,12 @@ impl Arena {
             + self.leaves.heap_bytes()
             + self.rec_dir.capacity() * 4
             + self.rec_leaf.capacity() * 4
-            + self.rec_ino.capacity() * 8
-            + self.rec_wal.capacity() * size_of::<WalStamp>()
-            + self.rec_txid.capacity() * 8
+            + self.rec_ino.capacity() * 4
+            + self.rec_wal.capacity() * 4
             + self.rec_flags.capacity()
-            + self.by_path.allocation_size()
+            + self.ino_high.capacity() * (size_of::<(DbId, u32)>() + 1)
+            + self.by_path.capacity() * 4
+            + self.dir_first.capacity() * 4
             + self.by_inode.capacity() * 4
             + self.free.capacity() * 4
     }
@@ -644,6 +739,17 @@ mod tests {
         diff
     }
 
+    /// One scan of directories given as owned component lists.
+    fn scan_owned(arena: &mut Arena, dirs: &[(Vec<String>, Vec<FoundFile>)]) {
+        let mut diff = Diff::default();
+        arena.begin_scan();
+        for (c, f) in dirs {
+            let c: Vec<&str> = c.iter().map(String::as_str).collect();
+            arena.visit_dir(&c, 1, f, &mut diff);
+        }
+        arena.end_scan(&[], &mut diff);
+    }
+
     #[test]
     fn rescan_reports_added_removed_changed() {
         let mut a = Arena::new("/data");
@@ -668,7 +774,7 @@ mod tests {
         assert_eq!(a.len(), 2);
         assert_eq!(a.lookup_path("/data/p/t/a.db"), None);
         assert_eq!(a.lookup_inode(7, 3), a.lookup_path("/data/p/t/c.db"));
-        assert_eq!(a.wal(b).size(), Some(4152));
+        assert!(a.same_wal(b, WalStamp::new(4152, 99)));
         // Unchanged rescan: empty diff.
         let mut same = file("b.db", 2);
         same.wal = WalStamp::new(4152, 99);
@@ -707,13 +813,7 @@ mod tests {
                 )
             })
             .collect();
-        let mut diff = Diff::default();
-        a.begin_scan();
-        for (c, f) in &dirs {
-            let c: Vec<&str> = c.iter().map(String::as_str).collect();
-            a.visit_dir(&c, 1, f, &mut diff);
-        }
-        a.end_scan(&[], &mut diff);
+        scan_owned(&mut a, &dirs);
         assert_eq!(a.len(), 100);
         // "acme.db" and "globex.db" once each: 2 + 7 + 9 bytes.
         assert_eq!(a.leaves.bytes.len(), 18);
@@ -729,9 +829,8 @@ mod tests {
         );
         let b = a.lookup_path("b.db").unwrap();
         a.set_tier(b, Tier::Hot);
-        a.set_txid(b, 42);
         scan(&mut a, &[(&[], vec![file("b.db", 2)])], &[]);
-        assert_eq!((a.tier(b), a.txid(b)), (Tier::Hot, 42));
+        assert_eq!(a.tier(b), Tier::Hot);
         let d = scan(
             &mut a,
             &[(&[], vec![file("b.db", 2), file("c.db", 3)])],
@@ -740,6 +839,65 @@ mod tests {
         assert_eq!(d.added, vec![0], "the freed id 0 is reused");
         assert_eq!(a.tier(0), Tier::Cold);
         assert_eq!(a.path(0), "c.db");
+    }
+
+    /// Issue 12, item 3: the per-database arrays stay at [`RECORD_BYTES`], and a tree with
+    /// unique names costs the records, two 4-byte indexes and the name itself.
+    #[test]
+    fn regression_12_a_database_costs_what_the_budget_says() {
+        let a = Arena::new("");
+        fn elem<T>(_: &[T]) -> usize {
+            std::mem::size_of::<T>()
+        }
+        let record = elem(&a.rec_dir)
+            + elem(&a.rec_leaf)
+            + elem(&a.rec_ino)
+            + elem(&a.rec_wal)
+            + elem(&a.rec_flags);
+        assert_eq!(record, RECORD_BYTES);
+        assert_eq!(RECORD_BYTES, 17);
+        assert_eq!(elem(&a.by_path) + elem(&a.by_inode), 8);
+
+        let mut a = Arena::new("/data");
+        let dirs: Vec<(Vec<String>, Vec<FoundFile>)> = (0..200u64)
+            .map(|d| {
+                let files = (0..100u64)
+                    .map(|t| file(&format!("t{:05}.db", d * 100 + t), d * 100 + t))
+                    .collect();
+                (vec!["p".to_string(), format!("b{d:03}")], files)
+            })
+            .collect();
+        scan_owned(&mut a, &dirs);
+        assert_eq!(a.len(), 20_000);
+        let per_db = a.heap_bytes() as f64 / a.len() as f64;
+        // 17 (records) + 8 (indexes) + 10 (a 9-byte name and its length), and the directories.
+        assert!(per_db < 36.0, "{per_db} B per database");
+    }
+
+    #[test]
+    fn inodes_past_32_bits_are_kept_whole() {
+        let mut a = Arena::new("");
+        let big = (7u64 << 32) | 5;
+        scan(
+            &mut a,
+            &[(&[], vec![file("a.db", big), file("b.db", 5)])],
+            &[],
+        );
+        let (ida, idb) = (
+            a.lookup_path("a.db").unwrap(),
+            a.lookup_path("b.db").unwrap(),
+        );
+        assert_eq!(a.inode(ida), (7, big));
+        assert_eq!(a.lookup_inode(7, big), Some(ida));
+        assert_eq!(a.lookup_inode(7, 5), Some(idb));
+        // Replaced by a file with a small inode: the high bits go.
+        scan(
+            &mut a,
+            &[(&[], vec![file("a.db", 9), file("b.db", 5)])],
+            &[],
+        );
+        assert_eq!(a.lookup_inode(7, 9), Some(ida));
+        assert_eq!(a.lookup_inode(7, big), None);
     }
 
     proptest! {

@@ -533,7 +533,7 @@ mod tests {
                 "{root}/p1/databases/u/branches/main/tenants/acme.db"
             ))
             .unwrap();
-        assert_eq!(arena.wal(acme).size(), Some(0));
+        assert!(arena.has_wal(acme));
 
         fs::write(
             tmp.path()
@@ -559,7 +559,9 @@ mod tests {
             )]
         );
         assert_eq!(report.diff.added.len(), 1);
-        assert_eq!(arena.wal(acme).size(), Some(6));
+        let stamp = WalStamp::of_wal(&arena.path(acme));
+        assert_eq!(stamp.size(), Some(6));
+        assert!(arena.same_wal(acme, stamp));
     }
 
     #[test]

@@ -271,7 +271,7 @@ fn finish(writer: Child) -> u64 {
 }
 
 /// Every row of every table, in order: what "equal" means for a restore.
-fn contents(db: &Path) -> BTreeMap<String, Vec<String>> {
+pub(crate) fn contents(db: &Path) -> BTreeMap<String, Vec<String>> {
     let conn =
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap();

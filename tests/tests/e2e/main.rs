@@ -14,3 +14,4 @@ mod replicate;
 mod ring;
 mod s3;
 mod scale;
+mod watch;

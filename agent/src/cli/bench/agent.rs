@@ -101,14 +101,14 @@ pub(super) fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
-struct AgentProcess {
-    child: Child,
-    exe: PathBuf,
-    config: PathBuf,
+pub(super) struct AgentProcess {
+    pub(super) child: Child,
+    pub(super) exe: PathBuf,
+    pub(super) config: PathBuf,
 }
 
 impl AgentProcess {
-    fn status(&self) -> Option<serde_json::Value> {
+    pub(super) fn status(&self) -> Option<serde_json::Value> {
         let out = Command::new(&self.exe)
             .arg("--config")
             .arg(&self.config)
@@ -122,7 +122,7 @@ impl AgentProcess {
             .flatten()
     }
 
-    fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -133,6 +133,30 @@ impl Drop for AgentProcess {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
+}
+
+/// The benchmarks' tree of `databases` empty files below `dir` (10 projects × 10 databases ×
+/// 10 branches × N/1000 tenants), made once and reused: the canonical `dir`, the tree, its
+/// layout.
+pub(super) fn bench_tree(
+    dir: &Path,
+    databases: usize,
+) -> anyhow::Result<(PathBuf, PathBuf, Layout)> {
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.canonicalize()?;
+    let tree = dir.join(format!("tree-{databases}"));
+    let layout = Layout {
+        projects: 10,
+        databases: 10,
+        branches: 10,
+        tenants: databases / 1000,
+    };
+    eprintln!(
+        "preparing {databases} databases under {} ...",
+        tree.display()
+    );
+    generate::generate(&tree, &layout, false)?;
+    Ok((dir, tree, layout))
 }
 
 pub fn agent(args: &AgentArgs) -> anyhow::Result<()> {
@@ -150,21 +174,7 @@ pub fn agent(args: &AgentArgs) -> anyhow::Result<()> {
             extension.display()
         );
     }
-    std::fs::create_dir_all(&args.dir)?;
-    let dir = args.dir.canonicalize()?;
-    let tree = dir.join(format!("tree-{}", args.databases));
-    let layout = Layout {
-        projects: 10,
-        databases: 10,
-        branches: 10,
-        tenants: args.databases / 1000,
-    };
-    eprintln!(
-        "preparing {} databases under {} ...",
-        args.databases,
-        tree.display()
-    );
-    generate::generate(&tree, &layout, false)?;
+    let (dir, tree, _) = bench_tree(&args.dir, args.databases)?;
     for stale in ["state", "replica"] {
         let _ = std::fs::remove_dir_all(dir.join(stale));
     }

@@ -17,12 +17,14 @@ mod agent;
 mod fleet;
 mod follow;
 mod instructions;
+mod nonext;
 mod peers;
 mod replication;
 pub use agent::{agent, writer as agent_writer, AgentArgs, WriterArgs};
 pub use fleet::{fleet, FleetArgs};
 pub use follow::{follow, FollowArgs};
 pub use instructions::{child as commit_child, CommitChildArgs};
+pub use nonext::{nonext, NonextArgs};
 pub use peers::{peers, PeersArgs};
 pub use replication::{replicate, ReplicateArgs};
 
