@@ -170,6 +170,7 @@ fn prepare_file_replicas(config: &Config, size: usize) -> anyhow::Result<Vec<Str
             once: true,
             poll: Duration::from_millis(10),
             max_backoff: Duration::from_secs(1),
+            litestream_compatible: false,
         };
         crate::replicate::run_with(
             Path::new(db),
