@@ -193,8 +193,12 @@ fn restore_all_to_a_directory_equals_every_source_and_a_rerun_skips() {
     // failure, listed by path, and the rest still counts as restored.
     let changed = fleet.restored(&fleet.dbs[1]);
     let conn = rusqlite::Connection::open(&changed).unwrap();
-    conn.execute("INSERT INTO items(name) VALUES ('local change')", [])
-        .unwrap();
+    // Rollback-journal mode, so no `-wal` stays beside the file: `checkpoint.rs` loads
+    // libmultidb into this process, and its hook keeps the WAL for an agent it believes alive.
+    conn.execute_batch(
+        "PRAGMA journal_mode=DELETE; INSERT INTO items(name) VALUES ('local change');",
+    )
+    .unwrap();
     drop(conn);
     let stranger = fleet.restored(&fleet.dbs[2]);
     fs::remove_file(&stranger).unwrap();
