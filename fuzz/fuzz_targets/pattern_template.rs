@@ -77,6 +77,7 @@ fuzz_target!(|data: &[u8]| {
                 region: None,
                 endpoint: None,
                 force_path_style: false,
+                litestream_compatible: false,
             };
             let Ok(url) = replica.url_for(fields) else {
                 continue;
