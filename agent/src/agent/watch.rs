@@ -361,6 +361,11 @@ fn parse_events(mut bytes: &[u8], out: &mut Vec<FsEvent>) {
         // The name is NUL-padded to an alignment boundary.
         let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
         bytes = &bytes[HEADER + len..];
+        // Every commit and every read transaction writes the `-shm`: dropped here, so they
+        // never wake the scheduler (which ignores them).
+        if name.ends_with(b"-shm") || name.ends_with(b"-journal") {
+            continue;
+        }
         if let Some(seen) = out.iter_mut().find(|e| e.wd == header.wd && e.name == name) {
             seen.mask |= header.mask;
             continue;
@@ -513,6 +518,7 @@ mod tests {
         bytes.extend(raw_event(2, libc::IN_CREATE, "b.db"));
         bytes.extend(raw_event(1, libc::IN_MODIFY, "a.db-wal"));
         bytes.extend(raw_event(1, libc::IN_DELETE, "a.db-wal"));
+        bytes.extend(raw_event(1, libc::IN_MODIFY, "a.db-shm"));
         bytes.extend(raw_event(-1, libc::IN_Q_OVERFLOW, ""));
         let mut out = Vec::new();
         parse_events(&bytes, &mut out);
