@@ -35,6 +35,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// `state_dir` when the file does not say, relative to the configuration file's directory.
 pub const DEFAULT_STATE_DIR: &str = "multidb-state";
 
+/// The shortest `lease_ttl`: renewals every third of it must still fit a store's round trip.
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
+
 /// The deepest nesting of YAML collections a configuration may have. The file needs 3
 /// (`multi_db`, `replica_template`, a value); the YAML parser's time grows faster than
 /// linearly with depth (a 100,000-level file took 35 s to refuse), so depth is checked on the
@@ -70,6 +73,7 @@ struct RawMultiDb {
     state_dir: Option<String>,
     addr: Option<String>,
     replica_template: Option<RawReplica>,
+    lease_ttl: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +154,9 @@ pub struct MultiDb {
     /// Prometheus metrics listen address, if any (a bare `:PORT` means loopback).
     pub addr: Option<std::net::SocketAddr>,
     pub replica: Option<ReplicaTemplate>,
+    /// How long a replica location's lease lasts unless renewed (one owner per location
+    /// across hosts).
+    pub lease_ttl: Duration,
 }
 
 /// A validated configuration.
@@ -192,6 +199,7 @@ impl Config {
                 state_dir: PathBuf::from(DEFAULT_STATE_DIR),
                 addr: None,
                 replica: None,
+                lease_ttl: crate::replica::lease::DEFAULT_LEASE_TTL,
             },
         }
     }
@@ -283,6 +291,20 @@ impl Config {
             None => None,
             Some(text) => Some(listen_addr(text).map_err(|msg| at(&["multi_db", "addr"], &msg))?),
         };
+        let lease_ttl = duration(
+            &m.lease_ttl,
+            "lease_ttl",
+            crate::replica::lease::DEFAULT_LEASE_TTL,
+        )?;
+        if lease_ttl < MIN_LEASE_TTL {
+            return Err(at(
+                &["multi_db", "lease_ttl"],
+                &format!(
+                    "must be at least {} s: it is renewed every third of it",
+                    MIN_LEASE_TTL.as_secs()
+                ),
+            ));
+        }
         let replica = match m.replica_template {
             None => None,
             Some(r) => Some(replica_template(r, &pattern, &at)?),
@@ -299,6 +321,7 @@ impl Config {
                 state_dir,
                 addr,
                 replica,
+                lease_ttl,
             },
         })
     }

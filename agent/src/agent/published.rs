@@ -120,6 +120,7 @@ impl Scheduler<'_> {
                 code,
                 message,
                 since: Instant::now(),
+                retry_at: None,
             },
         );
         self.publish(refused_entry(dev, ino, code));

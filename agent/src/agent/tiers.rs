@@ -122,6 +122,7 @@ impl Scheduler<'_> {
                 // A database switched to WAL mode is replicated from its next write.
                 reason::NOT_WAL => true,
                 reason::IDENTITY => refusal.since.elapsed() >= IDENTITY_RETRY,
+                reason::LEASED => refusal.retry_at.is_none_or(|at| Instant::now() >= at),
                 // Collisions and bad locations change only with the tree or the config.
                 _ => false,
             };
@@ -199,6 +200,7 @@ impl Scheduler<'_> {
         let hot = Hot {
             path,
             url,
+            fields,
             dev,
             ino,
             job: JobState::Idle(None),
@@ -260,6 +262,7 @@ impl Scheduler<'_> {
             kind,
             path: PathBuf::from(&hot.path),
             url: hot.url.clone(),
+            fields: hot.fields.clone(),
             replicator: match std::mem::replace(&mut hot.job, JobState::Running) {
                 JobState::Idle(replicator) => replicator,
                 JobState::Running => None, // dispatch_due never picks a running database
@@ -280,6 +283,10 @@ impl Scheduler<'_> {
     pub(super) fn on_done(&mut self, done: Done) {
         if let Some((code, message)) = done.refusal {
             self.refuse(done.id, code, message);
+            if let (Some(after), Some(refusal)) = (done.retry_after, self.refused.get_mut(&done.id))
+            {
+                refusal.retry_at = Some(Instant::now() + after);
+            }
             return;
         }
         if !self.hot.contains_key(&done.id) {
@@ -414,6 +421,7 @@ impl Scheduler<'_> {
             id,
             path: hot.path.clone(),
             url: hot.url.clone(),
+            leases: self.leases.clone(),
         };
         if self.maintenance.send(job).is_err() {
             tracing::error!("the maintenance workers are gone");

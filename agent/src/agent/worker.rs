@@ -8,6 +8,7 @@ use super::*;
 pub(super) struct WorkerContext {
     pub(super) tmp_dir: PathBuf,
     pub(super) store: Arc<StateStore>,
+    pub(super) leases: LeaseKeeper,
 }
 
 impl WorkerContext {
@@ -72,12 +73,20 @@ impl WorkerContext {
         done
     }
 
+    /// Opens the database's replicator, under this agent's lease on its location (taken
+    /// here, before the first write of a promotion; a cold database holds none).
     fn open(&self, job: &Job) -> Result<Replicator, ReplicateError> {
-        let client = job.url.client().map_err(|error| ReplicateError::Replica {
-            db: job.path.display().to_string(),
-            error,
-        })?;
-        Ok(Replicator::open(&job.path, client, &self.tmp_dir)?.with_state(self.store.clone()))
+        let (client, previous) =
+            self.leases
+                .lease(&job.url)
+                .map_err(|error| ReplicateError::Leased {
+                    db: job.path.display().to_string(),
+                    error,
+                })?;
+        Ok(Replicator::open(&job.path, client, &self.tmp_dir)?
+            .with_state(self.store.clone())
+            .with_fields(job.fields.clone())
+            .with_previous_lease(previous))
     }
 }
 
@@ -87,13 +96,17 @@ pub(super) fn maintain(
     tmp_dir: &std::path::Path,
     policy: &crate::replicate::compaction::Policy,
 ) {
-    let run = || match job.url.client() {
-        Ok(client) => crate::replicate::compaction::maintain_logged(
+    // Under the lease like every write: a location another host took over is its to maintain.
+    let run = || match job.leases.lease(&job.url) {
+        Ok((client, _)) => crate::replicate::compaction::maintain_logged(
             client.as_ref(),
             tmp_dir,
             policy,
             &job.path,
         ),
+        Err(LeaseError::Held { .. }) => {
+            tracing::debug!(db = %job.path, "maintenance skipped: another host holds the replica's lease")
+        }
         Err(e) => tracing::warn!(db = %job.path, error = %e, "compaction or retention failed"),
     };
     if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {

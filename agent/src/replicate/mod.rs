@@ -87,6 +87,12 @@ pub enum ReplicateError {
         location: String,
         holder: String,
     },
+    /// Another host holds the replica location's lease: it replicates this tenant now.
+    #[error("{db}: {error}")]
+    Leased {
+        db: String,
+        error: crate::replica::lease::LeaseError,
+    },
     /// The file at the database's path is not the one this replicator opened (deleted,
     /// recreated or replaced by `mv`): its history ends here.
     #[error("{db}: the database file was replaced or removed at its path")]
@@ -170,6 +176,13 @@ pub struct Replicator {
     file_id: (u64, u64),
     /// Whether the replica's identity was found to name this database (or was created).
     identity_checked: bool,
+    /// The fields the pattern captured from the path, recorded in the identity object: the
+    /// same fields under another path are this tenant moved.
+    fields: Option<crate::discover::pattern::Fields>,
+    /// Whether a position saved in the state directory may be resumed from: not when another
+    /// host wrote the replica since (its lease was another's, or the identity named another
+    /// path), since the replica may have moved past it.
+    trust_saved: bool,
 }
 
 impl Drop for Replicator {
@@ -237,6 +250,8 @@ impl Replicator {
             store: None,
             file_id: before,
             identity_checked: false,
+            fields: None,
+            trust_saved: true,
         })
     }
 
@@ -261,6 +276,20 @@ impl Replicator {
         store: std::sync::Arc<crate::replicate::state::StateStore>,
     ) -> Replicator {
         self.store = Some(store);
+        self
+    }
+
+    /// Records the database's pattern fields in the identity object it creates, and accepts
+    /// an identity with the same fields under another path as this tenant moved here.
+    pub fn with_fields(mut self, fields: crate::discover::pattern::Fields) -> Replicator {
+        self.fields = Some(fields);
+        self
+    }
+
+    /// Tells the replicator what the lease it writes under said before it was taken: when
+    /// another host held it, the saved position is not resumed from (the replica decides).
+    pub fn with_previous_lease(mut self, previous: crate::replica::lease::Previous) -> Replicator {
+        self.trust_saved = previous != crate::replica::lease::Previous::Foreign;
         self
     }
 
