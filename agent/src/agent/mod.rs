@@ -542,6 +542,9 @@ struct Refusal {
     since: Instant,
     /// Not looked at again before this (a lease refusal: when the lease may have ended).
     retry_at: Option<Instant>,
+    /// A write that came before `retry_at` (its time, ns): promoted once `retry_at` passes,
+    /// so a tenant handed over between two writes is not left waiting for a third.
+    deferred_ns: Option<u64>,
 }
 
 /// Whether the database file or its `-wal` was modified at or after `since_ns`.

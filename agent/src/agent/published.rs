@@ -121,6 +121,7 @@ impl Scheduler<'_> {
                 message,
                 since: Instant::now(),
                 retry_at: None,
+                deferred_ns: None,
             },
         );
         self.publish(refused_entry(dev, ino, code));

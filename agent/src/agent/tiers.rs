@@ -117,7 +117,10 @@ impl Scheduler<'_> {
     }
 
     pub(super) fn request_promotion(&mut self, id: DbId, time_ns: u64) {
-        if let Some(refusal) = self.refused.get(&id) {
+        if let Some(refusal) = self.refused.get_mut(&id) {
+            if refusal.code == reason::LEASED && refusal.deferred_ns.is_none() {
+                refusal.deferred_ns = Some(time_ns.max(1));
+            }
             let retry = match refusal.code {
                 // A database switched to WAL mode is replicated from its next write.
                 reason::NOT_WAL => true,

@@ -7,6 +7,7 @@ mod cli;
 mod extension;
 mod hostile;
 mod integrity;
+mod lease;
 mod litestream;
 mod replicate;
 mod ring;
