@@ -76,6 +76,7 @@ impl WorkerContext {
     /// Opens the database's replicator, under this agent's lease on its location (taken
     /// here, before the first write of a promotion; a cold database holds none).
     fn open(&self, job: &Job) -> Result<Replicator, ReplicateError> {
+        refuse_another_identity(job)?;
         let (client, previous) =
             self.leases
                 .lease(&job.url)
@@ -87,6 +88,29 @@ impl WorkerContext {
             .with_state(self.store.clone())
             .with_fields(job.fields.clone())
             .with_previous_lease(previous))
+    }
+}
+
+/// Refuses, before taking its lease, a location whose identity names another database: a
+/// location that is not this database's gets nothing from it, not even a lease object. (The
+/// replicator checks again under the lease, where it also takes over a moved tenant's.)
+fn refuse_another_identity(job: &Job) -> Result<(), ReplicateError> {
+    let db = job.path.display().to_string();
+    let replica_err = |error| ReplicateError::Replica {
+        db: db.clone(),
+        error,
+    };
+    let client = job.url.client().map_err(replica_err)?;
+    let Some(bytes) = client.read_identity().map_err(replica_err)? else {
+        return Ok(());
+    };
+    match crate::replica::identity_match(&bytes, &db, Some(&job.fields)) {
+        crate::replica::IdentityMatch::Other { holder } => Err(ReplicateError::Identity {
+            db: db.clone(),
+            location: client.url(),
+            holder,
+        }),
+        _ => Ok(()),
     }
 }
 
