@@ -630,6 +630,14 @@ multi_db:
         let c = Config::load(&file, None).unwrap().multi_db;
         assert_eq!(c.sync_interval, Duration::from_millis(200));
         assert_eq!(c.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.lease_ttl, crate::replica::lease::DEFAULT_LEASE_TTL);
+        let short = Config::parse(
+            "multi_db:\n  discovery_pattern: \"/d/*.db\"\n  lease_ttl: 2s\n",
+            "t",
+            None,
+        )
+        .unwrap();
+        assert_eq!(short.multi_db.lease_ttl, Duration::from_secs(2));
         assert_eq!(c.policy.retention, Duration::from_secs(3600));
         assert_eq!(c.state_dir, dir.path().join("st"));
         assert_eq!(c.addr, Some("127.0.0.1:9464".parse().unwrap()));
@@ -794,7 +802,7 @@ multi_db:
             ),
             (
                 "  max_actve: 3\n",
-                "multidb.yml:3:3: multi_db: unknown field `max_actve`, expected one of `discovery_pattern`, `max_active`, `scan_interval`, `sync_interval`, `idle_timeout`, `snapshot_interval`, `retention`, `state_dir`, `addr`, `replica_template`",
+                "multidb.yml:3:3: multi_db: unknown field `max_actve`, expected one of `discovery_pattern`, `max_active`, `scan_interval`, `sync_interval`, `idle_timeout`, `snapshot_interval`, `retention`, `state_dir`, `addr`, `replica_template`, `lease_ttl`",
             ),
             (
                 "  replica_template:\n    type: s3\n    path: \"{{project}}/{{tenant}}\"\n    bucket: b\n",
@@ -802,6 +810,10 @@ multi_db:
             ),
             ("  idle_timeout: 0ms\n", "multidb.yml:3:3: multi_db.idle_timeout: `0ms` must be longer than zero"),
             ("  sync_interval: 1\n", "multidb.yml:3:3: multi_db.sync_interval: needs a unit, as in `30s`, `5m` or `1h`"),
+            (
+                "  lease_ttl: 500ms\n",
+                "multidb.yml:3:3: multi_db.lease_ttl: must be at least 1 s: it is renewed every third of it",
+            ),
             (
                 "  addr: everywhere\n",
                 "multidb.yml:3:3: multi_db.addr: `everywhere` is not a listen address such as `127.0.0.1:9090` or `:9090`",

@@ -352,6 +352,66 @@ mod tests {
     }
 
     #[test]
+    fn a_moved_tenant_is_recognised_by_its_fields_and_another_database_is_not() {
+        let fields = |tenant: &str| {
+            crate::discover::pattern::Fields(vec![
+                ("project".into(), "p1".into()),
+                ("tenant".into(), tenant.into()),
+            ])
+        };
+        let identity = identity_json("/host-a/p1/acme.db", Some(&fields("acme")));
+        let acme = fields("acme");
+        assert_eq!(
+            identity_match(&identity, "/host-a/p1/acme.db", Some(&acme)),
+            IdentityMatch::Same
+        );
+        assert_eq!(
+            identity_match(&identity, "/host-b/p1/acme.db", Some(&acme)),
+            IdentityMatch::Moved {
+                from: "/host-a/p1/acme.db".into()
+            }
+        );
+        for (db, fields) in [
+            ("/host-b/p1/globex.db", Some(fields("globex"))),
+            ("/host-b/p1/acme.db", None),
+        ] {
+            assert!(
+                matches!(
+                    identity_match(&identity, db, fields.as_ref()),
+                    IdentityMatch::Other { .. }
+                ),
+                "{db}"
+            );
+        }
+        // An identity without fields (issue 9's, or `multidb replicate`'s) names a path only.
+        let bare = identity_json("/host-a/p1/acme.db", None);
+        assert!(matches!(
+            identity_match(&bare, "/host-b/p1/acme.db", Some(&acme)),
+            IdentityMatch::Other { .. }
+        ));
+    }
+
+    #[test]
+    fn a_released_identity_is_taken_over_by_any_database() {
+        let tmp = tempfile::tempdir().unwrap();
+        let replica = file::FileReplica::new(tmp.path().join("r"));
+        assert_eq!(release_identity(&replica).unwrap(), None);
+        assert!(replica
+            .create_identity(&identity_json("/a/acme.db", None))
+            .unwrap());
+        assert_eq!(
+            release_identity(&replica).unwrap().as_deref(),
+            Some("/a/acme.db")
+        );
+        assert_eq!(release_identity(&replica).unwrap(), None, "once");
+        let bytes = replica.read_identity().unwrap().unwrap();
+        assert!(matches!(
+            identity_match(&bytes, "/b/other.db", None),
+            IdentityMatch::Moved { .. }
+        ));
+    }
+
+    #[test]
     fn urls_parse() {
         assert_eq!(
             ReplicaUrl::parse("file:///b/app").unwrap(),
