@@ -183,8 +183,12 @@ impl Done {
             }
             ReplicateError::Replaced { .. } => self.replaced = true,
             ReplicateError::Leased { error, .. } => {
-                let transient =
-                    matches!(error, LeaseError::Replica(_) | LeaseError::Contended { .. });
+                let transient = matches!(
+                    error,
+                    LeaseError::Replica(_)
+                        | LeaseError::Contended { .. }
+                        | LeaseError::Stopped { .. }
+                );
                 if !transient {
                     self.refusal = Some((reason::LEASED, e.to_string()));
                     self.retry_after = Some(

@@ -128,7 +128,7 @@ pub(super) fn maintain(
             policy,
             &job.path,
         ),
-        Err(LeaseError::Held { .. }) => {
+        Err(LeaseError::Held { .. } | LeaseError::Stopped { .. }) => {
             tracing::debug!(db = %job.path, "maintenance skipped: another host holds the replica's lease")
         }
         Err(e) => tracing::warn!(db = %job.path, error = %e, "compaction or retention failed"),

@@ -63,12 +63,13 @@ pub struct Holder {
 }
 
 impl Holder {
-    /// This process, with the host id kept in `state_dir` (created once, 0600), or a fresh id
-    /// for this run when there is no state directory.
+    /// This process, with the host id kept in `state_dir` (created once, 0600), or the
+    /// machine's id when there is no state directory (`multidb replicate` without one: a run
+    /// killed on this machine does not lock the next run out for a TTL).
     pub fn of_process(state_dir: Option<&Path>) -> std::io::Result<Holder> {
         let host_id = match state_dir {
             Some(dir) => host_id(dir)?,
-            None => random_hex()?,
+            None => machine_id(),
         };
         Ok(Holder {
             host_id,
@@ -89,6 +90,21 @@ pub fn hostname() -> String {
 fn process_start_ms() -> i64 {
     static STARTED: OnceLock<i64> = OnceLock::new();
     *STARTED.get_or_init(|| crate::ltx::unix_millis(SystemTime::now()))
+}
+
+/// `/etc/machine-id` (systemd's stable random id), or one derived from the host name.
+fn machine_id() -> String {
+    let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let id = id.trim();
+    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return id.to_ascii_lowercase();
+    }
+    let name = hostname();
+    format!(
+        "{:016x}{:016x}",
+        crate::ltx::checksum_page(1, name.as_bytes()),
+        crate::ltx::checksum_page(2, name.as_bytes())
+    )
 }
 
 fn random_hex() -> std::io::Result<String> {
@@ -231,6 +247,9 @@ pub enum LeaseError {
     Unreadable { location: String, why: String },
     #[error("{location}: the lease keeps changing under this writer")]
     Contended { location: String },
+    /// The process is stopping and has released its leases: nothing more is written.
+    #[error("{location}: not leased: stopping")]
+    Stopped { location: String },
     #[error(transparent)]
     Replica(#[from] ReplicaError),
 }
@@ -470,6 +489,9 @@ struct KeeperInner {
     held: Mutex<HashMap<String, Arc<Lease>>>,
     /// Serialises taking the lease of one location (by a hash of its URL).
     acquiring: Vec<Mutex<()>>,
+    /// Held through each pass of the renewal thread, so that [`LeaseKeeper::release_all`]
+    /// waits for a release in flight instead of exiting under it.
+    pass: Mutex<()>,
     stop: AtomicBool,
 }
 
@@ -489,6 +511,7 @@ impl LeaseKeeper {
             ttl,
             held: Mutex::new(HashMap::new()),
             acquiring: (0..ACQUIRE_STRIPES).map(|_| Mutex::new(())).collect(),
+            pass: Mutex::new(()),
             stop: AtomicBool::new(false),
         });
         let keeper = LeaseKeeper { inner };
@@ -526,6 +549,11 @@ impl LeaseKeeper {
         // location for the remote part, the map's lock only around the map.
         let stripe = &self.inner.acquiring[stripe_of(&key)];
         let _one_at_a_time = stripe.lock().unwrap_or_else(|e| e.into_inner());
+        // After `release_all` a late writer (a maintenance pass still running) must not take
+        // the lease back and leave it live behind the process.
+        if self.inner.stop.load(Ordering::Acquire) {
+            return Err(LeaseError::Stopped { location: key });
+        }
         if let Some(lease) = self.held().get(&key).filter(|l| !l.lost()) {
             return Ok((Box::new(Leased::new(client, lease.clone())), Previous::Ours));
         }
@@ -542,6 +570,10 @@ impl LeaseKeeper {
 
     /// One pass: renew what is due, release what no writer holds, forget what was lost.
     fn look_after(&self) {
+        let _pass = self.inner.pass.lock().unwrap_or_else(|e| e.into_inner());
+        if self.inner.stop.load(Ordering::Acquire) {
+            return;
+        }
         let mut idle = Vec::new();
         let mut due = Vec::new();
         {
@@ -582,6 +614,7 @@ impl LeaseKeeper {
     /// Releases every lease (at a clean stop) and ends the renewal thread.
     pub fn release_all(&self) {
         self.inner.stop.store(true, Ordering::Release);
+        let _pass = self.inner.pass.lock().unwrap_or_else(|e| e.into_inner());
         let leases: Vec<Arc<Lease>> = self.held().drain().map(|(_, l)| l).collect();
         for lease in leases {
             if let Err(e) = lease.release() {

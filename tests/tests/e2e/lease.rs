@@ -17,7 +17,7 @@ use multidb_tests::s3server::{S3Server, BUCKET};
 use multidb_tests::{extension, multidb, multidb_bin, run, Run};
 
 /// The lease TTL of these tests: short, so a killed holder's lease ends within seconds.
-const TTL: &str = "2s";
+const TTL: &str = "3s";
 /// The tenant both hosts have, below their own data roots.
 const TENANT: &str = "p1/databases/userdb/branches/main/tenants/acme.db";
 const TEMPLATE: &str = "{{project}}/{{database}}/{{branch}}/{{tenant}}";
