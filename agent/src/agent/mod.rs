@@ -546,8 +546,9 @@ struct Refusal {
     since: Instant,
     /// Not looked at again before this (a lease refusal: when the lease may have ended).
     retry_at: Option<Instant>,
-    /// A write that came before `retry_at` (its time, ns): promoted once `retry_at` passes,
-    /// so a tenant handed over between two writes is not left waiting for a third.
+    /// The oldest commit not in the replica (ns) of a database refused for a lease: promoted
+    /// again once `retry_at` passes, so commits made while another host held the lease are
+    /// replicated when it ends, with or without another write.
     deferred_ns: Option<u64>,
 }
 

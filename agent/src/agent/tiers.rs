@@ -285,10 +285,18 @@ impl Scheduler<'_> {
 
     pub(super) fn on_done(&mut self, done: Done) {
         if let Some((code, message)) = done.refusal {
+            let pending = self
+                .hot
+                .get(&done.id)
+                .map(|h| oldest_ns([h.pending_since_ns, h.in_flight_since_ns]))
+                .filter(|&ns| ns != 0);
             self.refuse(done.id, code, message);
             if let (Some(after), Some(refusal)) = (done.retry_after, self.refused.get_mut(&done.id))
             {
                 refusal.retry_at = Some(Instant::now() + after);
+                // Commits not in the replica yet: looked at again when the lease may have
+                // ended, without waiting for another write (there may be none).
+                refusal.deferred_ns = Some(pending.unwrap_or_else(layout::now_ns));
             }
             return;
         }

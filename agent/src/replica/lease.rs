@@ -34,6 +34,14 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 /// agents on one machine with two state directories are two hosts.
 pub const HOST_ID_FILE: &str = "host-id";
 
+/// A lease no writer holds is released after this long: a database demoted and promoted
+/// again at once (or a maintenance pass right after a demotion) keeps it without a request.
+const IDLE_RELEASE_AFTER: Duration = Duration::from_secs(1);
+
+/// Longest time one keeper pass spends releasing, so renewals are never far behind (a
+/// release on a busy disk costs two fsyncs).
+const RELEASE_BUDGET: Duration = Duration::from_millis(250);
+
 /// How often the keeper looks at its leases, at most: renewals are due every third of the TTL
 /// and a failed one is tried again at the next look.
 const KEEPER_TICK_MAX: Duration = Duration::from_secs(1);
@@ -280,6 +288,8 @@ pub struct Lease {
     /// When the last successful renewal was sent ([`mono_ns`]).
     renewed_ns: AtomicU64,
     lost: AtomicBool,
+    /// Since when no writer holds it ([`mono_ns`]; 0 while one does), for the keeper.
+    idle_since_ns: AtomicU64,
 }
 
 impl Lease {
@@ -327,6 +337,7 @@ impl Lease {
                     tag: Mutex::new(tag),
                     renewed_ns: AtomicU64::new(sent),
                     lost: AtomicBool::new(false),
+                    idle_since_ns: AtomicU64::new(0),
                 };
                 return Ok((lease, previous));
             }
@@ -568,35 +579,34 @@ impl LeaseKeeper {
         self.inner.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// One pass: renew what is due, release what no writer holds, forget what was lost.
+    /// One pass: forget what was lost, renew what is due, then release what no writer has
+    /// held for [`IDLE_RELEASE_AFTER`], for at most [`RELEASE_BUDGET`]: a late renewal stops
+    /// writes, a late release only keeps another host waiting a little.
     fn look_after(&self) {
         let _pass = self.inner.pass.lock().unwrap_or_else(|e| e.into_inner());
         if self.inner.stop.load(Ordering::Acquire) {
             return;
         }
+        let now = mono_ns();
         let mut idle = Vec::new();
         let mut due = Vec::new();
         {
             let mut held = self.held();
-            held.retain(|_, lease| {
-                if lease.lost() {
-                    return false;
-                }
+            held.retain(|_, lease| !lease.lost());
+            for (key, lease) in held.iter() {
                 if Arc::strong_count(lease) == 1 {
-                    idle.push(lease.clone());
-                    return false;
+                    let since = lease.idle_since_ns.load(Ordering::Acquire);
+                    if since == 0 {
+                        lease.idle_since_ns.store(now, Ordering::Release);
+                    } else if Duration::from_nanos(now.saturating_sub(since)) >= IDLE_RELEASE_AFTER
+                    {
+                        idle.push(key.clone());
+                    }
+                } else {
+                    lease.idle_since_ns.store(0, Ordering::Release);
                 }
                 if lease.renew_due() {
                     due.push(lease.clone());
-                }
-                true
-            });
-        }
-        for lease in idle {
-            match lease.release() {
-                Ok(()) => tracing::debug!(replica = %lease.location(), "lease released"),
-                Err(e) => {
-                    tracing::warn!(replica = %lease.location(), error = %e, "releasing a lease failed; it expires on its own")
                 }
             }
         }
@@ -606,6 +616,30 @@ impl LeaseKeeper {
                     tracing::error!(replica = %lease.location(), error = %e, "lease lost: another writer took the location; this agent stops writing it");
                 } else {
                     tracing::warn!(replica = %lease.location(), error = %e, "renewing a lease failed; trying again");
+                }
+            }
+        }
+        let budget_end = Instant::now() + RELEASE_BUDGET;
+        for key in idle {
+            if Instant::now() >= budget_end {
+                break; // the rest at the next pass
+            }
+            let lease = {
+                let mut held = self.held();
+                match held.get(&key) {
+                    Some(lease) if Arc::strong_count(lease) == 1 => held.remove(&key),
+                    _ => None,
+                }
+            };
+            let Some(lease) = lease else { continue };
+            match lease.release() {
+                Ok(()) => tracing::debug!(replica = %lease.location(), "lease released"),
+                // Taken again by a writer of this process meanwhile: it is that writer's now.
+                Err(e @ LeaseError::Contended { .. }) => {
+                    tracing::debug!(replica = %lease.location(), error = %e, "lease not released: taken again")
+                }
+                Err(e) => {
+                    tracing::warn!(replica = %lease.location(), error = %e, "releasing a lease failed; it expires on its own")
                 }
             }
         }
