@@ -104,6 +104,10 @@ fn refuse_another_identity(job: &Job) -> Result<(), ReplicateError> {
     let Some(bytes) = client.read_identity().map_err(replica_err)? else {
         return Ok(());
     };
+    if crate::replica::identity_database(&bytes).is_err() {
+        // Unreadable (or cut short by a failing link): the replicator's own check decides.
+        return Ok(());
+    }
     match crate::replica::identity_match(&bytes, &db, Some(&job.fields)) {
         crate::replica::IdentityMatch::Other { holder } => Err(ReplicateError::Identity {
             db: db.clone(),

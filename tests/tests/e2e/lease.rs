@@ -123,6 +123,8 @@ impl Host {
             .env("MULTIDB_RING", &self.ring)
             .arg("-bail")
             .arg(&self.db)
+            // The agent's connection may hold a lock for a moment (a checkpoint, a snapshot).
+            .arg(".timeout 5000")
             .arg(format!(".load {}", extension().display()))
             .arg(format!(
                 "INSERT INTO t(v) VALUES ('{v}'); SELECT multidb_wait({timeout_ms}); SELECT multidb_status();"
