@@ -35,6 +35,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// `state_dir` when the file does not say, relative to the configuration file's directory.
 pub const DEFAULT_STATE_DIR: &str = "multidb-state";
 
+/// The shortest `lease_ttl`: renewals every third of it must still fit a store's round trip.
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
+
 /// The deepest nesting of YAML collections a configuration may have. The file needs 3
 /// (`multi_db`, `replica_template`, a value); the YAML parser's time grows faster than
 /// linearly with depth (a 100,000-level file took 35 s to refuse), so depth is checked on the
@@ -72,6 +75,7 @@ struct RawMultiDb {
     replica_template: Option<RawReplica>,
     watch: Option<Value>,
     max_watches: Option<Value>,
+    lease_ttl: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,6 +165,9 @@ pub struct MultiDb {
     pub watch: bool,
     /// At most this many inotify watches (directories) for this agent; the rest are scanned.
     pub max_watches: Option<u64>,
+    /// How long a replica location's lease lasts unless renewed (one owner per location
+    /// across hosts).
+    pub lease_ttl: Duration,
 }
 
 /// A validated configuration.
@@ -205,6 +212,7 @@ impl Config {
                 replica: None,
                 watch: true,
                 max_watches: None,
+                lease_ttl: crate::replica::lease::DEFAULT_LEASE_TTL,
             },
         }
     }
@@ -296,6 +304,20 @@ impl Config {
             None => None,
             Some(text) => Some(listen_addr(text).map_err(|msg| at(&["multi_db", "addr"], &msg))?),
         };
+        let lease_ttl = duration(
+            &m.lease_ttl,
+            "lease_ttl",
+            crate::replica::lease::DEFAULT_LEASE_TTL,
+        )?;
+        if lease_ttl < MIN_LEASE_TTL {
+            return Err(at(
+                &["multi_db", "lease_ttl"],
+                &format!(
+                    "must be at least {} s: it is renewed every third of it",
+                    MIN_LEASE_TTL.as_secs()
+                ),
+            ));
+        }
         let replica = match m.replica_template {
             None => None,
             Some(r) => Some(replica_template(r, &pattern, &at)?),
@@ -329,6 +351,7 @@ impl Config {
                 replica,
                 watch,
                 max_watches,
+                lease_ttl,
             },
         })
     }
@@ -640,6 +663,14 @@ multi_db:
         assert_eq!(c.idle_timeout, Duration::from_secs(5));
         assert!(c.watch, "inotify is on by default");
         assert_eq!(c.max_watches, None);
+        assert_eq!(c.lease_ttl, crate::replica::lease::DEFAULT_LEASE_TTL);
+        let short = Config::parse(
+            "multi_db:\n  discovery_pattern: \"/d/*.db\"\n  lease_ttl: 2s\n",
+            "t",
+            None,
+        )
+        .unwrap();
+        assert_eq!(short.multi_db.lease_ttl, Duration::from_secs(2));
         assert_eq!(c.policy.retention, Duration::from_secs(3600));
         assert_eq!(c.state_dir, dir.path().join("st"));
         assert_eq!(c.addr, Some("127.0.0.1:9464".parse().unwrap()));
@@ -804,7 +835,7 @@ multi_db:
             ),
             (
                 "  max_actve: 3\n",
-                "multidb.yml:3:3: multi_db: unknown field `max_actve`, expected one of `discovery_pattern`, `max_active`, `scan_interval`, `sync_interval`, `idle_timeout`, `snapshot_interval`, `retention`, `state_dir`, `addr`, `replica_template`, `watch`, `max_watches`",
+                "multidb.yml:3:3: multi_db: unknown field `max_actve`, expected one of `discovery_pattern`, `max_active`, `scan_interval`, `sync_interval`, `idle_timeout`, `snapshot_interval`, `retention`, `state_dir`, `addr`, `replica_template`, `watch`, `max_watches`, `lease_ttl`",
             ),
             (
                 "  replica_template:\n    type: s3\n    path: \"{{project}}/{{tenant}}\"\n    bucket: b\n",
@@ -812,6 +843,10 @@ multi_db:
             ),
             ("  idle_timeout: 0ms\n", "multidb.yml:3:3: multi_db.idle_timeout: `0ms` must be longer than zero"),
             ("  sync_interval: 1\n", "multidb.yml:3:3: multi_db.sync_interval: needs a unit, as in `30s`, `5m` or `1h`"),
+            (
+                "  lease_ttl: 500ms\n",
+                "multidb.yml:3:3: multi_db.lease_ttl: must be at least 1 s: it is renewed every third of it",
+            ),
             (
                 "  addr: everywhere\n",
                 "multidb.yml:3:3: multi_db.addr: `everywhere` is not a listen address such as `127.0.0.1:9090` or `:9090`",

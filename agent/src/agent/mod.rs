@@ -38,6 +38,8 @@ use crate::agent::ring::RingFile;
 use crate::agent::status::{Metrics, Tiers};
 use crate::config::Config;
 use crate::discover::arena::{Arena, DbId, Tier, WalStamp};
+use crate::discover::pattern::Fields;
+use crate::replica::lease::{Holder, LeaseError, LeaseKeeper};
 use crate::replica::ReplicaUrl;
 use crate::replicate::state::{StateStore, HOT_STAMP};
 use crate::replicate::{
@@ -58,6 +60,10 @@ pub const LAG_WARNING: Duration = Duration::from_secs(60);
 /// A database refused because its replica holds another database is tried again after
 /// this long (the user may have fixed the location), not at every write.
 const IDENTITY_RETRY: Duration = Duration::from_secs(60);
+/// A database refused because another host holds its replica's lease is looked at again
+/// after the lease's remaining time, but at most this long after (a holder that stops
+/// cleanly releases early) and only at its next write: one lease read per write spell.
+const LEASE_RECHECK: Duration = Duration::from_secs(5);
 /// How long SIGTERM waits for the final syncs before exiting anyway.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The scheduler's longest sleep: how often gauges and idle demotions are looked at.
@@ -123,6 +129,7 @@ struct Job {
     kind: JobKind,
     path: PathBuf,
     url: ReplicaUrl,
+    fields: Fields,
     replicator: Option<Replicator>,
     checkpoint_due: bool,
     started_ns: u64,
@@ -133,6 +140,7 @@ struct MaintenanceJob {
     id: DbId,
     path: String,
     url: ReplicaUrl,
+    leases: LeaseKeeper,
 }
 
 struct Done {
@@ -151,6 +159,8 @@ struct Done {
     refusal: Option<(u32, String)>,
     /// The file at the path is not the one the job's replicator had open.
     replaced: bool,
+    /// With a refusal: when to look again at the earliest (another host's lease expires).
+    retry_after: Option<Duration>,
     /// (device, inode) of the file the replicator reads.
     file_id: Option<(u64, u64)>,
 }
@@ -169,6 +179,7 @@ impl Done {
             txid: 0,
             refusal: None,
             replaced: false,
+            retry_after: None,
             file_id: None,
         }
     }
@@ -182,6 +193,32 @@ impl Done {
                 self.refusal = Some((reason::IDENTITY, e.to_string()))
             }
             ReplicateError::Replaced { .. } => self.replaced = true,
+            ReplicateError::Leased { error, .. } => {
+                let transient = matches!(
+                    error,
+                    LeaseError::Replica(_)
+                        | LeaseError::Contended { .. }
+                        | LeaseError::Stopped { .. }
+                );
+                if !transient {
+                    self.refusal = Some((reason::LEASED, e.to_string()));
+                    self.retry_after = Some(
+                        error
+                            .remaining()
+                            .unwrap_or(LEASE_RECHECK)
+                            .min(LEASE_RECHECK),
+                    );
+                }
+            }
+            ReplicateError::Replica {
+                error: crate::replica::ReplicaError::LeaseLost { .. },
+                ..
+            } => {
+                // The replicator goes with its lost lease; the next write asks for the lease
+                // again, which another host holds now or which this one takes back.
+                self.refusal = Some((reason::LEASED, e.to_string()));
+                self.retry_after = Some(Duration::ZERO);
+            }
             _ => {}
         }
     }
@@ -208,6 +245,7 @@ impl JobState {
 struct Hot {
     path: String,
     url: ReplicaUrl,
+    fields: Fields,
     dev: u64,
     ino: u64,
     /// Whether a worker has the database now; while it is idle, its open replicator.
@@ -292,6 +330,12 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> Result<(), AgentError> {
         crate::agent::status::serve_metrics(addr, metrics.clone())
             .map_err(io_error(format!("serving metrics on {addr}")))?;
     }
+    let me = Holder::of_process(Some(&multi.state_dir)).map_err(io_error(format!(
+        "host id in {}",
+        multi.state_dir.display()
+    )))?;
+    let leases =
+        LeaseKeeper::start(me, multi.lease_ttl).map_err(io_error("starting the lease keeper"))?;
     let tmp_dir = multi.state_dir.join("tmp");
     // Leftovers of a killed agent: never renamed into a replica, so never needed.
     let _ = std::fs::remove_dir_all(&tmp_dir);
@@ -351,6 +395,7 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> Result<(), AgentError> {
             tmp_dir: tmp_dir.clone(),
             store: store.clone(),
             litestream_compatible: template.litestream_compatible,
+            leases: leases.clone(),
         };
         workers.push(
             std::thread::Builder::new()
@@ -398,6 +443,7 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> Result<(), AgentError> {
         ring_tx,
         ring_warned: false,
         refused: HashMap::new(),
+        leases: leases.clone(),
         maintenance: maintenance_tx,
         maintaining: HashSet::new(),
         lag_warned: false,
@@ -419,6 +465,8 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     scheduler.recover(watch_start_ns, options.baseline)?;
     scheduler.main_loop(&event_rx, &done_rx, &maintained_rx, options.stop.as_ref());
     let unsynced = scheduler.shut_down(&done_rx);
+    // Handed over now, not at expiry: a tenant moving hosts goes on at once.
+    leases.release_all();
     reader_stop.store(true, Ordering::Relaxed);
     drop(scheduler);
     // A reader blocked on a full queue returns when its send fails.
@@ -510,6 +558,8 @@ struct Scheduler<'a> {
     /// Databases under the pattern that are not replicated: a [`reason`] code, the message,
     /// and when it was decided.
     refused: HashMap<DbId, Refusal>,
+    /// This agent's leases on replica locations.
+    leases: LeaseKeeper,
     maintenance: Sender<MaintenanceJob>,
     /// Databases with a maintenance pass queued or running.
     maintaining: HashSet<DbId>,
@@ -539,6 +589,12 @@ struct Refusal {
     code: u32,
     message: String,
     since: Instant,
+    /// Not looked at again before this (a lease refusal: when the lease may have ended).
+    retry_at: Option<Instant>,
+    /// The oldest commit not in the replica (ns) of a database refused for a lease: promoted
+    /// again once `retry_at` passes, so commits made while another host held the lease are
+    /// replicated when it ends, with or without another write.
+    deferred_ns: Option<u64>,
 }
 
 /// Whether the database file or its `-wal` was modified at or after `since_ns`.
@@ -606,12 +662,18 @@ mod tests {
             tmp_dir: dir.path().join("tmp"),
             store: Arc::new(StateStore::open(&dir.path().join("state")).unwrap()),
             litestream_compatible: false,
+            leases: LeaseKeeper::start(
+                Holder::of_process(None).unwrap(),
+                crate::replica::lease::DEFAULT_LEASE_TTL,
+            )
+            .unwrap(),
         };
         let job = Job {
             id: 7,
             kind: JobKind::Sync,
             path: dir.path().join("panic-in-sync.db"),
             url: ReplicaUrl::File(dir.path().join("replica")),
+            fields: Fields::default(),
             replicator: None,
             checkpoint_due: false,
             started_ns: 1,

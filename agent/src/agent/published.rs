@@ -120,6 +120,8 @@ impl Scheduler<'_> {
                 code,
                 message,
                 since: Instant::now(),
+                retry_at: None,
+                deferred_ns: None,
             },
         );
         self.publish(refused_entry(dev, ino, code));

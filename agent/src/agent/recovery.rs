@@ -84,7 +84,23 @@ impl Scheduler<'_> {
             self.start_demotion(id);
         }
         self.forget_old_echoes();
+        self.retry_deferred_leases();
         self.update_gauges();
+    }
+
+    /// Databases written while another host's lease refused them: asked for again once the
+    /// lease may have ended.
+    fn retry_deferred_leases(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(DbId, u64)> = self
+            .refused
+            .iter()
+            .filter(|(_, r)| r.code == reason::LEASED && r.retry_at.is_none_or(|at| at <= now))
+            .filter_map(|(&id, r)| r.deferred_ns.map(|ns| (id, ns)))
+            .collect();
+        for (id, since_ns) in due {
+            self.request_promotion(id, since_ns);
+        }
     }
 
     /// Applications without the extension send no records: a hot database's `-wal` stamp

@@ -118,11 +118,15 @@ impl Scheduler<'_> {
     }
 
     pub(super) fn request_promotion(&mut self, id: DbId, time_ns: u64) {
-        if let Some(refusal) = self.refused.get(&id) {
+        if let Some(refusal) = self.refused.get_mut(&id) {
+            if refusal.code == reason::LEASED && refusal.deferred_ns.is_none() {
+                refusal.deferred_ns = Some(time_ns.max(1));
+            }
             let retry = match refusal.code {
                 // A database switched to WAL mode is replicated from its next write.
                 reason::NOT_WAL => true,
                 reason::IDENTITY => refusal.since.elapsed() >= IDENTITY_RETRY,
+                reason::LEASED => refusal.retry_at.is_none_or(|at| Instant::now() >= at),
                 // Collisions and bad locations change only with the tree or the config.
                 _ => false,
             };
@@ -200,6 +204,7 @@ impl Scheduler<'_> {
         let hot = Hot {
             path,
             url,
+            fields,
             dev,
             ino,
             job: JobState::Idle(None),
@@ -262,6 +267,7 @@ impl Scheduler<'_> {
             kind,
             path: PathBuf::from(&hot.path),
             url: hot.url.clone(),
+            fields: hot.fields.clone(),
             replicator: match std::mem::replace(&mut hot.job, JobState::Running) {
                 JobState::Idle(replicator) => replicator,
                 JobState::Running => None, // dispatch_due never picks a running database
@@ -281,7 +287,19 @@ impl Scheduler<'_> {
 
     pub(super) fn on_done(&mut self, done: Done) {
         if let Some((code, message)) = done.refusal {
+            let pending = self
+                .hot
+                .get(&done.id)
+                .map(|h| oldest_ns([h.pending_since_ns, h.in_flight_since_ns]))
+                .filter(|&ns| ns != 0);
             self.refuse(done.id, code, message);
+            if let (Some(after), Some(refusal)) = (done.retry_after, self.refused.get_mut(&done.id))
+            {
+                refusal.retry_at = Some(Instant::now() + after);
+                // Commits not in the replica yet: looked at again when the lease may have
+                // ended, without waiting for another write (there may be none).
+                refusal.deferred_ns = Some(pending.unwrap_or_else(layout::now_ns));
+            }
             return;
         }
         if !self.hot.contains_key(&done.id) {
@@ -416,6 +434,7 @@ impl Scheduler<'_> {
             id,
             path: hot.path.clone(),
             url: hot.url.clone(),
+            leases: self.leases.clone(),
         };
         if self.maintenance.send(job).is_err() {
             tracing::error!("the maintenance workers are gone");

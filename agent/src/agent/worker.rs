@@ -10,6 +10,7 @@ pub(super) struct WorkerContext {
     pub(super) store: Arc<StateStore>,
     /// `replica_template.litestream_compatible`.
     pub(super) litestream_compatible: bool,
+    pub(super) leases: LeaseKeeper,
 }
 
 impl WorkerContext {
@@ -74,14 +75,49 @@ impl WorkerContext {
         done
     }
 
+    /// Opens the database's replicator, under this agent's lease on its location (taken
+    /// here, before the first write of a promotion; a cold database holds none).
     fn open(&self, job: &Job) -> Result<Replicator, ReplicateError> {
-        let client = job.url.client().map_err(|error| ReplicateError::Replica {
-            db: job.path.display().to_string(),
-            error,
-        })?;
+        refuse_another_identity(job)?;
+        let (client, previous) =
+            self.leases
+                .lease(&job.url)
+                .map_err(|error| ReplicateError::Leased {
+                    db: job.path.display().to_string(),
+                    error,
+                })?;
         Ok(Replicator::open(&job.path, client, &self.tmp_dir)?
             .with_state(self.store.clone())
+            .with_fields(job.fields.clone())
+            .with_previous_lease(previous)
             .litestream_compatible(self.litestream_compatible))
+    }
+}
+
+/// Refuses, before taking its lease, a location whose identity names another database: a
+/// location that is not this database's gets nothing from it, not even a lease object. (The
+/// replicator checks again under the lease, where it also takes over a moved tenant's.)
+fn refuse_another_identity(job: &Job) -> Result<(), ReplicateError> {
+    let db = job.path.display().to_string();
+    let replica_err = |error| ReplicateError::Replica {
+        db: db.clone(),
+        error,
+    };
+    let client = job.url.client().map_err(replica_err)?;
+    let Some(bytes) = client.read_identity().map_err(replica_err)? else {
+        return Ok(());
+    };
+    if crate::replica::identity_database(&bytes).is_err() {
+        // Unreadable (or cut short by a failing link): the replicator's own check decides.
+        return Ok(());
+    }
+    match crate::replica::identity_match(&bytes, &db, Some(&job.fields)) {
+        crate::replica::IdentityMatch::Other { holder } => Err(ReplicateError::Identity {
+            db: db.clone(),
+            location: client.url(),
+            holder,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -91,13 +127,17 @@ pub(super) fn maintain(
     tmp_dir: &std::path::Path,
     policy: &crate::replicate::compaction::Policy,
 ) {
-    let run = || match job.url.client() {
-        Ok(client) => crate::replicate::compaction::maintain_logged(
+    // Under the lease like every write: a location another host took over is its to maintain.
+    let run = || match job.leases.lease(&job.url) {
+        Ok((client, _)) => crate::replicate::compaction::maintain_logged(
             client.as_ref(),
             tmp_dir,
             policy,
             &job.path,
         ),
+        Err(LeaseError::Held { .. } | LeaseError::Stopped { .. }) => {
+            tracing::debug!(db = %job.path, "maintenance skipped: another host holds the replica's lease")
+        }
         Err(e) => tracing::warn!(db = %job.path, error = %e, "compaction or retention failed"),
     };
     if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {

@@ -156,6 +156,16 @@ pub enum Command {
     /// Measure multidb against a baseline and print the figures
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Hand a replica location over: mark its lease released, so another host's agent takes
+    /// it over at once, and its identity handed over, so the next database written there
+    /// continues its history
+    Release {
+        /// Release a live lease too (its holder stops writing at its next renewal)
+        #[arg(long)]
+        force: bool,
+        /// A replica URL, or a database path whose replica the configuration names
+        source: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -356,7 +366,14 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             url,
         } => {
             let replica = ReplicaUrl::parse(url).map_err(|e| Failure::Usage(e.into()))?;
-            let client = replica.client().map_err(anyhow::Error::from)?;
+            let me = crate::replica::lease::Holder::of_process(state_dir.as_deref())
+                .context("making a host id")?;
+            let leases = crate::replica::lease::LeaseKeeper::start(
+                me,
+                crate::replica::lease::DEFAULT_LEASE_TTL,
+            )
+            .context("starting the lease keeper")?;
+            let (client, previous) = leases.lease(&replica).map_err(anyhow::Error::from)?;
             let tmp = tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
             let options = crate::replicate::RunOptions {
                 once: *once,
@@ -364,7 +381,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 max_backoff: std::time::Duration::from_secs(5),
                 litestream_compatible: *litestream_compatible,
             };
-            let store = match state_dir {
+            // After another host's lease the replica may be past any saved position.
+            let foreign = previous == crate::replica::lease::Previous::Foreign;
+            let store = match state_dir.as_ref().filter(|_| !foreign) {
                 Some(dir) => Some(std::sync::Arc::new(
                     crate::replicate::state::StateStore::open(dir).map_err(anyhow::Error::from)?,
                 )),
@@ -379,8 +398,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 options,
                 &crate::cli::signals::interrupted,
                 &mut |_| {},
-            )
-            .map_err(anyhow::Error::from)?;
+            );
+            leases.release_all();
+            let txid = txid.map_err(anyhow::Error::from)?;
             eprintln!("{}: replicated through TXID {txid} to {url}", db.display());
         }
         Command::Restore {
@@ -405,7 +425,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             };
             let replica = replica_for(&cli, source)?;
             let client = replica.client().map_err(anyhow::Error::from)?;
-            check_replica_identity(client.as_ref(), source)?;
+            check_replica_identity(
+                client.as_ref(),
+                source,
+                source_fields(&cli, source).as_ref(),
+            )?;
             // Restoring a database named by its path: the copy is no more readable than the
             // original still there, else owner-only (a replica says nothing about readers).
             let mode = if is_url(source) {
@@ -490,6 +514,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Bench(BenchCommand::Measure { command }) => crate::cli::bench::measure(command)?,
         Command::Bench(BenchCommand::CommitChild(args)) => crate::cli::bench::commit_child(args)?,
         Command::Bench(BenchCommand::Peers(args)) => crate::cli::bench::peers(args)?,
+        Command::Release { force, source } => release(&cli, source, *force)?,
     }
     Ok(())
 }
@@ -556,6 +581,7 @@ fn is_url(source: &str) -> bool {
 fn check_replica_identity(
     client: &dyn crate::replica::ReplicaClient,
     source: &str,
+    fields: Option<&crate::discover::pattern::Fields>,
 ) -> Result<(), Failure> {
     if source.starts_with("file://") || source.starts_with("s3://") {
         return Ok(()); // a URL names the replica itself
@@ -568,13 +594,60 @@ fn check_replica_identity(
     let absolute = std::path::absolute(source)
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| source.to_string());
-    if holder == source || holder == absolute {
+    if holder == source
+        || crate::replica::identity_match(&bytes, &absolute, fields)
+            != (crate::replica::IdentityMatch::Other {
+                holder: holder.clone(),
+            })
+    {
+        // The same database, or the same tenant's history under another path (moved).
         return Ok(());
     }
     Err(Failure::Runtime(anyhow::anyhow!(
         "{source}: the replica {} holds the history of {holder}, not of this database; refusing to restore another database's data (restore it by its URL if that is what you want)",
         client.url()
     )))
+}
+
+/// The pattern fields of a database named by its path, when the configuration has them.
+fn source_fields(cli: &Cli, source: &str) -> Option<crate::discover::pattern::Fields> {
+    if is_url(source) {
+        return None;
+    }
+    let config = load_config(cli).ok()?;
+    let pattern = &config.multi_db.pattern;
+    pattern.parse(&absolute_for(pattern, source)).ok()
+}
+
+/// `multidb release`: the lease marked released (a live one only with `--force`) and the
+/// identity handed over, with what was done printed.
+fn release(cli: &Cli, source: &str, force: bool) -> Result<(), Failure> {
+    use crate::replica::lease::{self, Released};
+    let replica = replica_for(cli, source)?;
+    let client = replica.client().map_err(anyhow::Error::from)?;
+    let url = client.url();
+    let state_dir = load_config(cli).ok().map(|c| c.multi_db.state_dir);
+    let me = lease::Holder::of_process(state_dir.as_deref()).context("making a host id")?;
+    let what = lease::release(client.as_ref(), &me, force).map_err(anyhow::Error::from)?;
+    match what {
+        Released::None => println!("{url}: no lease there; nothing to release"),
+        Released::Stale(was) => {
+            println!("{url}: released the lease of {} (it had expired or was released)", was.describe())
+        }
+        Released::Live(was) => println!(
+            "{url}: released the live lease of {} (--force); it writes nothing more once its next renewal fails",
+            was.describe()
+        ),
+        Released::Unreadable(why) => {
+            println!("{url}: replaced an unreadable lease ({why}) with a released one")
+        }
+    }
+    if let Some(holder) =
+        crate::replica::release_identity(client.as_ref()).map_err(anyhow::Error::from)?
+    {
+        println!("{url}: identity handed over: it named {holder}; the next database written there continues its history with a snapshot");
+    }
+    Ok(())
 }
 
 fn replica_for(cli: &Cli, source: &str) -> Result<ReplicaUrl, Failure> {

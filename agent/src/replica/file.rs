@@ -34,6 +34,56 @@ impl FileReplica {
     }
 }
 
+/// Links `from` to `to`, false if `to` exists: an exclusive create of a complete file.
+fn link_new(from: &Path, to: &Path) -> io::Result<bool> {
+    match fs::hard_link(from, to) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+impl FileReplica {
+    /// A name at the root for a temporary of `name`, unique to this process and call.
+    fn temporary_name(&self, name: &str, kind: &str) -> PathBuf {
+        self.root.join(format!(
+            ".{name}.{}.{:016x}.{kind}",
+            std::process::id(),
+            crate::time::random_u64()
+        ))
+    }
+
+    /// Writes `body` to a new owner-only temporary at the root (made 0700 if missing), synced.
+    fn private_temporary(
+        &self,
+        name: &str,
+        kind: &str,
+        body: &[u8],
+    ) -> Result<PathBuf, ReplicaError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(self.io(&self.root, "create directory"))?;
+        let tmp = self.temporary_name(name, kind);
+        let written = super::create_new(&tmp, 0o600).and_then(|mut out| {
+            out.write_all(body)?;
+            out.sync_all()
+        });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.io(&tmp, "write")(e));
+        }
+        Ok(tmp)
+    }
+
+    fn sync_root(&self) -> Result<(), ReplicaError> {
+        fs::File::open(&self.root)
+            .and_then(|d| d.sync_all())
+            .map_err(self.io(&self.root, "sync directory"))
+    }
+}
+
 impl ReplicaClient for FileReplica {
     fn url(&self) -> String {
         format!("file://{}", self.root.display())
@@ -142,42 +192,81 @@ impl ReplicaClient for FileReplica {
     }
 
     fn create_identity(&self, body: &[u8]) -> Result<bool, ReplicaError> {
-        use std::os::unix::fs::OpenOptionsExt;
         // Owner-only, as the identity file: the directory's names are a database's fields.
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.root)
-            .map_err(self.io(&self.root, "create directory"))?;
         let path = self.root.join(super::IDENTITY_NAME);
-        let tmp = self.root.join(format!(
-            ".{}.{}.tmp",
-            super::IDENTITY_NAME,
-            std::process::id()
-        ));
-        let written = (|| {
-            let mut out = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&tmp)?;
-            out.write_all(body)?;
-            out.sync_all()
-        })();
+        let tmp = self.private_temporary(super::IDENTITY_NAME, "tmp", body)?;
         // A link never replaces: of two agents racing, exactly one creates the identity.
-        let linked = written.and_then(|()| fs::hard_link(&tmp, &path));
+        let linked = link_new(&tmp, &path);
         let _ = fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => {
-                fs::File::open(&self.root)
-                    .and_then(|d| d.sync_all())
-                    .map_err(self.io(&self.root, "sync directory"))?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(self.io(&path, "create")(e)),
+        if linked.map_err(self.io(&path, "create"))? {
+            self.sync_root()?;
+            return Ok(true);
         }
+        Ok(false)
+    }
+
+    fn replace_identity(&self, body: &[u8]) -> Result<(), ReplicaError> {
+        let path = self.root.join(super::IDENTITY_NAME);
+        let tmp = self.private_temporary(super::IDENTITY_NAME, "tmp", body)?;
+        let renamed = fs::rename(&tmp, &path);
+        if renamed.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        renamed.map_err(self.io(&path, "replace"))?;
+        self.sync_root()
+    }
+
+    fn read_lease(&self) -> Result<Option<super::lease::Stored>, ReplicaError> {
+        let path = self.root.join(super::lease::LEASE_NAME);
+        match fs::read(&path) {
+            Ok(body) => Ok(Some(super::lease::Stored {
+                tag: super::lease::file_tag(&body),
+                body,
+            })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(&path, "read")(e)),
+        }
+    }
+
+    /// Without a compare-and-swap in the file system: a new lease is linked in (a link never
+    /// replaces), and a lease is replaced by renaming the current one aside (of two racing
+    /// writers, one rename succeeds), checking that it is the expected version, and linking
+    /// the new one in. Anything unexpected renamed aside is put back.
+    fn write_lease(
+        &self,
+        body: &[u8],
+        expected: Option<&str>,
+    ) -> Result<Option<String>, ReplicaError> {
+        let path = self.root.join(super::lease::LEASE_NAME);
+        let tmp = self.private_temporary(super::lease::LEASE_NAME, "tmp", body)?;
+        let swapped = (|| -> io::Result<bool> {
+            let Some(expected) = expected else {
+                return link_new(&tmp, &path);
+            };
+            let aside = self.temporary_name(super::lease::LEASE_NAME, "aside");
+            match fs::rename(&path, &aside) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(e),
+            }
+            let was = fs::read(&aside)?;
+            let won = if super::lease::file_tag(&was) == expected {
+                link_new(&tmp, &path)?
+            } else {
+                // Not the version we meant to replace: someone else's newer lease goes back
+                // (unless yet another writer has linked one in meanwhile).
+                let _ = link_new(&aside, &path);
+                false
+            };
+            let _ = fs::remove_file(&aside);
+            Ok(won)
+        })();
+        let _ = fs::remove_file(&tmp);
+        if swapped.map_err(self.io(&path, "write lease"))? {
+            self.sync_root()?;
+            return Ok(Some(super::lease::file_tag(body)));
+        }
+        Ok(None)
     }
 
     fn delete(&self, files: &[FileInfo]) -> Result<(), ReplicaError> {

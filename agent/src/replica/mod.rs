@@ -9,6 +9,7 @@
 //! restore path verifies every file it reads.
 
 pub mod file;
+pub mod lease;
 pub mod s3;
 
 use std::io::Write;
@@ -37,14 +38,19 @@ pub fn location_fault(location: &str) -> Option<String> {
     None
 }
 
-/// The identity object naming `db` as the database whose history a location holds.
-pub fn identity_json(db: &str) -> Vec<u8> {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let body = serde_json::json!({
+/// The identity object naming `db` as the database whose history a location holds, and the
+/// fields the pattern captured from its path (`None` for `multidb replicate`, which has no
+/// pattern): the same fields on another host, or under another data root, are the same
+/// tenant moved, whose history goes on.
+pub fn identity_json(db: &str, fields: Option<&crate::discover::pattern::Fields>) -> Vec<u8> {
+    let mut body = serde_json::json!({
         "database": db,
-        "created_by": {"host": host.trim(), "pid": std::process::id()},
+        "created_by": {"host": lease::hostname(), "pid": std::process::id()},
         "created_ms": crate::ltx::unix_millis(SystemTime::now()),
     });
+    if let Some(fields) = fields {
+        body["fields"] = fields_json(fields);
+    }
     let mut bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
     bytes.push(b'\n');
     bytes
@@ -58,6 +64,80 @@ pub fn identity_database(bytes: &[u8]) -> Result<String, String> {
         .as_str()
         .map(str::to_string)
         .ok_or_else(|| format!("{IDENTITY_NAME} has no \"database\" string"))
+}
+
+fn fields_json(fields: &crate::discover::pattern::Fields) -> serde_json::Value {
+    fields
+        .0
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// Whose history an identity object says a location holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityMatch {
+    /// It names this database's path.
+    Same,
+    /// It names another path with the same fields: the tenant moved (another host, another
+    /// data root); its history continues here.
+    Moved { from: String },
+    /// Another database, or an unreadable identity (the message says which).
+    Other { holder: String },
+}
+
+/// Compares an identity object with the database at `db` whose pattern fields are `fields`.
+pub fn identity_match(
+    bytes: &[u8],
+    db: &str,
+    fields: Option<&crate::discover::pattern::Fields>,
+) -> IdentityMatch {
+    let holder = match identity_database(bytes) {
+        Ok(holder) => holder,
+        Err(why) => {
+            return IdentityMatch::Other {
+                holder: format!("an unreadable identity ({why})"),
+            }
+        }
+    };
+    if holder == db {
+        return IdentityMatch::Same;
+    }
+    let value = serde_json::from_slice::<serde_json::Value>(bytes).unwrap_or_default();
+    if value["released"] == true {
+        // Handed over on purpose (`multidb release`): whoever writes next goes on.
+        return IdentityMatch::Moved { from: holder };
+    }
+    match (value.get("fields").cloned(), fields) {
+        (Some(recorded), Some(fields)) if recorded == fields_json(fields) => {
+            IdentityMatch::Moved { from: holder }
+        }
+        _ => IdentityMatch::Other { holder },
+    }
+}
+
+/// Marks a location's identity object handed over (`multidb release`): the next database
+/// written there continues its history instead of being refused. The database it named, or
+/// `None` when there was none or it was handed over already.
+pub fn release_identity(client: &dyn ReplicaClient) -> Result<Option<String>, ReplicaError> {
+    let Some(bytes) = client.read_identity()? else {
+        return Ok(None);
+    };
+    let mut value = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .unwrap_or_else(|_| serde_json::json!({"database": "an unreadable identity"}));
+    if !value.is_object() || value["released"] == true {
+        return Ok(None);
+    }
+    let holder = value["database"]
+        .as_str()
+        .unwrap_or("an unknown database")
+        .to_string();
+    value["released"] = true.into();
+    let mut body = serde_json::to_vec_pretty(&value).unwrap_or_default();
+    body.push(b'\n');
+    client.replace_identity(&body)?;
+    Ok(Some(holder))
 }
 
 /// The name of a replica's identity object, at its root: which database's history the
@@ -146,6 +226,10 @@ pub enum ReplicaError {
     },
     #[error("replica URL `{url}`: {reason}")]
     Url { url: String, reason: String },
+    /// The writer's lease on the location was lost, or not renewed for too long: it must not
+    /// write, since another host may own the location now.
+    #[error("{location}: not written: this writer's lease there was lost or not renewed for {age_ms} ms (another host may own it now)")]
+    LeaseLost { location: String, age_ms: u64 },
 }
 
 /// Where one database's LTX files live.
@@ -181,6 +265,27 @@ pub trait ReplicaClient: Send + Sync {
     /// Creates the identity object unless one exists (an exclusive create: a link for a
     /// directory, `If-None-Match: *` for S3). Returns false if one already existed.
     fn create_identity(&self, body: &[u8]) -> Result<bool, ReplicaError>;
+
+    /// Replaces the identity object (a moved database's history goes on under its new path).
+    /// Only a lease holder calls it.
+    fn replace_identity(&self, body: &[u8]) -> Result<(), ReplicaError>;
+
+    /// The lease object ([`lease::LEASE_NAME`]) with its version, if there is one.
+    fn read_lease(&self) -> Result<Option<lease::Stored>, ReplicaError>;
+
+    /// Writes the lease object only if there is none (`expected` is `None`) or only if the
+    /// current one has the version `expected`: a compare-and-swap. The new version, or `None`
+    /// when the condition failed.
+    fn write_lease(
+        &self,
+        body: &[u8],
+        expected: Option<&str>,
+    ) -> Result<Option<String>, ReplicaError>;
+
+    /// Whether writes through this client are fenced by a lease.
+    fn leased(&self) -> bool {
+        false
+    }
 }
 
 /// A parsed replica URL.
@@ -244,6 +349,66 @@ mod tests {
         ] {
             assert_eq!(parse_file_name(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_moved_tenant_is_recognised_by_its_fields_and_another_database_is_not() {
+        let fields = |tenant: &str| {
+            crate::discover::pattern::Fields(vec![
+                ("project".into(), "p1".into()),
+                ("tenant".into(), tenant.into()),
+            ])
+        };
+        let identity = identity_json("/host-a/p1/acme.db", Some(&fields("acme")));
+        let acme = fields("acme");
+        assert_eq!(
+            identity_match(&identity, "/host-a/p1/acme.db", Some(&acme)),
+            IdentityMatch::Same
+        );
+        assert_eq!(
+            identity_match(&identity, "/host-b/p1/acme.db", Some(&acme)),
+            IdentityMatch::Moved {
+                from: "/host-a/p1/acme.db".into()
+            }
+        );
+        for (db, fields) in [
+            ("/host-b/p1/globex.db", Some(fields("globex"))),
+            ("/host-b/p1/acme.db", None),
+        ] {
+            assert!(
+                matches!(
+                    identity_match(&identity, db, fields.as_ref()),
+                    IdentityMatch::Other { .. }
+                ),
+                "{db}"
+            );
+        }
+        // An identity without fields (issue 9's, or `multidb replicate`'s) names a path only.
+        let bare = identity_json("/host-a/p1/acme.db", None);
+        assert!(matches!(
+            identity_match(&bare, "/host-b/p1/acme.db", Some(&acme)),
+            IdentityMatch::Other { .. }
+        ));
+    }
+
+    #[test]
+    fn a_released_identity_is_taken_over_by_any_database() {
+        let tmp = tempfile::tempdir().unwrap();
+        let replica = file::FileReplica::new(tmp.path().join("r"));
+        assert_eq!(release_identity(&replica).unwrap(), None);
+        assert!(replica
+            .create_identity(&identity_json("/a/acme.db", None))
+            .unwrap());
+        assert_eq!(
+            release_identity(&replica).unwrap().as_deref(),
+            Some("/a/acme.db")
+        );
+        assert_eq!(release_identity(&replica).unwrap(), None, "once");
+        let bytes = replica.read_identity().unwrap().unwrap();
+        assert!(matches!(
+            identity_match(&bytes, "/b/other.db", None),
+            IdentityMatch::Moved { .. }
+        ));
     }
 
     #[test]

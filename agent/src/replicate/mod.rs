@@ -90,6 +90,12 @@ pub enum ReplicateError {
         location: String,
         holder: String,
     },
+    /// Another host holds the replica location's lease: it replicates this tenant now.
+    #[error("{db}: {error}")]
+    Leased {
+        db: String,
+        error: crate::replica::lease::LeaseError,
+    },
     /// The file at the database's path is not the one this replicator opened (deleted,
     /// recreated or replaced by `mv`): its history ends here.
     #[error("{db}: the database file was replaced or removed at its path")]
@@ -175,6 +181,13 @@ pub struct Replicator {
     identity_checked: bool,
     /// Files go out without database checksums, as Litestream 0.5.17 writes them.
     litestream_compatible: bool,
+    /// The fields the pattern captured from the path, recorded in the identity object: the
+    /// same fields under another path are this tenant moved.
+    fields: Option<crate::discover::pattern::Fields>,
+    /// Whether a position saved in the state directory may be resumed from: not when another
+    /// host wrote the replica since (its lease was another's, or the identity named another
+    /// path), since the replica may have moved past it.
+    trust_saved: bool,
 }
 
 impl Drop for Replicator {
@@ -243,6 +256,8 @@ impl Replicator {
             file_id: before,
             identity_checked: false,
             litestream_compatible: false,
+            fields: None,
+            trust_saved: true,
         })
     }
 
@@ -278,6 +293,20 @@ impl Replicator {
     /// source, and a restart without saved positions snapshots rather than resumes.
     pub fn litestream_compatible(mut self, compatible: bool) -> Replicator {
         self.litestream_compatible = compatible;
+        self
+    }
+
+    /// Records the database's pattern fields in the identity object it creates, and accepts
+    /// an identity with the same fields under another path as this tenant moved here.
+    pub fn with_fields(mut self, fields: crate::discover::pattern::Fields) -> Replicator {
+        self.fields = Some(fields);
+        self
+    }
+
+    /// Tells the replicator what the lease it writes under said before it was taken: when
+    /// another host held it, the saved position is not resumed from (the replica decides).
+    pub fn with_previous_lease(mut self, previous: crate::replica::lease::Previous) -> Replicator {
+        self.trust_saved = previous != crate::replica::lease::Previous::Foreign;
         self
     }
 

@@ -3,12 +3,14 @@
 //! trusted; anything that does not verify is answered with a snapshot.
 
 use super::*;
+use crate::replica::IdentityMatch;
 
 impl Replicator {
     /// Makes sure the replica holds this database's history: its identity object names this
     /// database, or there was none and this call created it (exclusively: of two writers
-    /// racing for an empty location, one wins). Checked once per replicator, before its first
-    /// write.
+    /// racing for an empty location, one wins), or it names this tenant under another path
+    /// (the same pattern fields: moved to another host or data root), and then it is rewritten
+    /// to name this path, under the lease. Checked once per replicator, before its first write.
     pub(super) fn check_identity(&mut self) -> Result<(), ReplicateError> {
         if self.identity_checked {
             return Ok(());
@@ -19,20 +21,27 @@ impl Replicator {
             location: self.replica.url(),
             holder,
         };
+        let body = crate::replica::identity_json(&mine, self.fields.as_ref());
         for _ in 0..2 {
             match self.replica.read_identity().map_err(self.replica_err())? {
                 Some(bytes) => {
-                    return match crate::replica::identity_database(&bytes) {
-                        Ok(holder) if holder == mine => {
-                            self.identity_checked = true;
-                            Ok(())
+                    match crate::replica::identity_match(&bytes, &mine, self.fields.as_ref()) {
+                        IdentityMatch::Same => {}
+                        IdentityMatch::Moved { from } if self.replica.leased() => {
+                            tracing::info!(db = %mine, from = %from, replica = %self.replica.url(), "the tenant moved here: its history continues");
+                            self.replica
+                                .replace_identity(&body)
+                                .map_err(self.replica_err())?;
+                            // Whatever this host saved belongs to an older stretch of history.
+                            self.trust_saved = false;
                         }
-                        Ok(holder) => Err(refuse(holder)),
-                        Err(why) => Err(refuse(format!("an unreadable identity ({why})"))),
-                    };
+                        IdentityMatch::Moved { from } => return Err(refuse(from)),
+                        IdentityMatch::Other { holder } => return Err(refuse(holder)),
+                    }
+                    self.identity_checked = true;
+                    return Ok(());
                 }
                 None => {
-                    let body = crate::replica::identity_json(&mine);
                     if self
                         .replica
                         .create_identity(&body)
@@ -70,7 +79,7 @@ impl Replicator {
         &mut self,
         wal: Option<&(File, WalHeader)>,
     ) -> Result<Option<State>, ReplicateError> {
-        let Some(store) = &self.store else {
+        let Some(store) = self.store.as_ref().filter(|_| self.trust_saved) else {
             return Ok(None);
         };
         let saved = match store.load(&self.name(), &self.replica.url()) {

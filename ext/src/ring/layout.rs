@@ -105,6 +105,8 @@ pub mod reason {
     pub const BAD_LOCATION: u32 = 4;
     /// The replica location holds another database's history.
     pub const IDENTITY: u32 = 5;
+    /// Another host holds the replica location's lease (it replicates the tenant now).
+    pub const LEASED: u32 = 6;
 
     /// A sentence for `multidb_status()` and the agent's reports.
     pub fn text(code: u32) -> &'static str {
@@ -114,6 +116,7 @@ pub mod reason {
             OUTSIDE_PATTERN => "does not match the discovery pattern",
             BAD_LOCATION => "its replica location is invalid (see `multidb databases`)",
             IDENTITY => "its replica location holds another database's history (replica holds another database)",
+            LEASED => "another host holds its replica location's lease (replica leased by another host; taken over after expiry or `multidb release`)",
             _ => "not replicated",
         }
     }

@@ -9,6 +9,7 @@ mod fleet;
 mod follow;
 mod hostile;
 mod integrity;
+mod lease;
 mod litestream;
 mod replicate;
 mod ring;

@@ -87,10 +87,19 @@ impl S3Location {
 
     /// The key of the identity object, `PREFIX/multidb.json`.
     pub fn identity_key(&self) -> String {
+        self.root_key(crate::replica::IDENTITY_NAME)
+    }
+
+    /// The key of the lease object, `PREFIX/multidb.lease`.
+    pub fn lease_key(&self) -> String {
+        self.root_key(crate::replica::lease::LEASE_NAME)
+    }
+
+    fn root_key(&self, name: &str) -> String {
         if self.prefix.is_empty() {
-            crate::replica::IDENTITY_NAME.to_string()
+            name.to_string()
         } else {
-            format!("{}/{}", self.prefix, crate::replica::IDENTITY_NAME)
+            format!("{}/{name}", self.prefix)
         }
     }
 

@@ -236,6 +236,67 @@ impl S3Replica {
     }
 }
 
+impl S3Replica {
+    /// A PUT of a small JSON object only if there is none (`expected` is `None`:
+    /// `If-None-Match: *`) or only if its ETag is `expected` (`If-Match`). The new ETag, or
+    /// `None` when the condition failed.
+    fn conditional_put(
+        &self,
+        key: &str,
+        body: &[u8],
+        expected: Option<&str>,
+    ) -> Result<Option<String>, ReplicaError> {
+        let fail = |message: String| ReplicaError::S3 {
+            bucket: self.location.bucket.clone(),
+            key: key.to_string(),
+            op: "put",
+            message,
+        };
+        let mut headers = http::HeaderMap::new();
+        match expected {
+            None => headers.insert(
+                http::header::IF_NONE_MATCH,
+                http::HeaderValue::from_static("*"),
+            ),
+            Some(tag) => headers.insert(
+                http::header::IF_MATCH,
+                http::HeaderValue::from_str(tag)
+                    .map_err(|_| fail(format!("ETag `{tag}` is not a header value")))?,
+            ),
+        };
+        let conditional = self
+            .bucket
+            .with_extra_headers(headers)
+            .map_err(|e| fail(scrub(&self.credentials, &e.to_string())))?;
+        match self.retrying("put", key, || {
+            conditional.put_object_with_content_type(key, body, "application/json")
+        }) {
+            Ok(response) => {
+                let tag = response
+                    .headers()
+                    .get("etag")
+                    .cloned()
+                    .unwrap_or_else(|| response.as_str().unwrap_or_default().to_string());
+                if tag.is_empty() {
+                    return Err(fail("no ETag in the answer".into()));
+                }
+                Ok(Some(tag))
+            }
+            // 412: the condition failed. 409: a concurrent conditional write won. 404: there
+            // is no object to match (S3 answers `If-Match` on a missing key so).
+            Err(fault)
+                if matches!(fault.status, Some(412) | Some(409))
+                    || (expected.is_some()
+                        && fault.status == Some(404)
+                        && fault.code.as_deref() != Some("NoSuchBucket")) =>
+            {
+                Ok(None)
+            }
+            Err(fault) => Err(self.fail("put", key, &fault)),
+        }
+    }
+}
+
 fn read_error(src: &Path) -> impl Fn(std::io::Error) -> ReplicaError + '_ {
     move |source| ReplicaError::Io {
         location: src.display().to_string(),
@@ -299,25 +360,47 @@ impl ReplicaClient for S3Replica {
 
     fn create_identity(&self, body: &[u8]) -> Result<bool, ReplicaError> {
         let key = self.location.identity_key();
-        let conditional = self
-            .bucket
-            .with_extra_headers(if_none_match_any())
-            .map_err(|e| ReplicaError::S3 {
-                bucket: self.location.bucket.clone(),
-                key: key.clone(),
-                op: "put",
-                message: e.to_string(),
-            })?;
-        match self.retrying("put", &key, || {
-            conditional
+        Ok(self.conditional_put(&key, body, None)?.is_some())
+    }
+
+    fn replace_identity(&self, body: &[u8]) -> Result<(), ReplicaError> {
+        let key = self.location.identity_key();
+        self.retrying("put", &key, || {
+            self.bucket
                 .put_object_with_content_type(&key, body, "application/json")
                 .map(drop)
-        }) {
-            Ok(()) => Ok(true),
-            // 412: an identity exists. 409: a concurrent conditional write won.
-            Err(fault) if matches!(fault.status, Some(412) | Some(409)) => Ok(false),
-            Err(fault) => Err(self.fail("put", &key, &fault)),
+        })
+        .map_err(|fault| self.fail("put", &key, &fault))
+    }
+
+    fn read_lease(&self) -> Result<Option<crate::replica::lease::Stored>, ReplicaError> {
+        let key = self.location.lease_key();
+        match self.retrying("get", &key, || self.bucket.get_object(&key)) {
+            Ok(response) => {
+                let tag = response.headers().get("etag").cloned().ok_or_else(|| {
+                    self.fail("get", &key, &Fault::message("no ETag in the answer".into()))
+                })?;
+                Ok(Some(crate::replica::lease::Stored {
+                    body: response.bytes().to_vec(),
+                    tag,
+                }))
+            }
+            Err(fault)
+                if fault.status == Some(404) && fault.code.as_deref() != Some("NoSuchBucket") =>
+            {
+                Ok(None)
+            }
+            Err(fault) => Err(self.fail("get", &key, &fault)),
         }
+    }
+
+    fn write_lease(
+        &self,
+        body: &[u8],
+        expected: Option<&str>,
+    ) -> Result<Option<String>, ReplicaError> {
+        let key = self.location.lease_key();
+        self.conditional_put(&key, body, expected)
     }
 
     fn list(&self, level: u8) -> Result<Vec<FileInfo>, ReplicaError> {
@@ -440,17 +523,6 @@ impl ReplicaClient for S3Replica {
         }
         Ok(())
     }
-}
-
-/// `If-None-Match: *`: the PUT succeeds only if no object has the key (S3's conditional
-/// create, answered with 412 when one exists).
-fn if_none_match_any() -> http::HeaderMap {
-    let mut headers = http::HeaderMap::new();
-    headers.insert(
-        http::header::IF_NONE_MATCH,
-        http::HeaderValue::from_static("*"),
-    );
-    headers
 }
 
 #[cfg(test)]

@@ -1,0 +1,896 @@
+//! One owner per replica location, across hosts: a lease object at the replica's root.
+//!
+//! While an agent (or `multidb replicate`) writes a location it holds `multidb.lease` there,
+//! naming its host id, host name, pid and an expiry. It is taken with a conditional create
+//! (`If-None-Match: *` on S3, a hard link on a directory), renewed and taken over with a
+//! compare-and-swap on its version (`If-Match: <etag>` on S3; on a directory the old file is
+//! renamed aside, checked, and the new one linked in, so of two racing writers one wins), and
+//! released by writing it back as `released` (never deleted: the next owner must see that
+//! another host wrote here, so that it trusts the replica, not its own saved position).
+//!
+//! A writer checks its lease before each write (the fence): once it could not renew for
+//! [`fence_after`] of the TTL it writes nothing, so a put it starts still lands well before
+//! another host may take over at expiry. Host ids come from the state directory, so two agents
+//! with two state directories on one machine are two hosts.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{ReplicaClient, ReplicaError, ReplicaUrl};
+
+/// The lease object's name at a replica's root. Litestream ignores it (it lists only levels).
+pub const LEASE_NAME: &str = "multidb.lease";
+
+/// The lease TTL when the configuration does not say (`lease_ttl`): long enough that a slow
+/// store's renewal, retried, fits well inside it; short enough that a tenant whose host died
+/// moves on within half a minute.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// The host id's file in the state directory: one random id per state directory, so two
+/// agents on one machine with two state directories are two hosts.
+pub const HOST_ID_FILE: &str = "host-id";
+
+/// A lease no writer holds is released after this long: a database demoted and promoted
+/// again at once (or a maintenance pass right after a demotion) keeps it without a request.
+const IDLE_RELEASE_AFTER: Duration = Duration::from_secs(1);
+
+/// Longest time one keeper pass spends releasing, so renewals are never far behind (a
+/// release on a busy disk costs two fsyncs).
+const RELEASE_BUDGET: Duration = Duration::from_millis(250);
+
+/// How often the keeper looks at its leases, at most: renewals are due every third of the TTL
+/// and a failed one is tried again at the next look.
+const KEEPER_TICK_MAX: Duration = Duration::from_secs(1);
+
+/// A lease is renewed once this fraction of its TTL has passed since the last renewal was
+/// sent: two more attempts fit before writes stop at [`fence_after`].
+pub fn renew_after(ttl: Duration) -> Duration {
+    ttl / 3
+}
+
+/// Writes stop this long after the last successful renewal was sent: the last third of the
+/// TTL is left for a write that started just before to land before another host may take
+/// over, and for clocks that disagree a little.
+pub fn fence_after(ttl: Duration) -> Duration {
+    ttl * 2 / 3
+}
+
+/// Who holds a lease: this process, on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// Random, kept in the state directory (or made for one `multidb replicate` run).
+    pub host_id: String,
+    pub hostname: String,
+    pub pid: u32,
+    /// When this process started (Unix ms), to tell two runs of one host apart in messages.
+    pub started_ms: i64,
+}
+
+impl Holder {
+    /// This process, with the host id kept in `state_dir` (created once, 0600), or the
+    /// machine's id when there is no state directory (`multidb replicate` without one: a run
+    /// killed on this machine does not lock the next run out for a TTL).
+    pub fn of_process(state_dir: Option<&Path>) -> std::io::Result<Holder> {
+        let host_id = match state_dir {
+            Some(dir) => host_id(dir)?,
+            None => machine_id(),
+        };
+        Ok(Holder {
+            host_id,
+            hostname: hostname(),
+            pid: std::process::id(),
+            started_ms: process_start_ms(),
+        })
+    }
+}
+
+/// This host's name, for messages (`/proc/sys/kernel/hostname`).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn process_start_ms() -> i64 {
+    static STARTED: OnceLock<i64> = OnceLock::new();
+    *STARTED.get_or_init(|| crate::ltx::unix_millis(SystemTime::now()))
+}
+
+/// `/etc/machine-id` (systemd's stable random id), or one derived from the host name.
+fn machine_id() -> String {
+    let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let id = id.trim();
+    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return id.to_ascii_lowercase();
+    }
+    let name = hostname();
+    format!(
+        "{:016x}{:016x}",
+        crate::ltx::checksum_page(1, name.as_bytes()),
+        crate::ltx::checksum_page(2, name.as_bytes())
+    )
+}
+
+fn random_hex() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The host id kept in `state_dir/host-id`, made on first use (exclusively, 0600).
+pub fn host_id(state_dir: &Path) -> std::io::Result<String> {
+    crate::replicate::state::private_dir(state_dir)?;
+    let path = state_dir.join(HOST_ID_FILE);
+    let valid = |text: &str| {
+        let id = text.trim();
+        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            return valid(&text).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is not a host id (32 hex digits); remove it to make a new one",
+                        path.display()
+                    ),
+                )
+            })
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        Err(_) => {}
+    }
+    let id = random_hex()?;
+    match super::create_new(&path, 0o600) {
+        Ok(mut file) => {
+            file.write_all(format!("{id}\n").as_bytes())?;
+            file.sync_all()?;
+            Ok(id)
+        }
+        // Made by a racing process meanwhile: that one counts.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let text = std::fs::read_to_string(&path)?;
+            valid(&text).ok_or_else(|| std::io::Error::other("host id being written"))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A lease object as stored, with its version (S3's ETag; a checksum of a file's bytes).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub body: Vec<u8>,
+    pub tag: String,
+}
+
+/// What a lease object says.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaseBody {
+    pub host_id: String,
+    pub hostname: String,
+    pub pid: u32,
+    pub started_ms: i64,
+    /// The holder's clock when the lease ends, unless renewed (Unix ms).
+    pub expires_ms: i64,
+    pub ttl_ms: u64,
+    /// Handed over on purpose (a clean stop or demotion, or `multidb release`): free to take.
+    pub released: bool,
+    /// Makes every write's bytes unique, so a writer recognises its own write after a lost
+    /// response.
+    pub nonce: u64,
+}
+
+impl LeaseBody {
+    fn new(me: &Holder, ttl: Duration, released: bool) -> LeaseBody {
+        let now = crate::ltx::unix_millis(SystemTime::now());
+        LeaseBody {
+            host_id: me.host_id.clone(),
+            hostname: me.hostname.clone(),
+            pid: me.pid,
+            started_ms: me.started_ms,
+            expires_ms: if released {
+                now
+            } else {
+                now.saturating_add(ttl.as_millis() as i64)
+            },
+            ttl_ms: ttl.as_millis() as u64,
+            released,
+            nonce: crate::time::random_u64(),
+        }
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<LeaseBody, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("{LEASE_NAME} is unreadable: {e}"))
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
+        bytes.push(b'\n');
+        bytes
+    }
+
+    /// How long the lease is still live by this host's clock; zero when it has expired or
+    /// was released.
+    pub fn remaining(&self) -> Duration {
+        if self.released {
+            return Duration::ZERO;
+        }
+        let now = crate::ltx::unix_millis(SystemTime::now());
+        Duration::from_millis(self.expires_ms.saturating_sub(now).max(0) as u64)
+    }
+
+    /// `host NAME (id ID…), pid PID`, for messages.
+    pub fn describe(&self) -> String {
+        let short: String = self.host_id.chars().take(8).collect();
+        format!("host {} (id {short}…), pid {}", self.hostname, self.pid)
+    }
+}
+
+/// Whether the location was last written under another host's lease, which decides what a new
+/// owner may trust: its own saved position only if no other host wrote since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Previous {
+    /// No lease object: the location is new, or was written before leases.
+    None,
+    /// The last lease was this host's (this run's or an earlier one's).
+    Ours,
+    /// The last lease was another host's (expired or released): the replica may have moved on.
+    Foreign,
+}
+
+/// Why a lease could not be taken or kept.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("{location}: the replica is leased by {holder} for {} ms more; it is replicated there (this host takes over after expiry or `multidb release`)", remaining.as_millis())]
+    Held {
+        location: String,
+        holder: String,
+        remaining: Duration,
+    },
+    #[error("{location}: {why}; `multidb release` replaces it")]
+    Unreadable { location: String, why: String },
+    #[error("{location}: the lease keeps changing under this writer")]
+    Contended { location: String },
+    /// The process is stopping and has released its leases: nothing more is written.
+    #[error("{location}: not leased: stopping")]
+    Stopped { location: String },
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+}
+
+impl LeaseError {
+    /// How long until a held lease expires, for when to look again.
+    pub fn remaining(&self) -> Option<Duration> {
+        match self {
+            LeaseError::Held { remaining, .. } => Some(*remaining),
+            _ => None,
+        }
+    }
+}
+
+/// The monotonic clock as nanoseconds since the first use, for an atomic deadline.
+fn mono_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// A held lease on one location.
+pub struct Lease {
+    client: Box<dyn ReplicaClient>,
+    me: Holder,
+    ttl: Duration,
+    /// The version of our newest write, for the next compare-and-swap.
+    tag: Mutex<String>,
+    /// When the last successful renewal was sent ([`mono_ns`]).
+    renewed_ns: AtomicU64,
+    lost: AtomicBool,
+    /// Since when no writer holds it ([`mono_ns`]; 0 while one does), for the keeper.
+    idle_since_ns: AtomicU64,
+}
+
+impl Lease {
+    /// Takes the lease on `client`'s location: creates it, takes over one that expired or was
+    /// released, or adopts one of this host's (a previous run of this state directory: one
+    /// agent per state directory, so it is dead). Refuses a live lease of another host.
+    pub fn acquire(
+        client: Box<dyn ReplicaClient>,
+        me: &Holder,
+        ttl: Duration,
+    ) -> Result<(Lease, Previous), LeaseError> {
+        let location = client.url();
+        for _ in 0..4 {
+            let sent = mono_ns();
+            let body = LeaseBody::new(me, ttl, false).to_bytes();
+            let (expected, previous) = match client.read_lease()? {
+                None => (None, Previous::None),
+                Some(stored) => {
+                    let current =
+                        LeaseBody::parse(&stored.body).map_err(|why| LeaseError::Unreadable {
+                            location: location.clone(),
+                            why,
+                        })?;
+                    let previous = if current.host_id == me.host_id {
+                        Previous::Ours
+                    } else {
+                        let remaining = current.remaining();
+                        if !remaining.is_zero() {
+                            return Err(LeaseError::Held {
+                                location,
+                                holder: current.describe(),
+                                remaining,
+                            });
+                        }
+                        Previous::Foreign
+                    };
+                    (Some(stored.tag), previous)
+                }
+            };
+            if let Some(tag) = client.write_lease(&body, expected.as_deref())? {
+                let lease = Lease {
+                    client,
+                    me: me.clone(),
+                    ttl,
+                    tag: Mutex::new(tag),
+                    renewed_ns: AtomicU64::new(sent),
+                    lost: AtomicBool::new(false),
+                    idle_since_ns: AtomicU64::new(0),
+                };
+                return Ok((lease, previous));
+            }
+            // Someone else wrote meanwhile: look again.
+        }
+        Err(LeaseError::Contended { location })
+    }
+
+    /// The location, for messages.
+    pub fn location(&self) -> String {
+        self.client.url()
+    }
+
+    /// Whether writes may go on: the lease was renewed recently enough and not lost. Checked
+    /// before every write to the replica.
+    pub fn fence(&self) -> Result<(), ReplicaError> {
+        let age =
+            Duration::from_nanos(mono_ns().saturating_sub(self.renewed_ns.load(Ordering::Acquire)));
+        if self.lost.load(Ordering::Acquire) || age >= fence_after(self.ttl) {
+            return Err(ReplicaError::LeaseLost {
+                location: self.location(),
+                age_ms: age.as_millis() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    fn renew_due(&self) -> bool {
+        let age = mono_ns().saturating_sub(self.renewed_ns.load(Ordering::Acquire));
+        Duration::from_nanos(age) >= renew_after(self.ttl)
+    }
+
+    /// Extends the lease by a TTL. On a failed compare-and-swap the lease is lost for good
+    /// (another host took it); a transport error leaves it to the next attempt.
+    pub fn renew(&self) -> Result<(), LeaseError> {
+        self.swap(false)
+    }
+
+    /// Hands the lease over: marks it lost here first (no write may start after), then
+    /// writes it back as released so the next owner need not wait for expiry.
+    pub fn release(&self) -> Result<(), LeaseError> {
+        if self.lost.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.swap(true)
+    }
+
+    fn swap(&self, released: bool) -> Result<(), LeaseError> {
+        let sent = mono_ns();
+        let body = LeaseBody::new(&self.me, self.ttl, released).to_bytes();
+        let mut tag = self.tag.lock().unwrap_or_else(|e| e.into_inner());
+        let written = match self.client.write_lease(&body, Some(&tag))? {
+            Some(new) => Some(new),
+            // A retried request whose first attempt landed: the object is our write.
+            None => self
+                .client
+                .read_lease()?
+                .filter(|s| s.body == body)
+                .map(|s| s.tag),
+        };
+        match written {
+            Some(new) => {
+                *tag = new;
+                if !released {
+                    self.renewed_ns.store(sent, Ordering::Release);
+                }
+                Ok(())
+            }
+            None => {
+                self.lost.store(true, Ordering::Release);
+                Err(LeaseError::Contended {
+                    location: self.location(),
+                })
+            }
+        }
+    }
+
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+}
+
+/// A replica client whose writes are fenced by a lease: a writer that lost its lease (or
+/// could not renew it in time) writes nothing more.
+pub struct Leased {
+    inner: Box<dyn ReplicaClient>,
+    lease: Arc<Lease>,
+}
+
+impl Leased {
+    pub fn new(inner: Box<dyn ReplicaClient>, lease: Arc<Lease>) -> Leased {
+        Leased { inner, lease }
+    }
+}
+
+impl ReplicaClient for Leased {
+    fn url(&self) -> String {
+        self.inner.url()
+    }
+    fn location(&self, level: u8, min: u64, max: u64) -> String {
+        self.inner.location(level, min, max)
+    }
+    fn list(&self, level: u8) -> Result<Vec<super::FileInfo>, ReplicaError> {
+        self.inner.list(level)
+    }
+    fn put(&self, level: u8, min: u64, max: u64, src: &Path) -> Result<(), ReplicaError> {
+        self.lease.fence()?;
+        self.inner.put(level, min, max, src)
+    }
+    fn local_path(&self, level: u8, min: u64, max: u64) -> Option<std::path::PathBuf> {
+        self.inner.local_path(level, min, max)
+    }
+    fn get(&self, level: u8, min: u64, max: u64, dst: &mut dyn Write) -> Result<(), ReplicaError> {
+        self.inner.get(level, min, max, dst)
+    }
+    fn delete(&self, files: &[super::FileInfo]) -> Result<(), ReplicaError> {
+        self.lease.fence()?;
+        self.inner.delete(files)
+    }
+    fn read_identity(&self) -> Result<Option<Vec<u8>>, ReplicaError> {
+        self.inner.read_identity()
+    }
+    fn exists(&self) -> Result<bool, ReplicaError> {
+        self.inner.exists()
+    }
+    fn create_identity(&self, body: &[u8]) -> Result<bool, ReplicaError> {
+        self.lease.fence()?;
+        self.inner.create_identity(body)
+    }
+    fn replace_identity(&self, body: &[u8]) -> Result<(), ReplicaError> {
+        self.lease.fence()?;
+        self.inner.replace_identity(body)
+    }
+    fn read_lease(&self) -> Result<Option<Stored>, ReplicaError> {
+        self.inner.read_lease()
+    }
+    fn write_lease(
+        &self,
+        body: &[u8],
+        expected: Option<&str>,
+    ) -> Result<Option<String>, ReplicaError> {
+        self.inner.write_lease(body, expected)
+    }
+    fn leased(&self) -> bool {
+        true
+    }
+}
+
+/// Holds this process's leases, one per location however many writers share it (a
+/// replicator and a maintenance pass), renews them on a thread of its own (so a renewal
+/// never delays a commit's upload), and releases a lease once no writer holds it.
+#[derive(Clone)]
+pub struct LeaseKeeper {
+    inner: Arc<KeeperInner>,
+}
+
+struct KeeperInner {
+    me: Holder,
+    ttl: Duration,
+    held: Mutex<HashMap<String, Arc<Lease>>>,
+    /// Serialises taking the lease of one location (by a hash of its URL).
+    acquiring: Vec<Mutex<()>>,
+    /// Held through each pass of the renewal thread, so that [`LeaseKeeper::release_all`]
+    /// waits for a release in flight instead of exiting under it.
+    pass: Mutex<()>,
+    stop: AtomicBool,
+}
+
+/// Stripes of [`KeeperInner::acquiring`]: enough that sync workers taking leases of
+/// different locations rarely wait for each other.
+const ACQUIRE_STRIPES: usize = 64;
+
+fn stripe_of(key: &str) -> usize {
+    (crate::ltx::checksum_page(0, key.as_bytes()) % ACQUIRE_STRIPES as u64) as usize
+}
+
+impl LeaseKeeper {
+    /// A keeper for `me` with leases of `ttl`, and its renewal thread.
+    pub fn start(me: Holder, ttl: Duration) -> std::io::Result<LeaseKeeper> {
+        let inner = Arc::new(KeeperInner {
+            me,
+            ttl,
+            held: Mutex::new(HashMap::new()),
+            acquiring: (0..ACQUIRE_STRIPES).map(|_| Mutex::new(())).collect(),
+            pass: Mutex::new(()),
+            stop: AtomicBool::new(false),
+        });
+        let keeper = LeaseKeeper { inner };
+        let renewing = keeper.clone();
+        let tick = (ttl / 10).clamp(Duration::from_millis(50), KEEPER_TICK_MAX);
+        std::thread::Builder::new()
+            .name("leases".into())
+            .spawn(move || {
+                while !renewing.inner.stop.load(Ordering::Acquire) {
+                    std::thread::sleep(tick);
+                    renewing.look_after();
+                }
+            })?;
+        Ok(keeper)
+    }
+
+    pub fn holder(&self) -> &Holder {
+        &self.inner.me
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+
+    /// A client for `url` whose writes are fenced by this process's lease there, taking the
+    /// lease if this process does not hold it yet, and what the previous lease said.
+    pub fn lease(
+        &self,
+        url: &ReplicaUrl,
+    ) -> Result<(Box<dyn ReplicaClient>, Previous), LeaseError> {
+        let client = url.client()?;
+        let key = client.url();
+        // Two writers of one location in this process must not both take it (the second
+        // would adopt "ours" and leave the first with a stale version): one stripe lock per
+        // location for the remote part, the map's lock only around the map.
+        let stripe = &self.inner.acquiring[stripe_of(&key)];
+        let _one_at_a_time = stripe.lock().unwrap_or_else(|e| e.into_inner());
+        // After `release_all` a late writer (a maintenance pass still running) must not take
+        // the lease back and leave it live behind the process.
+        if self.inner.stop.load(Ordering::Acquire) {
+            return Err(LeaseError::Stopped { location: key });
+        }
+        if let Some(lease) = self.held().get(&key).filter(|l| !l.lost()) {
+            return Ok((Box::new(Leased::new(client, lease.clone())), Previous::Ours));
+        }
+        let (lease, previous) = Lease::acquire(url.client()?, &self.inner.me, self.inner.ttl)?;
+        let lease = Arc::new(lease);
+        self.held().insert(key, lease.clone());
+        tracing::debug!(replica = %lease.location(), ?previous, "lease taken");
+        Ok((Box::new(Leased::new(client, lease)), previous))
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Lease>>> {
+        self.inner.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One pass: forget what was lost, renew what is due, then release what no writer has
+    /// held for [`IDLE_RELEASE_AFTER`], for at most [`RELEASE_BUDGET`]: a late renewal stops
+    /// writes, a late release only keeps another host waiting a little.
+    fn look_after(&self) {
+        let _pass = self.inner.pass.lock().unwrap_or_else(|e| e.into_inner());
+        if self.inner.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let now = mono_ns();
+        let mut idle = Vec::new();
+        let mut due = Vec::new();
+        {
+            let mut held = self.held();
+            held.retain(|_, lease| !lease.lost());
+            for (key, lease) in held.iter() {
+                if Arc::strong_count(lease) == 1 {
+                    let since = lease.idle_since_ns.load(Ordering::Acquire);
+                    if since == 0 {
+                        lease.idle_since_ns.store(now, Ordering::Release);
+                    } else if Duration::from_nanos(now.saturating_sub(since)) >= IDLE_RELEASE_AFTER
+                    {
+                        idle.push(key.clone());
+                    }
+                } else {
+                    lease.idle_since_ns.store(0, Ordering::Release);
+                }
+                if lease.renew_due() {
+                    due.push(lease.clone());
+                }
+            }
+        }
+        for lease in due {
+            if let Err(e) = lease.renew() {
+                if lease.lost() {
+                    tracing::error!(replica = %lease.location(), error = %e, "lease lost: another writer took the location; this agent stops writing it");
+                } else {
+                    tracing::warn!(replica = %lease.location(), error = %e, "renewing a lease failed; trying again");
+                }
+            }
+        }
+        let budget_end = Instant::now() + RELEASE_BUDGET;
+        for key in idle {
+            if Instant::now() >= budget_end {
+                break; // the rest at the next pass
+            }
+            let lease = {
+                let mut held = self.held();
+                match held.get(&key) {
+                    Some(lease) if Arc::strong_count(lease) == 1 => held.remove(&key),
+                    _ => None,
+                }
+            };
+            let Some(lease) = lease else { continue };
+            match lease.release() {
+                Ok(()) => tracing::debug!(replica = %lease.location(), "lease released"),
+                // Taken again by a writer of this process meanwhile: it is that writer's now.
+                Err(e @ LeaseError::Contended { .. }) => {
+                    tracing::debug!(replica = %lease.location(), error = %e, "lease not released: taken again")
+                }
+                Err(e) => {
+                    tracing::warn!(replica = %lease.location(), error = %e, "releasing a lease failed; it expires on its own")
+                }
+            }
+        }
+    }
+
+    /// Releases every lease (at a clean stop) and ends the renewal thread.
+    pub fn release_all(&self) {
+        self.inner.stop.store(true, Ordering::Release);
+        let _pass = self.inner.pass.lock().unwrap_or_else(|e| e.into_inner());
+        let leases: Vec<Arc<Lease>> = self.held().drain().map(|(_, l)| l).collect();
+        for lease in leases {
+            if let Err(e) = lease.release() {
+                tracing::warn!(replica = %lease.location(), error = %e, "releasing a lease failed; it expires on its own");
+            }
+        }
+    }
+}
+
+/// What `multidb release` did.
+#[derive(Debug)]
+pub enum Released {
+    /// There was no lease object.
+    None,
+    /// The lease was expired or released already; now marked released.
+    Stale(LeaseBody),
+    /// A live lease was released (`force`).
+    Live(LeaseBody),
+    /// An unreadable lease object was replaced by a released one.
+    Unreadable(String),
+}
+
+/// Why `multidb release` did nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("{location}: the lease is live, held by {holder} for {} ms more; stop that agent first (it releases on a clean stop), or pass --force if that host is gone", remaining.as_millis())]
+    Live {
+        location: String,
+        holder: String,
+        remaining: Duration,
+    },
+    #[error("{location}: the lease changed while being released; run the command again")]
+    Changed { location: String },
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+}
+
+/// Marks the lease at `client`'s location released, so another host takes the location over
+/// at once: a live lease only with `force` (its holder stops writing at its next renewal,
+/// which fails).
+pub fn release(
+    client: &dyn ReplicaClient,
+    me: &Holder,
+    force: bool,
+) -> Result<Released, ReleaseError> {
+    let location = client.url();
+    let Some(stored) = client.read_lease()? else {
+        return Ok(Released::None);
+    };
+    let current = LeaseBody::parse(&stored.body);
+    if let Ok(body) = &current {
+        let remaining = body.remaining();
+        if !remaining.is_zero() && !force {
+            return Err(ReleaseError::Live {
+                location,
+                holder: body.describe(),
+                remaining,
+            });
+        }
+    }
+    // The released marker keeps the last holder's host id: the next owner must know that
+    // another host wrote here (see `Previous`).
+    let marker = match &current {
+        Ok(body) => LeaseBody {
+            released: true,
+            expires_ms: crate::ltx::unix_millis(SystemTime::now()),
+            nonce: crate::time::random_u64(),
+            ..body.clone()
+        },
+        Err(_) => LeaseBody::new(me, Duration::ZERO, true),
+    };
+    if client
+        .write_lease(&marker.to_bytes(), Some(&stored.tag))?
+        .is_none()
+    {
+        return Err(ReleaseError::Changed { location });
+    }
+    Ok(match current {
+        Ok(body) if body.remaining().is_zero() => Released::Stale(body),
+        Ok(body) => Released::Live(body),
+        Err(why) => Released::Unreadable(why),
+    })
+}
+
+/// The version tag of a lease file's bytes on a directory replica: a CRC-64 of them (every
+/// body carries a random nonce, so two writes never share one).
+pub fn file_tag(bytes: &[u8]) -> String {
+    format!("{:016x}", crate::ltx::checksum_page(0, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::file::FileReplica;
+
+    fn holder(id: &str) -> Holder {
+        Holder {
+            host_id: id.repeat(32 / id.len()),
+            hostname: "test".into(),
+            pid: 1,
+            started_ms: 0,
+        }
+    }
+
+    fn client(dir: &Path) -> Box<dyn ReplicaClient> {
+        Box::new(FileReplica::new(dir.to_path_buf()))
+    }
+
+    #[test]
+    fn a_live_lease_refuses_another_host_and_a_released_one_passes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("r");
+        let ttl = Duration::from_secs(30);
+        let (a, previous) = Lease::acquire(client(&root), &holder("a"), ttl).unwrap();
+        assert_eq!(previous, Previous::None);
+        a.fence().unwrap();
+        let refused = Lease::acquire(client(&root), &holder("b"), ttl)
+            .err()
+            .unwrap();
+        assert!(matches!(refused, LeaseError::Held { .. }), "{refused}");
+        assert!(refused.remaining().unwrap() > Duration::from_secs(25));
+        a.renew().unwrap();
+        a.release().unwrap();
+        assert!(a.fence().is_err(), "a released lease fences its writer");
+        let (_b, previous) = Lease::acquire(client(&root), &holder("b"), ttl).unwrap();
+        assert_eq!(previous, Previous::Foreign);
+        // The same host adopts its own lease (a previous run of its state directory).
+        let (_b2, previous) = Lease::acquire(client(&root), &holder("b"), ttl).unwrap();
+        assert_eq!(previous, Previous::Ours);
+    }
+
+    #[test]
+    fn an_expired_lease_is_taken_over_and_its_holder_loses_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("r");
+        let short = Duration::from_millis(300);
+        let (a, _) = Lease::acquire(client(&root), &holder("a"), short).unwrap();
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(a.fence().is_err(), "past the fence without renewal");
+        let (b, previous) = Lease::acquire(client(&root), &holder("b"), short).unwrap();
+        assert_eq!(previous, Previous::Foreign);
+        assert!(a.renew().is_err());
+        assert!(a.lost());
+        b.renew().unwrap();
+        b.fence().unwrap();
+    }
+
+    #[test]
+    fn racing_takers_of_an_expired_lease_leave_one_owner() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("r");
+        let short = Duration::from_millis(100);
+        for round in 0..20 {
+            let stale = holder("0");
+            let (_old, _) = Lease::acquire(client(&root), &stale, short).unwrap();
+            std::thread::sleep(Duration::from_millis(120));
+            let barrier = Arc::new(std::sync::Barrier::new(4));
+            let threads: Vec<_> = (1..=4)
+                .map(|n| {
+                    let (root, barrier) = (root.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        Lease::acquire(
+                            client(&root),
+                            &holder(&n.to_string()),
+                            Duration::from_secs(30),
+                        )
+                        .is_ok()
+                    })
+                })
+                .collect();
+            let winners = threads
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .filter(|&won| won)
+                .count();
+            assert_eq!(winners, 1, "round {round}");
+            let body =
+                LeaseBody::parse(&client(&root).read_lease().unwrap().unwrap().body).unwrap();
+            // Reset for the next round: release whatever won.
+            release(client(&root).as_ref(), &holder("0"), true).unwrap();
+            assert!(!body.released);
+        }
+        let names: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            [std::ffi::OsString::from(LEASE_NAME)],
+            "no temporaries left"
+        );
+    }
+
+    #[test]
+    fn release_refuses_a_live_lease_without_force() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("r");
+        let me = holder("c");
+        assert!(matches!(
+            release(client(&root).as_ref(), &me, false).unwrap(),
+            Released::None
+        ));
+        let (a, _) = Lease::acquire(client(&root), &holder("a"), Duration::from_secs(30)).unwrap();
+        let live = release(client(&root).as_ref(), &me, false).unwrap_err();
+        assert!(live.to_string().contains("lease is live"), "{live}");
+        assert!(matches!(
+            release(client(&root).as_ref(), &me, true).unwrap(),
+            Released::Live(_)
+        ));
+        assert!(
+            a.renew().is_err(),
+            "the holder finds out at its next renewal"
+        );
+        assert!(a.fence().is_err());
+        let (_, previous) =
+            Lease::acquire(client(&root), &holder("b"), Duration::from_secs(30)).unwrap();
+        assert_eq!(
+            previous,
+            Previous::Foreign,
+            "the released marker keeps the last holder"
+        );
+    }
+
+    #[test]
+    fn host_id_is_made_once_and_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let id = host_id(&dir).unwrap();
+        assert_eq!(id.len(), 32);
+        assert_eq!(host_id(&dir).unwrap(), id);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(HOST_ID_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_ne!(host_id(&tmp.path().join("other")).unwrap(), id);
+        std::fs::write(dir.join(HOST_ID_FILE), "nope").unwrap();
+        assert!(host_id(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("not a host id"));
+    }
+}
