@@ -341,6 +341,33 @@ fn assert_restores_agree(
     assert!(compared > 0, "no TXID to compare");
 }
 
+/// Commits a session at a time while multidb replicates for `MULTIDB_RUN`, each waited for in
+/// the replica, then stops it and checks that snapshots, compactions and level 0 all appeared.
+fn replicate_sessions_for_a_while(
+    replicating: Replicating,
+    db: &Path,
+    replica: &Path,
+) -> Vec<(u8, u64, u64)> {
+    let until = Instant::now() + MULTIDB_RUN;
+    let mut txid = wait_for_txid_above(replica, 0);
+    let mut session = 0;
+    while Instant::now() < until {
+        shell(db, &session_sql(session));
+        txid = wait_for_txid_above(replica, txid);
+        session += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    replicating.stop();
+    let files = replica_files(replica);
+    for level in [9, 1, 0] {
+        assert!(
+            files.iter().any(|f| f.0 == level),
+            "multidb wrote level {level}: {files:?}"
+        );
+    }
+    files
+}
+
 #[test]
 fn litestream_restores_what_multidb_replicates() {
     let tmp = tempfile::tempdir().unwrap();
@@ -348,23 +375,7 @@ fn litestream_restores_what_multidb_replicates() {
     let replica = tmp.path().join("replica");
     let url = url_of(&replica);
     let replicating = Replicating::start(&db, &url);
-    let until = Instant::now() + MULTIDB_RUN;
-    let mut txid = wait_for_txid_above(&replica, 0);
-    let mut session = 0;
-    while Instant::now() < until {
-        shell(&db, &session_sql(session));
-        txid = wait_for_txid_above(&replica, txid);
-        session += 1;
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    replicating.stop();
-    let files = replica_files(&replica);
-    for level in [9, 1, 0] {
-        assert!(
-            files.iter().any(|f| f.0 == level),
-            "multidb wrote level {level}: {files:?}"
-        );
-    }
+    replicate_sessions_for_a_while(replicating, &db, &replica);
     assert_restores_equal(&db, &url);
 
     // The replica as multidb wrote it: Litestream 0.5.17 refuses checksum-tracking files
@@ -415,23 +426,7 @@ fn litestream_restores_a_litestream_compatible_replica_at_every_txid() {
     let replica = tmp.path().join("replica");
     let url = url_of(&replica);
     let replicating = Replicating::start_with(&db, &url, &["--litestream-compatible"], &[]);
-    let until = Instant::now() + MULTIDB_RUN;
-    let mut txid = wait_for_txid_above(&replica, 0);
-    let mut session = 0;
-    while Instant::now() < until {
-        shell(&db, &session_sql(session));
-        txid = wait_for_txid_above(&replica, txid);
-        session += 1;
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    replicating.stop();
-    let files = replica_files(&replica);
-    for level in [9, 1, 0] {
-        assert!(
-            files.iter().any(|f| f.0 == level),
-            "multidb wrote level {level}: {files:?}"
-        );
-    }
+    let files = replicate_sessions_for_a_while(replicating, &db, &replica);
     for (level, min, max) in &files {
         let name = multidb_agent::replica::file_name(*min, *max);
         let path = replica.join(format!("ltx/{level}/{name}"));

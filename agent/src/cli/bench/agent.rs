@@ -166,14 +166,7 @@ pub fn agent(args: &AgentArgs) -> anyhow::Result<()> {
     if args.hot == 0 || args.hot > args.databases || args.writers == 0 {
         bail!("--hot must be 1 to --databases, --writers at least 1");
     }
-    let exe = std::env::current_exe().context("locating the multidb binary")?;
-    let extension = exe.with_file_name("libmultidb.so");
-    if !extension.exists() {
-        bail!(
-            "{} is missing: run `cargo build --release`",
-            extension.display()
-        );
-    }
+    let (exe, extension) = super::built_binaries()?;
     let (dir, tree, _) = bench_tree(&args.dir, args.databases)?;
     for stale in ["state", "replica"] {
         let _ = std::fs::remove_dir_all(dir.join(stale));

@@ -41,6 +41,19 @@ pub struct DiscoveryArgs {
     pub runs: usize,
 }
 
+/// This `multidb` binary and the libmultidb built beside it, for benchmarks that start both.
+fn built_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let exe = std::env::current_exe().context("locating the multidb binary")?;
+    let extension = exe.with_file_name("libmultidb.so");
+    if !extension.exists() {
+        bail!(
+            "{} is missing: run `cargo build --release`",
+            extension.display()
+        );
+    }
+    Ok((exe, extension))
+}
+
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort_unstable();
     samples[samples.len() / 2]

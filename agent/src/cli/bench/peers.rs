@@ -583,14 +583,7 @@ pub fn peers(args: &PeersArgs) -> anyhow::Result<()> {
             bail!("--databases: {size} is not a positive multiple of 1000");
         }
     }
-    let exe = std::env::current_exe().context("locating the multidb binary")?;
-    let extension = exe.with_file_name("libmultidb.so");
-    if !extension.exists() {
-        bail!(
-            "{} is missing: run `cargo build --release`",
-            extension.display()
-        );
-    }
+    let (_, extension) = super::built_binaries()?;
     let version = Command::new(&args.litestream)
         .arg("version")
         .output()
