@@ -117,6 +117,10 @@ pub fn follow(
     on_step(&first);
     let mut failures = 0u32;
     while !stop() {
+        // Polls start at a fixed rate: the next one is due an interval after this one
+        // started, not after it ended, so a commit waits at most one interval for the poll
+        // that finds it (a slow LIST or step does not add to that wait).
+        let started = Instant::now();
         match follower.poll() {
             Ok(step) => {
                 failures = 0;
@@ -125,7 +129,7 @@ pub fn follow(
                     on_step(step);
                 }
                 if !step.is_some_and(|s| s.behind) {
-                    wait(options.interval, stop);
+                    wait(options.interval.saturating_sub(started.elapsed()), stop);
                 }
             }
             Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),

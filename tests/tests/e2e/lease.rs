@@ -116,6 +116,13 @@ impl Host {
         child.wait().unwrap().code()
     }
 
+    /// Sends `signal` to the running agent (SIGSTOP/SIGCONT: a host that hangs and resumes).
+    fn signal(&self, signal: i32) {
+        let child = self.agent.as_ref().expect("running");
+        // SAFETY: signalling our own child, which has not been reaped.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
     /// Commits row `v` with libmultidb loaded and returns `multidb_wait(timeout_ms)` and
     /// `multidb_status()` after it.
     fn commit(&self, v: &str, timeout_ms: u64) -> (String, Value) {
@@ -189,6 +196,14 @@ fn rows(db: &Path) -> Vec<String> {
         .arg("SELECT v FROM t ORDER BY id"));
     assert_eq!(out.code, 0, "{}", out.stderr);
     out.stdout.lines().map(str::to_string).collect()
+}
+
+/// The wall clock in Unix ms, as lease expiries are written.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 fn txid_of(status: &Value) -> u64 {
@@ -327,12 +342,8 @@ fn two_hosts(replica: &str, url: &str, env: &[(&'static str, String)], lease: &d
     assert_eq!(b.stop(libc::SIGKILL), None);
     a.start();
     let status = a.commit_until_acknowledged("a-back");
-    let acknowledged_ms = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
     assert!(
-        acknowledged_ms >= expires_ms,
+        now_ms() >= expires_ms,
         "taken over before the lease expired"
     );
     let last_b = history.last().unwrap().0;
@@ -368,6 +379,39 @@ fn two_hosts(replica: &str, url: &str, env: &[(&'static str, String)], lease: &d
         rows(&latest),
         rows(&b.db),
         "nothing of host A's after the release"
+    );
+
+    eprintln!(
+        "{:?}: B took the lease with release --force",
+        started.elapsed()
+    );
+    // B hangs while it holds the lease (SIGSTOP: a frozen host or VM): A takes over only
+    // after the lease expired; B, resumed, finds its lease gone and writes nothing more.
+    let expires_ms = lease()["expires_ms"].as_i64().unwrap();
+    b.signal(libc::SIGSTOP);
+    let status = a.commit_until_acknowledged("a-after-hang");
+    assert!(
+        now_ms() >= expires_ms,
+        "taken over before the hung holder's lease expired"
+    );
+    history.push((txid_of(&status), rows(&a.db)));
+    b.signal(libc::SIGCONT);
+    let (wait, status) = b.commit("b-resumed", 5000);
+    assert_eq!(
+        wait,
+        "0",
+        "the resumed old holder is not acknowledged: {status}\n{}",
+        b.log()
+    );
+    assert_eq!(lease()["pid"], a.agent.as_ref().unwrap().id());
+    write_history(&a, "a-owner", 2, &mut history);
+    assert_history_restores(&a, &history, tmp.path());
+    let latest = tmp.path().join("latest-a3.db");
+    assert_eq!(a.restore(None, &latest).code, 0);
+    assert_eq!(
+        rows(&latest),
+        rows(&a.db),
+        "nothing of the resumed host B's in the replica"
     );
     assert_eq!(a.stop(libc::SIGTERM), Some(0), "{}", a.log());
     assert_eq!(b.stop(libc::SIGTERM), Some(0), "{}", b.log());

@@ -35,6 +35,10 @@ pub struct AgentArgs {
     /// How long the idle phase is watched
     #[arg(long, default_value = "20s", value_parser = crate::config::parse_duration)]
     pub idle: Duration,
+    /// The agent's `watch` setting: `false` measures the same load with scans only, the
+    /// baseline for what the inotify watches cost
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub watch: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -176,9 +180,10 @@ pub fn agent(args: &AgentArgs) -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "multi_db:\n  discovery_pattern: \"{}\"\n  max_active: {}\n  scan_interval: 30s\n  sync_interval: 1s\n  idle_timeout: 60s\n  state_dir: \"{}\"\n  replica_template:\n    type: file\n    path: \"{}/{{{{project}}}}/{{{{database}}}}/{{{{branch}}}}/{{{{tenant}}}}\"\n",
+            "multi_db:\n  discovery_pattern: \"{}\"\n  max_active: {}\n  scan_interval: 30s\n  sync_interval: 1s\n  idle_timeout: 60s\n  watch: {}\n  state_dir: \"{}\"\n  replica_template:\n    type: file\n    path: \"{}/{{{{project}}}}/{{{{database}}}}/{{{{branch}}}}/{{{{tenant}}}}\"\n",
             generate::pattern_for(&tree),
             args.hot.max(1),
+            args.watch,
             dir.join("state").display(),
             dir.join("replica").display()
         ),
@@ -314,7 +319,7 @@ pub fn agent(args: &AgentArgs) -> anyhow::Result<()> {
 
     let rate = committed as f64 / args.duration.as_secs_f64();
     let hot_n = max_hot.max(1) as f64;
-    println!("agent at host scale ({} databases discovered; `find` over the same tree: {find_count} files in {:.0} ms, the baseline for a full walk)", discovered, find_time.as_secs_f64() * 1e3);
+    println!("agent at host scale ({} databases discovered, watch: {}; `find` over the same tree: {find_count} files in {:.0} ms, the baseline for a full walk)", discovered, args.watch, find_time.as_secs_f64() * 1e3);
     println!(
         "  idle {} s, nothing written: agent CPU {:.2}% of a core, RSS {}, {} descriptors, {} replica files written (goal: 0 requests, CPU ≈ 0, RSS ≤ 32 MB)",
         args.idle.as_secs(),

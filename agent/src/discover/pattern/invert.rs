@@ -293,4 +293,25 @@ mod tests {
             .unwrap_err()
             .contains("two values"));
     }
+
+    #[test]
+    fn locations_that_would_leave_the_data_root_name_no_database() {
+        // S3 keys may hold `..`, `.` or empty components; a directory walk never yields them,
+        // a hostile bucket can. None may map to a path outside the pattern's root.
+        let inv = inverse(SEED, "/r/{{project}}/{{database}}/{{branch}}/{{tenant}}").unwrap();
+        assert_eq!(
+            inv.database("/r/p1/userdb/main/acme").unwrap().0,
+            "/data/p1/databases/userdb/branches/main/tenants/acme.db"
+        );
+        for location in [
+            "/r/../userdb/main/acme",
+            "/r/p1/../main/acme",
+            "/r/p1/userdb/./acme",
+            "/r/p1/userdb/main/..",
+            "/r/p1//main/acme",
+        ] {
+            let e = inv.database(location).unwrap_err();
+            assert!(!e.is_empty(), "{location}");
+        }
+    }
 }
