@@ -465,10 +465,12 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     scheduler.recover(watch_start_ns, options.baseline)?;
     scheduler.main_loop(&event_rx, &done_rx, &maintained_rx, options.stop.as_ref());
     let unsynced = scheduler.shut_down(&done_rx);
+    reader_stop.store(true, Ordering::Relaxed);
+    // The hot databases' replicators go with the scheduler, so only a write still in
+    // flight keeps its lease from being released.
+    drop(scheduler);
     // Handed over now, not at expiry: a tenant moving hosts goes on at once.
     leases.release_all();
-    reader_stop.store(true, Ordering::Relaxed);
-    drop(scheduler);
     // A reader blocked on a full queue returns when its send fails.
     drop(event_rx);
     let _ = reader.join();

@@ -380,10 +380,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 poll: *poll,
                 max_backoff: std::time::Duration::from_secs(5),
                 litestream_compatible: *litestream_compatible,
+                // After another host's lease the replica may be past any saved position: the
+                // replicator forgets it before its first write.
+                previous_lease: previous,
             };
-            // After another host's lease the replica may be past any saved position.
-            let foreign = previous == crate::replica::lease::Previous::Foreign;
-            let store = match state_dir.as_ref().filter(|_| !foreign) {
+            let store = match state_dir.as_ref() {
                 Some(dir) => Some(std::sync::Arc::new(
                     crate::replicate::state::StateStore::open(dir).map_err(anyhow::Error::from)?,
                 )),

@@ -43,6 +43,68 @@ fn link_new(from: &Path, to: &Path) -> io::Result<bool> {
     }
 }
 
+/// The lock around a lease's compare-and-swap on a directory replica: a directory made with
+/// `mkdir` (atomic, on NFS too) beside the lease, removed when dropped. One left by a process
+/// killed while holding it is broken after [`LEASE_LOCK_STALE`].
+struct LeaseLock {
+    path: PathBuf,
+}
+
+/// A lease lock older than this was left by a process that died holding it (a holder keeps
+/// it for one read and one rename).
+const LEASE_LOCK_STALE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a writer waits for another's lease lock before the write fails (and is retried
+/// by its caller: a renewal at the keeper's next look).
+const LEASE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl LeaseLock {
+    fn take(root: &Path) -> io::Result<LeaseLock> {
+        let path = root.join(format!("{}.lock", super::lease::LEASE_NAME));
+        let deadline = std::time::Instant::now() + LEASE_LOCK_WAIT;
+        loop {
+            match fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(LeaseLock { path }),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+            let age = fs::symlink_metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|age| age >= LEASE_LOCK_STALE) {
+                // Renamed away before it is removed: of two processes breaking it, one wins.
+                let aside = root.join(format!(
+                    ".{}.lock.{:016x}.stale",
+                    super::lease::LEASE_NAME,
+                    crate::time::random_u64()
+                ));
+                if fs::rename(&path, &aside).is_ok() {
+                    tracing::warn!(lock = %path.display(), "broke a lease lock left by a process that died holding it");
+                    let _ = fs::remove_dir(&aside);
+                }
+                continue;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "{} is held by another writer of the lease; try again",
+                        path.display()
+                    ),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for LeaseLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
 impl FileReplica {
     /// A name at the root for a temporary of `name`, unique to this process and call.
     fn temporary_name(&self, name: &str, kind: &str) -> PathBuf {
@@ -228,10 +290,10 @@ impl ReplicaClient for FileReplica {
         }
     }
 
-    /// Without a compare-and-swap in the file system: a new lease is linked in (a link never
-    /// replaces), and a lease is replaced by renaming the current one aside (of two racing
-    /// writers, one rename succeeds), checking that it is the expected version, and linking
-    /// the new one in. Anything unexpected renamed aside is put back.
+    /// A compare-and-swap the file system does not offer, made of a lock around a check and
+    /// a rename: under [`LeaseLock`] the current lease is read and compared with `expected`
+    /// (none, or the version we last wrote), and the new one renamed over it. The lease's
+    /// path never goes missing, so a reader never takes a live lease for no lease.
     fn write_lease(
         &self,
         body: &[u8],
@@ -240,26 +302,21 @@ impl ReplicaClient for FileReplica {
         let path = self.root.join(super::lease::LEASE_NAME);
         let tmp = self.private_temporary(super::lease::LEASE_NAME, "tmp", body)?;
         let swapped = (|| -> io::Result<bool> {
-            let Some(expected) = expected else {
-                return link_new(&tmp, &path);
-            };
-            let aside = self.temporary_name(super::lease::LEASE_NAME, "aside");
-            match fs::rename(&path, &aside) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            let _lock = LeaseLock::take(&self.root)?;
+            let current = match fs::read(&path) {
+                Ok(bytes) => Some(bytes),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
                 Err(e) => return Err(e),
-            }
-            let was = fs::read(&aside)?;
-            let won = if super::lease::file_tag(&was) == expected {
-                link_new(&tmp, &path)?
-            } else {
-                // Not the version we meant to replace: someone else's newer lease goes back
-                // (unless yet another writer has linked one in meanwhile).
-                let _ = link_new(&aside, &path);
-                false
             };
-            let _ = fs::remove_file(&aside);
-            Ok(won)
+            let as_expected = match (expected, &current) {
+                (None, None) => true,
+                (Some(expected), Some(was)) => super::lease::file_tag(was) == expected,
+                _ => false,
+            };
+            if as_expected {
+                fs::rename(&tmp, &path)?;
+            }
+            Ok(as_expected)
         })();
         let _ = fs::remove_file(&tmp);
         if swapped.map_err(self.io(&path, "write lease"))? {
@@ -322,5 +379,57 @@ mod tests {
             Err(ReplicaError::NotFound { .. })
         ));
         assert!(replica.list(9).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_lease_being_replaced_never_goes_missing_for_a_reader() {
+        let tmp = tempfile::tempdir().unwrap();
+        let replica = FileReplica::new(tmp.path().join("r"));
+        let mut tag = replica.write_lease(b"v0", None).unwrap().unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let mut reads = 0;
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    assert!(
+                        replica.read_lease().unwrap().is_some(),
+                        "missing after {reads}"
+                    );
+                    reads += 1;
+                }
+                reads
+            });
+            for n in 1..300 {
+                let body = format!("v{n}");
+                tag = replica
+                    .write_lease(body.as_bytes(), Some(&tag))
+                    .unwrap()
+                    .expect("our own version");
+            }
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            assert!(reader.join().unwrap() > 0);
+        });
+        // A stale version loses; creating over an existing lease loses.
+        assert_eq!(replica.write_lease(b"late", Some("stale")).unwrap(), None);
+        assert_eq!(replica.write_lease(b"new", None).unwrap(), None);
+    }
+
+    #[test]
+    fn a_lease_lock_left_by_a_dead_process_is_broken() {
+        let tmp = tempfile::tempdir().unwrap();
+        let replica = FileReplica::new(tmp.path().join("r"));
+        let tag = replica.write_lease(b"v0", None).unwrap().unwrap();
+        let lock = tmp.path().join("r").join("multidb.lease.lock");
+        fs::create_dir(&lock).unwrap();
+        // A fresh lock is waited for, then the write fails and may be retried.
+        let busy = replica.write_lease(b"v1", Some(&tag)).unwrap_err();
+        assert!(
+            busy.to_string().contains("held by another writer"),
+            "{busy}"
+        );
+        let old = std::time::SystemTime::now() - LEASE_LOCK_STALE * 2;
+        fs::File::open(&lock).unwrap().set_modified(old).unwrap();
+        assert!(replica.write_lease(b"v1", Some(&tag)).unwrap().is_some());
+        assert!(!lock.exists());
     }
 }

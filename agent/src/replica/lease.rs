@@ -2,9 +2,9 @@
 //!
 //! While an agent (or `multidb replicate`) writes a location it holds `multidb.lease` there,
 //! naming its host id, host name, pid and an expiry. It is taken with a conditional create
-//! (`If-None-Match: *` on S3, a hard link on a directory), renewed and taken over with a
-//! compare-and-swap on its version (`If-Match: <etag>` on S3; on a directory the old file is
-//! renamed aside, checked, and the new one linked in, so of two racing writers one wins), and
+//! (`If-None-Match: *` on S3), renewed and taken over with a compare-and-swap on its version
+//! (`If-Match: <etag>` on S3; on a directory a check and a rename under a lock directory,
+//! see `FileReplica::write_lease`), and
 //! released by writing it back as `released` (never deleted: the next owner must see that
 //! another host wrote here, so that it trusts the replica, not its own saved position).
 //!
@@ -41,6 +41,9 @@ const IDLE_RELEASE_AFTER: Duration = Duration::from_secs(1);
 /// Longest time one keeper pass spends releasing, so renewals are never far behind (a
 /// release on a busy disk costs two fsyncs).
 const RELEASE_BUDGET: Duration = Duration::from_millis(250);
+
+/// How long a clean stop waits for writers still using a lease before leaving it to expire.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// How often the keeper looks at its leases, at most: renewals are due every third of the TTL
 /// and a failed one is tried again at the next look.
@@ -117,6 +120,18 @@ fn machine_id() -> String {
         crate::ltx::checksum_page(1, name.as_bytes()),
         crate::ltx::checksum_page(2, name.as_bytes())
     )
+}
+
+/// Whether a process with this pid runs on this machine (a zombie or another user's process
+/// counts: only "no such process" says it is gone).
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH))
 }
 
 fn random_hex() -> std::io::Result<String> {
@@ -294,6 +309,9 @@ pub struct Lease {
     lost: AtomicBool,
     /// Since when no writer holds it ([`mono_ns`]; 0 while one does), for the keeper.
     idle_since_ns: AtomicU64,
+    /// What the lease said when this process took it: every writer that shares it must
+    /// know whether another host wrote before (a maintenance pass may take it first).
+    previous: Previous,
 }
 
 impl Lease {
@@ -306,10 +324,22 @@ impl Lease {
         ttl: Duration,
     ) -> Result<(Lease, Previous), LeaseError> {
         let location = client.url();
+        // Our last conditional write, when it reported a failed condition: a retried request
+        // whose first attempt landed sees its own object.
+        let mut attempt: Option<(Vec<u8>, u64, Previous)> = None;
         for _ in 0..4 {
             let sent = mono_ns();
             let body = LeaseBody::new(me, ttl, false).to_bytes();
-            let (expected, previous) = match client.read_lease()? {
+            let stored = client.read_lease()?;
+            if let (Some(stored), Some((mine, mine_sent, previous))) = (&stored, &attempt) {
+                if &stored.body == mine {
+                    return Ok((
+                        Lease::held(client, me, ttl, stored.tag.clone(), *mine_sent, *previous),
+                        *previous,
+                    ));
+                }
+            }
+            let (expected, previous) = match stored {
                 None => (None, Previous::None),
                 Some(stored) => {
                     let current =
@@ -318,6 +348,22 @@ impl Lease {
                             why,
                         })?;
                     let previous = if current.host_id == me.host_id {
+                        // This host's: a previous run (dead: one agent per state directory),
+                        // unless another process of this host still holds it live (two
+                        // `multidb replicate` runs without a state directory share the
+                        // machine's id).
+                        let remaining = current.remaining();
+                        if !remaining.is_zero()
+                            && current.pid != me.pid
+                            && current.hostname == me.hostname
+                            && process_alive(current.pid)
+                        {
+                            return Err(LeaseError::Held {
+                                location,
+                                holder: current.describe(),
+                                remaining,
+                            });
+                        }
                         Previous::Ours
                     } else {
                         let remaining = current.remaining();
@@ -334,20 +380,32 @@ impl Lease {
                 }
             };
             if let Some(tag) = client.write_lease(&body, expected.as_deref())? {
-                let lease = Lease {
-                    client,
-                    me: me.clone(),
-                    ttl,
-                    tag: Mutex::new(tag),
-                    renewed_ns: AtomicU64::new(sent),
-                    lost: AtomicBool::new(false),
-                    idle_since_ns: AtomicU64::new(0),
-                };
-                return Ok((lease, previous));
+                return Ok((Lease::held(client, me, ttl, tag, sent, previous), previous));
             }
-            // Someone else wrote meanwhile: look again.
+            // Someone else wrote meanwhile, or our own retried request did: look again.
+            attempt = Some((body, sent, previous));
         }
         Err(LeaseError::Contended { location })
+    }
+
+    fn held(
+        client: Box<dyn ReplicaClient>,
+        me: &Holder,
+        ttl: Duration,
+        tag: String,
+        sent: u64,
+        previous: Previous,
+    ) -> Lease {
+        Lease {
+            client,
+            me: me.clone(),
+            ttl,
+            tag: Mutex::new(tag),
+            renewed_ns: AtomicU64::new(sent),
+            lost: AtomicBool::new(false),
+            idle_since_ns: AtomicU64::new(0),
+            previous,
+        }
     }
 
     /// The location, for messages.
@@ -570,7 +628,8 @@ impl LeaseKeeper {
             return Err(LeaseError::Stopped { location: key });
         }
         if let Some(lease) = self.held().get(&key).filter(|l| !l.lost()) {
-            return Ok((Box::new(Leased::new(client, lease.clone())), Previous::Ours));
+            let previous = lease.previous;
+            return Ok((Box::new(Leased::new(client, lease.clone())), previous));
         }
         let (lease, previous) = Lease::acquire(url.client()?, &self.inner.me, self.inner.ttl)?;
         let lease = Arc::new(lease);
@@ -641,13 +700,28 @@ impl LeaseKeeper {
         }
     }
 
-    /// Releases every lease (at a clean stop) and ends the renewal thread.
+    /// Releases every lease (at a clean stop) and ends the renewal thread. No write starts
+    /// once this begins (every lease is marked lost first); a lease whose writer is still
+    /// in the middle of one (a maintenance pass, a sync the stop gave up waiting for) is
+    /// released once that writer lets go, or, after [`RELEASE_WAIT`], left to expire:
+    /// released under a write in flight, another host could start before it lands.
     pub fn release_all(&self) {
         self.inner.stop.store(true, Ordering::Release);
         let _pass = self.inner.pass.lock().unwrap_or_else(|e| e.into_inner());
         let leases: Vec<Arc<Lease>> = self.held().drain().map(|(_, l)| l).collect();
+        for lease in &leases {
+            lease.lost.store(true, Ordering::Release);
+        }
+        let deadline = Instant::now() + RELEASE_WAIT;
         for lease in leases {
-            if let Err(e) = lease.release() {
+            while Arc::strong_count(&lease) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if Arc::strong_count(&lease) > 1 {
+                tracing::warn!(replica = %lease.location(), "a write was still in flight at the stop; its lease is left to expire");
+                continue;
+            }
+            if let Err(e) = lease.swap(true) {
                 tracing::warn!(replica = %lease.location(), error = %e, "releasing a lease failed; it expires on its own");
             }
         }
@@ -742,7 +816,12 @@ pub fn release(
             nonce: crate::time::random_u64(),
             ..body.clone()
         },
-        Err(_) => LeaseBody::new(me, Duration::ZERO, true),
+        // No host's: whoever takes the location next counts it as another host's.
+        Err(_) => LeaseBody {
+            host_id: String::new(),
+            hostname: String::new(),
+            ..LeaseBody::new(me, Duration::ZERO, true)
+        },
     };
     if client
         .write_lease(&marker.to_bytes(), Some(&stored.tag))?
@@ -918,14 +997,19 @@ mod tests {
             .contains("not a host id"));
     }
 
-    /// A store that answers lease writes slowly, counting how many are in flight at once.
-    struct Slow {
+    type WriteHook = Box<
+        dyn Fn(&dyn ReplicaClient, &[u8], Option<&str>) -> Result<Option<String>, ReplicaError>
+            + Send
+            + Sync,
+    >;
+
+    /// A store whose lease writes go through `hook` (slow answers, lost answers).
+    struct Hooked {
         inner: Box<dyn ReplicaClient>,
-        in_flight: Arc<AtomicU64>,
-        most: Arc<AtomicU64>,
+        hook: WriteHook,
     }
 
-    impl ReplicaClient for Slow {
+    impl ReplicaClient for Hooked {
         fn url(&self) -> String {
             self.inner.url()
         }
@@ -973,13 +1057,73 @@ mod tests {
             body: &[u8],
             expected: Option<&str>,
         ) -> Result<Option<String>, ReplicaError> {
-            let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
-            self.most.fetch_max(now, Ordering::AcqRel);
-            std::thread::sleep(Duration::from_millis(50));
-            let written = self.inner.write_lease(body, expected);
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            written
+            (self.hook)(self.inner.as_ref(), body, expected)
         }
+    }
+
+    #[test]
+    fn a_write_that_landed_although_its_answer_was_lost_takes_the_lease() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("r");
+        let ttl = Duration::from_secs(30);
+        let (first, _) = Lease::acquire(client(&root), &holder("b"), ttl).unwrap();
+        first.release().unwrap();
+        // The first conditional write lands, but its caller is told the condition failed (a
+        // retried request that saw its own first attempt).
+        let answered = AtomicBool::new(false);
+        let lossy = Hooked {
+            inner: client(&root),
+            hook: Box::new(move |inner, body, expected| {
+                let written = inner.write_lease(body, expected)?;
+                Ok(written.filter(|_| answered.swap(true, Ordering::AcqRel)))
+            }),
+        };
+        let (lease, previous) = Lease::acquire(Box::new(lossy), &holder("a"), ttl).unwrap();
+        assert_eq!(previous, Previous::Foreign, "what the first look found");
+        lease.renew().unwrap();
+        lease.fence().unwrap();
+    }
+
+    #[test]
+    fn a_live_lease_of_another_process_of_this_host_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("r");
+        let ttl = Duration::from_secs(30);
+        let me = Holder::of_process(Some(tmp.path())).unwrap();
+        // Our parent runs: its live lease is not ours to adopt.
+        let parent = Holder {
+            pid: std::os::unix::process::parent_id(),
+            ..me.clone()
+        };
+        let (_held, _) = Lease::acquire(client(&root), &parent, ttl).unwrap();
+        let refused = Lease::acquire(client(&root), &me, ttl).err().unwrap();
+        assert!(matches!(refused, LeaseError::Held { .. }), "{refused}");
+        // A process of this host that is gone: its lease is adopted at once.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        child.wait().unwrap();
+        let dead = Holder {
+            pid: child.id(),
+            ..me.clone()
+        };
+        let other = tmp.path().join("r2");
+        let (_gone, _) = Lease::acquire(client(&other), &dead, ttl).unwrap();
+        let (_adopted, previous) = Lease::acquire(client(&other), &me, ttl).unwrap();
+        assert_eq!(previous, Previous::Ours);
+    }
+
+    #[test]
+    fn an_unreadable_lease_released_counts_as_another_host_s() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("r");
+        let (lease, _) =
+            Lease::acquire(client(&root), &holder("a"), Duration::from_secs(30)).unwrap();
+        drop(lease);
+        std::fs::write(root.join(LEASE_NAME), b"not json").unwrap();
+        let released = release(client(&root).as_ref(), &holder("a"), false).unwrap();
+        assert!(matches!(released, Released::Unreadable(_)), "{released:?}");
+        let (_lease, previous) =
+            Lease::acquire(client(&root), &holder("a"), Duration::from_secs(30)).unwrap();
+        assert_eq!(previous, Previous::Foreign);
     }
 
     #[test]
@@ -988,10 +1132,17 @@ mod tests {
         let (in_flight, most) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let leases: Vec<Arc<Lease>> = (0..40)
             .map(|n| {
-                let slow = Slow {
+                let (in_flight, most) = (in_flight.clone(), most.clone());
+                let slow = Hooked {
                     inner: client(&tmp.path().join(n.to_string())),
-                    in_flight: in_flight.clone(),
-                    most: most.clone(),
+                    hook: Box::new(move |inner, body, expected| {
+                        let now = in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+                        most.fetch_max(now, Ordering::AcqRel);
+                        std::thread::sleep(Duration::from_millis(50));
+                        let written = inner.write_lease(body, expected);
+                        in_flight.fetch_sub(1, Ordering::AcqRel);
+                        written
+                    }),
                 };
                 let ttl = Duration::from_secs(30);
                 Arc::new(Lease::acquire(Box::new(slow), &holder("a"), ttl).unwrap().0)

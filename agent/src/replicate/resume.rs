@@ -34,6 +34,11 @@ impl Replicator {
                                 .map_err(self.replica_err())?;
                             // Whatever this host saved belongs to an older stretch of history.
                             self.trust_saved = false;
+                            if let Some(store) = &self.store {
+                                if let Err(e) = store.forget(&mine, &self.replica.url()) {
+                                    tracing::warn!(db = %mine, error = %e, "forgetting a stale saved position failed");
+                                }
+                            }
                         }
                         IdentityMatch::Moved { from } => return Err(refuse(from)),
                         IdentityMatch::Other { holder } => return Err(refuse(holder)),
@@ -79,9 +84,22 @@ impl Replicator {
         &mut self,
         wal: Option<&(File, WalHeader)>,
     ) -> Result<Option<State>, ReplicateError> {
-        let Some(store) = self.store.as_ref().filter(|_| self.trust_saved) else {
+        let Some(store) = self.store.as_ref() else {
             return Ok(None);
         };
+        if !self.trust_saved {
+            // Deleted before the first write under the new lease: a crash or a lost lease
+            // before this replicator saves a position of its own must not leave the old one
+            // to be trusted by the next run, whose lease will then look like this host's.
+            store
+                .forget(&self.name(), &self.replica.url())
+                .map_err(|e| ReplicateError::Io {
+                    db: self.name(),
+                    op: "forget a saved position another host's writes made stale",
+                    error: std::io::Error::other(e.to_string()),
+                })?;
+            return Ok(None);
+        }
         let saved = match store.load(&self.name(), &self.replica.url()) {
             Ok(Some(p)) => p,
             Ok(None) => return Ok(None),

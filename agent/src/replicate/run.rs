@@ -14,6 +14,8 @@ pub struct RunOptions {
     pub max_backoff: std::time::Duration,
     /// Write files Litestream 0.5.17 restores ([`Replicator::litestream_compatible`]).
     pub litestream_compatible: bool,
+    /// What the lease taken for this run said before ([`Replicator::with_previous_lease`]).
+    pub previous_lease: crate::replica::lease::Previous,
 }
 
 /// The replication loop: syncs when the WAL changes, until `stop` says so (then one final
@@ -29,7 +31,8 @@ pub fn run_with(
 ) -> Result<u64, ReplicateError> {
     let url = replica.url();
     let mut replicator = Replicator::open(db, replica, tmp_dir)?
-        .litestream_compatible(options.litestream_compatible);
+        .litestream_compatible(options.litestream_compatible)
+        .with_previous_lease(options.previous_lease);
     if let Some(store) = store {
         replicator = replicator.with_state(store);
     }

@@ -245,6 +245,18 @@ impl StateStore {
         read().map(Some).map_err(self.err("decode"))
     }
 
+    /// Forgets the saved position of `db` at `replica`: another host wrote there since, so
+    /// it describes an older stretch of the replica's history and must never be resumed.
+    pub fn forget(&self, db: &str, replica: &str) -> Result<(), StateError> {
+        self.lock()
+            .execute(
+                "DELETE FROM positions WHERE db = ?1 AND replica = ?2",
+                [db, replica],
+            )
+            .map(|_| ())
+            .map_err(self.err("forget"))
+    }
+
     /// Saves the position after the replica acknowledged it.
     pub fn save(&self, db: &str, replica: &str, p: &Position) -> Result<(), StateError> {
         let now = std::time::SystemTime::now()

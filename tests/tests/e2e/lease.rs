@@ -318,7 +318,7 @@ fn two_hosts(replica: &str, url: &str, env: &[(&'static str, String)], lease: &d
     // A clean stop releases the lease: B takes over at its next write, with a snapshot at
     // the next TXID, and every earlier point stays restorable.
     assert_eq!(a.stop(libc::SIGTERM), Some(0), "{}", a.log());
-    assert_eq!(lease()["released"], true);
+    assert_eq!(lease()["released"], true, "{}", a.log());
     let last_a = history.last().unwrap().0;
     let status = b.commit_until_acknowledged("b");
     assert!(txid_of(&status) > last_a, "{status}");
@@ -365,6 +365,14 @@ fn two_hosts(replica: &str, url: &str, env: &[(&'static str, String)], lease: &d
     );
     let status = b.commit_until_acknowledged("b-forced");
     history.push((txid_of(&status), rows(&b.db)));
+    // A still running learns of it at its next renewal (a third of the TTL at most; until
+    // then it may still write, which is why the README says --force is for a host that is
+    // gone).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.log().contains("lease lost") {
+        assert!(Instant::now() < deadline, "A never noticed: {}", a.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (wait, status) = a.commit("a-fenced", 5000);
     assert_eq!(
         wait,
@@ -448,4 +456,63 @@ fn two_hosts_share_an_s3_replica() {
         let stored = reader.read_lease().unwrap().expect("a lease object");
         serde_json::from_slice(&stored.body).unwrap()
     });
+}
+
+/// Two hosts take turns at one location with `multidb replicate --once`, each with a state
+/// directory of its own (so a host id of its own). A host that takes over after the other
+/// wrote forgets its own older saved position before it writes: resuming from it would
+/// number its next file after a TXID the other host has already used.
+#[test]
+fn a_host_that_took_over_never_resumes_its_older_saved_position() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("tenant.db");
+    let made = run(Command::new("sqlite3")
+        .arg(&db)
+        .arg("PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);"));
+    assert_eq!(made.code, 0, "{}", made.stderr);
+    let url = format!("file://{}", tmp.path().join("replica").display());
+    let mut history = Vec::new();
+    let mut turn = |host: &str, v: &str| {
+        let insert = run(Command::new("sqlite3")
+            .arg(&db)
+            .arg(format!("INSERT INTO t(v) VALUES ('{v}');")));
+        assert_eq!(insert.code, 0, "{}", insert.stderr);
+        let state = tmp.path().join(format!("state-{host}"));
+        let out = run(multidb(tmp.path())
+            .args(["replicate", "--once", "--state-dir"])
+            .arg(&state)
+            .arg(&db)
+            .arg(&url));
+        assert_eq!(out.code, 0, "{host} {v}: {}", out.stderr);
+        history.push(rows(&db));
+    };
+    turn("a", "a1");
+    turn("a", "a2");
+    turn("b", "b1");
+    turn("b", "b2");
+    turn("a", "a3"); // takes over from B
+    turn("a", "a4"); // its own lease now: resumes from what it saved after taking over
+    turn("b", "b3");
+    let latest = tmp.path().join("latest.db");
+    let out = run(multidb(tmp.path())
+        .args(["restore", "-o"])
+        .arg(&latest)
+        .arg(&url));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        rows(&latest),
+        rows(&db),
+        "the latest restore is the database"
+    );
+    for (n, expected) in history.iter().enumerate() {
+        let txid = n + 1;
+        let out_path = tmp.path().join(format!("at-{txid}.db"));
+        let out = run(multidb(tmp.path())
+            .args(["restore", "-o"])
+            .arg(&out_path)
+            .args(["--txid", &txid.to_string()])
+            .arg(&url));
+        assert_eq!(out.code, 0, "restore --txid {txid}: {}", out.stderr);
+        assert_eq!(&rows(&out_path), expected, "TXID {txid}");
+    }
 }

@@ -171,6 +171,7 @@ fn prepare_file_replicas(config: &Config, size: usize) -> anyhow::Result<Vec<Str
             poll: Duration::from_millis(10),
             max_backoff: Duration::from_secs(1),
             litestream_compatible: false,
+            previous_lease: crate::replica::lease::Previous::None,
         };
         crate::replicate::run_with(
             Path::new(db),

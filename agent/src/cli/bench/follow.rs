@@ -66,6 +66,7 @@ pub fn follow(args: &FollowArgs) -> anyhow::Result<()> {
         poll: Duration::from_millis(10),
         max_backoff: Duration::from_secs(1),
         litestream_compatible: false,
+        previous_lease: crate::replica::lease::Previous::None,
     };
     let follow_options = FollowOptions {
         interval: args.interval,

@@ -127,6 +127,7 @@ fn latency(args: &ReplicateArgs, tmp: &Path) -> anyhow::Result<()> {
         poll: Duration::from_millis(10),
         max_backoff: Duration::from_secs(1),
         litestream_compatible: false,
+        previous_lease: crate::replica::lease::Previous::None,
     };
     let (commits, idle_requests) =
         std::thread::scope(|scope| -> anyhow::Result<(Commits, Option<u64>)> {
