@@ -209,8 +209,12 @@ fn catalogue_row(catalogue: &Catalogue, found: Found) -> Row {
     let read = (|| -> Result<(bool, Vec<FileInfo>), String> {
         let client = catalogue.client(fields)?;
         let has_identity = found.listing.as_ref().is_none_or(|l| l.has_identity);
-        let identity =
-            crate::replicate::catalogue::check_identity(client.as_ref(), path, has_identity)?;
+        let identity = crate::replicate::catalogue::check_identity(
+            client.as_ref(),
+            path,
+            fields,
+            has_identity,
+        )?;
         let files = match found.listing {
             Some(listing) => listing.files,
             None => crate::replicate::restore::list_all(client.as_ref())

@@ -36,12 +36,14 @@ pub enum CatalogueError {
 const QUEUED_PER_JOB: usize = 4;
 
 /// Checks that the identity object of `client`'s replica, if it has one, names the database at
-/// `path`: a location that reads back into one path but holds another database's history is
-/// misfiled, and is never taken for this database. `has_identity` false (a walk saw no
+/// `path` or the same tenant (`fields`) under another path: a location that reads back into
+/// one path but holds another database's history is misfiled, and is never taken for this
+/// database. `has_identity` false (a walk saw no
 /// identity object) saves the request. Returns whether an identity was found.
 pub fn check_identity(
     client: &dyn ReplicaClient,
     path: &str,
+    fields: &Fields,
     has_identity: bool,
 ) -> Result<bool, String> {
     if !has_identity {
@@ -58,7 +60,15 @@ pub fn check_identity(
             .ok()
             .zip(std::path::absolute(path).ok())
             .is_some_and(|(a, b)| a == b);
-    if !same {
+    // The same tenant under another data root (a host with another layout, a tenant moved)
+    // recorded the same fields: its history is this database's, as a single restore says.
+    let moved = || {
+        !matches!(
+            crate::replica::identity_match(&bytes, path, Some(fields)),
+            crate::replica::IdentityMatch::Other { .. }
+        )
+    };
+    if !same && !moved() {
         return Err(format!(
             "the replica {} holds the history of {holder}, not of this database",
             client.url()
@@ -444,5 +454,32 @@ mod tests {
         ] {
             assert!(s3_file(other, 1, at).is_none(), "{other}");
         }
+    }
+
+    #[test]
+    fn an_identity_names_this_path_or_this_tenant_under_another_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fields = |tenant: &str| Fields(vec![("tenant".into(), tenant.into())]);
+        let replica = |name: &str, db: &str, recorded: Option<&Fields>| {
+            let client = crate::replica::file::FileReplica::new(tmp.path().join(name));
+            let body = crate::replica::identity_json(db, recorded);
+            assert!(client.create_identity(&body).unwrap());
+            client
+        };
+        let here = "/data/acme/x.db";
+        let same = replica("same", here, Some(&fields("acme")));
+        assert!(check_identity(&same, here, &fields("acme"), true).unwrap());
+        // Written by an agent whose data root was elsewhere: the same tenant.
+        let moved = replica("moved", "/old-host/acme/x.db", Some(&fields("acme")));
+        assert!(check_identity(&moved, here, &fields("acme"), true).unwrap());
+        // Another tenant's history, or one without fields under another path: misfiled.
+        let other = replica("other", "/data/globex/x.db", Some(&fields("globex")));
+        let e = check_identity(&other, here, &fields("acme"), true).unwrap_err();
+        assert!(e.contains("holds the history of /data/globex/x.db"), "{e}");
+        let bare = replica("bare", "/elsewhere/x.db", None);
+        assert!(check_identity(&bare, here, &fields("acme"), true).is_err());
+        // No identity object (Litestream's replicas, older ones): nothing to check.
+        let none = crate::replica::file::FileReplica::new(tmp.path().join("none"));
+        assert!(!check_identity(&none, here, &fields("acme"), true).unwrap());
     }
 }

@@ -149,7 +149,7 @@ fn restore_database(
     }
     let client = catalogue.client(fields)?;
     let has_identity = listing.as_ref().is_none_or(|l| l.has_identity);
-    crate::replicate::catalogue::check_identity(client.as_ref(), path, has_identity)
+    crate::replicate::catalogue::check_identity(client.as_ref(), path, fields, has_identity)
         .map_err(|why| format!("{why}; not restored"))?;
     let files = match listing {
         Some(listing) => listing.files,
