@@ -8,8 +8,10 @@
 //! [`restore::restore_listed`], reusing the walk's listing where the walk saw the files.
 //!
 //! Nothing is overwritten: a restore writes a temporary file and links it into place, which
-//! fails rather than replace a file that appeared meanwhile. Without a target directory only
-//! databases missing on this host (neither the file nor its `-wal` exists) are restored.
+//! fails rather than replace a file that appeared meanwhile. No symbolic link below the output
+//! root is followed, as discovery follows none: a database whose output path passes through
+//! one fails. Without a target directory only databases missing on this host (neither the
+//! file nor its `-wal` exists) are restored.
 //!
 //! A rerun resumes: a restored file appears at its path only once it is complete, synced,
 //! checksummed and integrity-checked (the link is the last step), so a file found at an output
@@ -122,8 +124,16 @@ fn restore_one(
         }
     };
     let output = output_for(&path, pattern_root, options.to.as_deref());
-    let outcome = match restore_database(catalogue, options, &path, &fields, found.listing, &output)
-    {
+    let root = options.to.as_deref().unwrap_or(Path::new(pattern_root));
+    let outcome = match restore_database(
+        catalogue,
+        options,
+        &path,
+        &fields,
+        found.listing,
+        root,
+        &output,
+    ) {
         Ok(outcome) => outcome,
         Err(why) => Outcome::Failed(why),
     };
@@ -140,12 +150,14 @@ fn restore_database(
     path: &str,
     fields: &Fields,
     listing: Option<Listing>,
+    root: &Path,
     output: &Path,
 ) -> Result<Outcome, String> {
     let exists = |p: &Path| p.symlink_metadata().is_ok();
     if options.to.is_none() && (exists(output) || exists(&sidecar(output, "-wal"))) {
         return Ok(Outcome::Present);
     }
+    check_no_links(root, output)?;
     let client = catalogue.client(fields)?;
     let has_identity = listing.as_ref().is_none_or(|l| l.has_identity);
     crate::replicate::catalogue::check_identity(client.as_ref(), path, has_identity)
@@ -177,6 +189,42 @@ fn restore_database(
     Ok(Outcome::Restored {
         txid: restored.txid,
     })
+}
+
+/// Fails when a path component of `output` below `root` (the output file included) is a
+/// symbolic link, or one above the file is not a directory. Discovery never follows links
+/// below the pattern's root, so a restore does not write or read through one either: a
+/// tenant's directory linked elsewhere would put a database outside the root. Components that
+/// do not exist yet are created by the restore (a link made meanwhile is not guarded against).
+fn check_no_links(root: &Path, output: &Path) -> Result<(), String> {
+    let below = output.strip_prefix(root).map_err(|_| {
+        format!(
+            "{} is not below {}; not restored",
+            output.display(),
+            root.display()
+        )
+    })?;
+    let mut at = root.to_path_buf();
+    let mut components = below.components().peekable();
+    while let Some(component) = components.next() {
+        at.push(component);
+        let meta = match at.symlink_metadata() {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("{}: {e}; not restored", at.display())),
+        };
+        if meta.file_type().is_symlink() {
+            return Err(format!(
+                "{} is a symbolic link; restore does not follow links below {}; nothing written there",
+                at.display(),
+                root.display()
+            ));
+        }
+        if components.peek().is_some() && !meta.is_dir() {
+            return Err(format!("{} is not a directory; not restored", at.display()));
+        }
+    }
+    Ok(())
 }
 
 /// An error and its causes on one line, each cause once.
