@@ -8,8 +8,10 @@
 //! [`restore::restore_listed`], reusing the walk's listing where the walk saw the files.
 //!
 //! Nothing is overwritten: a restore writes a temporary file and links it into place, which
-//! fails rather than replace a file that appeared meanwhile. Without a target directory only
-//! databases missing on this host (neither the file nor its `-wal` exists) are restored.
+//! fails rather than replace a file that appeared meanwhile. No symbolic link below the output
+//! root is followed, as discovery follows none: a database whose output path passes through
+//! one fails. Without a target directory only databases missing on this host (neither the
+//! file nor its `-wal` exists) are restored.
 //!
 //! A rerun resumes: a restored file appears at its path only once it is complete, synced,
 //! checksummed and integrity-checked (the link is the last step), so a file found at an output
@@ -20,7 +22,6 @@
 //! Anything else there is a failure, left as it is.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::discover::pattern::Fields;
@@ -123,8 +124,16 @@ fn restore_one(
         }
     };
     let output = output_for(&path, pattern_root, options.to.as_deref());
-    let outcome = match restore_database(catalogue, options, &path, &fields, found.listing, &output)
-    {
+    let root = options.to.as_deref().unwrap_or(Path::new(pattern_root));
+    let outcome = match restore_database(
+        catalogue,
+        options,
+        &path,
+        &fields,
+        found.listing,
+        root,
+        &output,
+    ) {
         Ok(outcome) => outcome,
         Err(why) => Outcome::Failed(why),
     };
@@ -141,12 +150,14 @@ fn restore_database(
     path: &str,
     fields: &Fields,
     listing: Option<Listing>,
+    root: &Path,
     output: &Path,
 ) -> Result<Outcome, String> {
     let exists = |p: &Path| p.symlink_metadata().is_ok();
     if options.to.is_none() && (exists(output) || exists(&sidecar(output, "-wal"))) {
         return Ok(Outcome::Present);
     }
+    check_no_links(root, output)?;
     let client = catalogue.client(fields)?;
     let has_identity = listing.as_ref().is_none_or(|l| l.has_identity);
     crate::replicate::catalogue::check_identity(client.as_ref(), path, fields, has_identity)
@@ -180,6 +191,42 @@ fn restore_database(
     })
 }
 
+/// Fails when a path component of `output` below `root` (the output file included) is a
+/// symbolic link, or one above the file is not a directory. Discovery never follows links
+/// below the pattern's root, so a restore does not write or read through one either: a
+/// tenant's directory linked elsewhere would put a database outside the root. Components that
+/// do not exist yet are created by the restore (a link made meanwhile is not guarded against).
+fn check_no_links(root: &Path, output: &Path) -> Result<(), String> {
+    let below = output.strip_prefix(root).map_err(|_| {
+        format!(
+            "{} is not below {}; not restored",
+            output.display(),
+            root.display()
+        )
+    })?;
+    let mut at = root.to_path_buf();
+    let mut components = below.components().peekable();
+    while let Some(component) = components.next() {
+        at.push(component);
+        let meta = match at.symlink_metadata() {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("{}: {e}; not restored", at.display())),
+        };
+        if meta.file_type().is_symlink() {
+            return Err(format!(
+                "{} is a symbolic link; restore does not follow links below {}; nothing written there",
+                at.display(),
+                root.display()
+            ));
+        }
+        if components.peek().is_some() && !meta.is_dir() {
+            return Err(format!("{} is not a directory; not restored", at.display()));
+        }
+    }
+    Ok(())
+}
+
 /// An error and its causes on one line, each cause once.
 fn crate_error_chain(e: &anyhow::Error) -> String {
     let mut out = String::new();
@@ -206,7 +253,7 @@ fn verify_existing(
     let left = "left as it is";
     let chain = restore::plan(files, target).map_err(|e| format!("{e:#}"))?;
     let last = chain.last().ok_or("the replica holds no LTX files")?;
-    let (header, trailer) = head_and_tail(replica, last)?;
+    let (header, trailer) = restore::head_and_tail(replica, last)?;
     if !header.tracks_checksums() {
         return Err(format!(
             "exists, and the replica's files carry no checksums to compare it with; {left}"
@@ -232,67 +279,4 @@ fn verify_existing(
     Ok(Outcome::AlreadyRestored {
         txid: last.max_txid,
     })
-}
-
-/// The header and trailer of one replica file: read in place from a directory replica,
-/// downloaded (and all but both ends dropped on the way) from others.
-fn head_and_tail(
-    replica: &dyn ReplicaClient,
-    file: &FileInfo,
-) -> Result<(crate::ltx::Header, crate::ltx::Trailer), String> {
-    use crate::ltx::{HEADER_SIZE, TRAILER_SIZE};
-    let location = replica.location(file.level, file.min_txid, file.max_txid);
-    let mut ends = Ends::default();
-    match replica.local_path(file.level, file.min_txid, file.max_txid) {
-        Some(path) => {
-            use std::os::unix::fs::FileExt;
-            let f = File::open(&path).map_err(|e| format!("{location}: {e}"))?;
-            let len = f.metadata().map_err(|e| format!("{location}: {e}"))?.len();
-            let mut head = [0; HEADER_SIZE];
-            let mut tail = [0; TRAILER_SIZE];
-            f.read_exact_at(&mut head, 0)
-                .and_then(|()| f.read_exact_at(&mut tail, len.saturating_sub(TRAILER_SIZE as u64)))
-                .map_err(|e| format!("{location}: {e}"))?;
-            ends.head = head.to_vec();
-            ends.tail = tail.to_vec();
-        }
-        None => replica
-            .get(file.level, file.min_txid, file.max_txid, &mut ends)
-            .map_err(|e| e.to_string())?,
-    }
-    let head: [u8; HEADER_SIZE] =
-        ends.head.as_slice().try_into().map_err(|_| {
-            format!("replica file {location} is corrupt: shorter than an LTX header")
-        })?;
-    let tail: [u8; TRAILER_SIZE] = ends
-        .tail
-        .as_slice()
-        .try_into()
-        .map_err(|_| format!("replica file {location} is corrupt: no trailer"))?;
-    let header = crate::ltx::Header::decode(&head)
-        .map_err(|e| format!("replica file {location} is corrupt: {e}"))?;
-    Ok((header, crate::ltx::Trailer::decode(&tail)))
-}
-
-/// A sink keeping the first [`crate::ltx::HEADER_SIZE`] and last
-/// [`crate::ltx::TRAILER_SIZE`] bytes written to it.
-#[derive(Default)]
-struct Ends {
-    head: Vec<u8>,
-    tail: Vec<u8>,
-}
-
-impl Write for Ends {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        use crate::ltx::{HEADER_SIZE, TRAILER_SIZE};
-        let room = HEADER_SIZE.saturating_sub(self.head.len()).min(buf.len());
-        self.head.extend_from_slice(&buf[..room]);
-        self.tail.extend_from_slice(buf);
-        let excess = self.tail.len().saturating_sub(TRAILER_SIZE);
-        self.tail.drain(..excess);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }

@@ -38,8 +38,12 @@
 //! level 0 holds up to 1,000 files, one more per further 1,000) and applies the files that
 //! continue OUT's TXID; every [`FULL_LIST_EVERY`] polls it lists every level (five LISTs). When newer files exist but none at level 0 continues it (they were
 //! compacted and deleted), the other levels are listed; when nothing continues it at all (a
-//! new snapshot after a replaced database or a gap, a replica started over), a fresh
-//! verified restore is made beside OUT and copied into it page by page in one transaction.
+//! new snapshot after a replaced database or a gap, a replica started over), or when the
+//! replica holds another history now (a file that continues OUT's TXID but not its database
+//! checksum, or a newest file at OUT's TXID whose post-apply checksum is not OUT's: the
+//! replica was deleted and rewritten, another database's replica written to the same
+//! location), a fresh verified restore is made beside OUT and copied into it page by page in
+//! one transaction.
 //! A replica that cannot be reached is retried with a capped backoff; SIGINT/SIGTERM stop
 //! the follower between steps. A step takes at most [`MAX_STEP_FILES`] files (and about
 //! [`MAX_STEP_BYTES`]), so a follower far behind catches up in bounded steps back to back.
@@ -104,6 +108,13 @@ pub struct Step {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Refused(String);
+
+/// The replica holds another history than OUT's (a file continues OUT's TXID but not its
+/// database checksum, or ends at OUT's TXID with another one): no retry makes it continue
+/// OUT, so the follower restores afresh.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NewHistory(String);
 
 /// Follows `replica` into `output` until `stop` says so; returns OUT's TXID then.
 pub fn follow(
@@ -272,6 +283,9 @@ struct Follower<'a> {
     unchecked: bool,
     /// Polls since every level was last listed.
     polls: u32,
+    /// The replica file ending at `txid` last seen to end in OUT's database checksum: while
+    /// the replica's newest file is this one, it is not downloaded again.
+    confirmed: Option<FileInfo>,
 }
 
 impl<'a> Follower<'a> {
@@ -378,6 +392,7 @@ impl<'a> Follower<'a> {
             page1_normalized: 0,
             unchecked: false,
             polls: 0,
+            confirmed: None,
         };
         (follower.sums, follower.page1_normalized) = follower
             .read_sums()
@@ -494,14 +509,17 @@ impl<'a> Follower<'a> {
         self.polls += 1;
         if chain.is_empty() {
             if newest == self.txid && self.polls < FULL_LIST_EVERY {
-                return Ok(None);
+                return self.settle(&level0);
             }
             self.polls = 0;
             // Compacted away, a new snapshot, or a replica that went back: every level.
             let all = restore::list_all(self.replica)?;
-            let newest = all.iter().map(|f| f.max_txid).max().unwrap_or(0);
-            if newest == self.txid || all.is_empty() {
+            if all.is_empty() {
                 return Ok(None);
+            }
+            let newest = all.iter().map(|f| f.max_txid).max().unwrap_or(0);
+            if newest == self.txid {
+                return self.settle(&all);
             }
             chain = successors(&all, self.txid);
             if chain.is_empty() {
@@ -520,7 +538,57 @@ impl<'a> Follower<'a> {
             .max(1);
         let behind = chain.len() > take;
         chain.truncate(take);
-        self.apply(&chain).map(|step| Some(Step { behind, ..step }))
+        match self.apply(&chain) {
+            Err(e) if e.downcast_ref::<NewHistory>().is_some() => self.start_over(&e).map(Some),
+            step => step.map(|step| Some(Step { behind, ..step })),
+        }
+    }
+
+    /// The replica's newest TXID is OUT's: nothing to do while the file that ends there ends
+    /// in OUT's database checksum; when it does not, another history reached the same TXID
+    /// (the replica was deleted and rewritten) and OUT is restored afresh.
+    fn settle(&mut self, files: &[FileInfo]) -> anyhow::Result<Option<Step>> {
+        // The lowest level's file: the smallest, and the one level 0 shows between listings.
+        let Some(newest) = files
+            .iter()
+            .filter(|f| f.max_txid == self.txid)
+            .min_by_key(|f| f.level)
+        else {
+            return Ok(None);
+        };
+        // A file is known by its name, size and time stored: a rewritten replica's file at
+        // the same TXID is a new upload. (S3 stores times to the second, so a rewrite of the
+        // same size within the second OUT's file was stored in goes unseen.)
+        if self.confirmed.as_ref() == Some(newest) {
+            return Ok(None);
+        }
+        let (header, trailer) =
+            restore::head_and_tail(self.replica, newest).map_err(anyhow::Error::msg)?;
+        let checksum = self.checksum();
+        // Files without database checksums (Litestream's, `litestream_compatible`) carry no
+        // post-apply checksum to compare OUT with: another history at the same TXID cannot be
+        // told from this one, and OUT stays as it is until the replica moves on.
+        if header.tracks_checksums() && trailer.post_apply_checksum != checksum {
+            let location = self
+                .replica
+                .location(newest.level, newest.min_txid, newest.max_txid);
+            let e = anyhow::Error::new(NewHistory(format!(
+                "replica file {location} ends at {}'s TXID {} with database checksum {:016x}, not {checksum:016x}",
+                self.output.display(),
+                self.txid,
+                trailer.post_apply_checksum
+            )));
+            return self.start_over(&e).map(Some);
+        }
+        self.confirmed = Some(newest.clone());
+        Ok(None)
+    }
+
+    /// The replica holds another history (`why`): OUT is restored afresh from it.
+    fn start_over(&mut self, why: &anyhow::Error) -> anyhow::Result<Step> {
+        tracing::warn!(out = %self.output.display(), replica = %self.replica.url(), txid = self.txid, reason = %why, "the replica holds another history; restoring afresh");
+        let all = restore::list_all(self.replica)?;
+        self.restore_afresh(&all)
     }
 
     /// Applies `chain` (each file continuing the previous) in one transaction.
@@ -571,12 +639,13 @@ impl<'a> Follower<'a> {
                 }
                 let before = restore::database_checksum(&sums);
                 if header.tracks_checksums() && header.pre_apply_checksum != before {
-                    bail!(
+                    return Err(NewHistory(format!(
                         "replica file {location} does not continue {} at TXID {}: pre-apply checksum {:016x}, expected {before:016x}",
                         self.output.display(),
                         f.min_txid - 1,
                         header.pre_apply_checksum
-                    );
+                    ))
+                    .into());
                 }
                 while let Some(pgno) = decoder.next_page(&mut page).with_context(corrupt)? {
                     if sums.len() < pgno as usize {
@@ -612,6 +681,7 @@ impl<'a> Follower<'a> {
         })();
         let txid = chain.last().map_or(self.txid, |f| f.max_txid);
         self.commit(written, sums, page1_normalized, txid)?;
+        self.confirmed = chain.last().cloned();
         self.unchecked |= unchecked;
         self.check_integrity()?;
         Ok(Step {
@@ -672,8 +742,8 @@ impl<'a> Follower<'a> {
         Ok(())
     }
 
-    /// Nothing continues OUT's TXID: a verified restore of the replica's latest state beside
-    /// OUT, copied into it in one transaction.
+    /// Nothing continues OUT's TXID, or the replica holds another history: a verified
+    /// restore of the replica's latest state beside OUT, copied into it in one transaction.
     fn restore_afresh(&mut self, all: &[FileInfo]) -> anyhow::Result<Step> {
         let chain = restore::plan(all, Target::Latest)?;
         let parent = self
@@ -732,6 +802,7 @@ impl<'a> Follower<'a> {
             Ok(())
         })();
         self.commit(written, sums, page1_normalized, txid)?;
+        self.confirmed = None;
         Ok(Step {
             txid,
             files,

@@ -417,6 +417,69 @@ pub(crate) fn integrity_check(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The header and trailer of one replica file: read in place from a directory replica,
+/// downloaded (and all but both ends dropped on the way) from others.
+pub fn head_and_tail(
+    replica: &dyn ReplicaClient,
+    file: &FileInfo,
+) -> Result<(crate::ltx::Header, crate::ltx::Trailer), String> {
+    use crate::ltx::{HEADER_SIZE, TRAILER_SIZE};
+    let location = replica.location(file.level, file.min_txid, file.max_txid);
+    let mut ends = Ends::default();
+    match replica.local_path(file.level, file.min_txid, file.max_txid) {
+        Some(path) => {
+            use std::os::unix::fs::FileExt;
+            let f = File::open(&path).map_err(|e| format!("{location}: {e}"))?;
+            let len = f.metadata().map_err(|e| format!("{location}: {e}"))?.len();
+            let mut head = [0; HEADER_SIZE];
+            let mut tail = [0; TRAILER_SIZE];
+            f.read_exact_at(&mut head, 0)
+                .and_then(|()| f.read_exact_at(&mut tail, len.saturating_sub(TRAILER_SIZE as u64)))
+                .map_err(|e| format!("{location}: {e}"))?;
+            ends.head = head.to_vec();
+            ends.tail = tail.to_vec();
+        }
+        None => replica
+            .get(file.level, file.min_txid, file.max_txid, &mut ends)
+            .map_err(|e| e.to_string())?,
+    }
+    let head: [u8; HEADER_SIZE] =
+        ends.head.as_slice().try_into().map_err(|_| {
+            format!("replica file {location} is corrupt: shorter than an LTX header")
+        })?;
+    let tail: [u8; TRAILER_SIZE] = ends
+        .tail
+        .as_slice()
+        .try_into()
+        .map_err(|_| format!("replica file {location} is corrupt: no trailer"))?;
+    let header = crate::ltx::Header::decode(&head)
+        .map_err(|e| format!("replica file {location} is corrupt: {e}"))?;
+    Ok((header, crate::ltx::Trailer::decode(&tail)))
+}
+
+/// A sink keeping the first [`crate::ltx::HEADER_SIZE`] and last
+/// [`crate::ltx::TRAILER_SIZE`] bytes written to it.
+#[derive(Default)]
+struct Ends {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+impl Write for Ends {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use crate::ltx::{HEADER_SIZE, TRAILER_SIZE};
+        let room = HEADER_SIZE.saturating_sub(self.head.len()).min(buf.len());
+        self.head.extend_from_slice(&buf[..room]);
+        self.tail.extend_from_slice(buf);
+        let excess = self.tail.len().saturating_sub(TRAILER_SIZE);
+        self.tail.drain(..excess);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// What a restore did.
 #[derive(Debug)]
 pub struct Restored {

@@ -289,6 +289,67 @@ fn restore_all_in_place_restores_only_databases_missing_here() {
     assert!(rows(newer).contains("newer here"));
 }
 
+/// Discovery never follows a symbolic link below the pattern's root, and neither does a
+/// restore: a tenant directory linked elsewhere, in place or under `--to`, or a link at an
+/// output path, fails its databases by naming the link, and nothing is written through it.
+#[test]
+fn restore_all_does_not_follow_links_below_the_root() {
+    let fleet = Fleet::new(FILE_TEMPLATE, "file", None);
+    let tenants = fleet.dbs[0].parent().unwrap().to_path_buf();
+    let linked: Vec<&PathBuf> = fleet
+        .dbs
+        .iter()
+        .filter(|db| db.parent() == Some(tenants.as_path()))
+        .collect();
+    assert_eq!(linked.len(), 3);
+    let failed_by_link = |out: &Run, link: &Path, dbs: &[&PathBuf]| {
+        for db in dbs {
+            let line = format!("  {}: {} is a symbolic link", db.display(), link.display());
+            assert!(out.stdout.contains(&line), "{line}\n{}", out.stdout);
+        }
+    };
+
+    // In place: the tenants directory is gone, a link to a directory outside in its stead.
+    let outside = fleet.dir.join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::remove_dir_all(&tenants).unwrap();
+    std::os::unix::fs::symlink(&outside, &tenants).unwrap();
+    let out = fleet.multidb(&["restore", "--all"], None);
+    let summary = format!(
+        "0 restored, {} present on this host (left alone), 3 failed",
+        COUNT - 3
+    );
+    expect(&out, 1, &summary);
+    failed_by_link(&out, &tenants, &linked);
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+
+    // Under --to: the same directory linked there, and a link at another output path to a
+    // copy of its database, which a resume check reading through it would count as restored.
+    let to_tenants = fleet.restored(linked[0]).parent().unwrap().to_path_buf();
+    fs::create_dir_all(to_tenants.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&outside, &to_tenants).unwrap();
+    let other = fleet
+        .dbs
+        .iter()
+        .find(|db| db.parent() != Some(tenants.as_path()))
+        .unwrap();
+    let other_out = fleet.restored(other);
+    fs::create_dir_all(other_out.parent().unwrap()).unwrap();
+    let copy = fleet.dir.join("copy.db");
+    fs::copy(other, &copy).unwrap();
+    std::os::unix::fs::symlink(&copy, &other_out).unwrap();
+    let out = fleet.multidb(&["restore", "--all", "--to", "out"], None);
+    let summary = format!(
+        "{} restored, 0 already restored and verified, 4 failed",
+        COUNT - 4
+    );
+    expect(&out, 1, &summary);
+    failed_by_link(&out, &to_tenants, &linked);
+    failed_by_link(&out, &other_out, &[other]);
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    assert_eq!(fs::read_link(&other_out).unwrap(), copy);
+}
+
 #[test]
 fn a_corrupt_file_or_a_misfiled_replica_is_listed_and_exits_1() {
     let fleet = Fleet::new(FILE_TEMPLATE, "file", None);

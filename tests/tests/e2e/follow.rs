@@ -42,6 +42,11 @@ fn new_source(dir: &Path) -> PathBuf {
 fn write_transactions(db: &Path, from: usize, to: usize, pause: Duration) {
     let conn = rusqlite::Connection::open(db).unwrap();
     conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    write_with(&conn, from, to, pause);
+}
+
+/// [`write_transactions`] on a connection the caller keeps open.
+fn write_with(conn: &rusqlite::Connection, from: usize, to: usize, pause: Duration) {
     for k in from..to {
         let tx = conn.unchecked_transaction().unwrap();
         let n: i64 = tx.query_row("SELECT n FROM agg", [], |r| r.get(0)).unwrap();
@@ -76,14 +81,19 @@ fn agg_of(db: &Path) -> Option<i64> {
 
 /// Waits until OUT holds `n` rows.
 fn wait_for(out: &Path, n: i64, follower: &mut Following) {
-    let deadline = Instant::now() + CATCH_UP;
+    wait_for_within(out, n, follower, CATCH_UP);
+}
+
+/// Waits at most `limit` until OUT holds `n` rows.
+fn wait_for_within(out: &Path, n: i64, follower: &mut Following, limit: Duration) {
+    let deadline = Instant::now() + limit;
     while agg_of(out) != Some(n) {
         if let Ok(Some(status)) = follower.child.try_wait() {
             panic!("the follower exited with {status}: {}", follower.log());
         }
         assert!(
             Instant::now() < deadline,
-            "OUT did not reach {n} rows in {CATCH_UP:?} (it has {:?}): {}",
+            "OUT did not reach {n} rows in {limit:?} (it has {:?}): {}",
             agg_of(out),
             follower.log()
         );
@@ -133,6 +143,18 @@ impl Following {
             self.log()
         );
         self.log()
+    }
+
+    /// Freezes the follower (SIGSTOP) until [`Following::thaw`], so that the replica can be
+    /// rewritten between two of its polls rather than while one reads it.
+    fn freeze(&self) {
+        // SAFETY: signalling our own child, not yet waited for.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+    }
+
+    fn thaw(&self) {
+        // SAFETY: signalling our own child, not yet waited for.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
     }
 
     /// Waits for the follower to exit on its own; returns its exit code and log.
@@ -397,4 +419,91 @@ fn follow_refuses_an_output_it_did_not_make() {
         "{log}"
     );
     assert_eq!(fs::read(&out).unwrap(), before);
+}
+
+/// Regression (review of follow mode): the replica deleted and written anew by another
+/// database's history, once past OUT's TXID (its next file does not continue OUT's checksum)
+/// and once to exactly OUT's TXID (nothing newer to apply): the follower restores afresh
+/// within a few polls, instead of retrying the broken chain forever or keeping the old
+/// history, and a reader never sees a torn state.
+#[test]
+fn follow_restores_afresh_when_another_history_replaces_the_replica() {
+    // 200 of the follower's polls: restoring a small database afresh takes a few.
+    const WITHIN: Duration = Duration::from_secs(10);
+    let tmp = tempfile::tempdir().unwrap();
+    let replica = tmp.path().join("replica");
+    let url = format!("file://{}", replica.display());
+    // A source of its own shipped by `syncs` runs of `replicate --once`, each after
+    // `per_sync` more transactions: its replica reaches TXID `syncs` (a snapshot, then a
+    // level-0 file per run) with `3 * syncs * per_sync` rows. One connection writes them
+    // all, as an application's would, so the WAL goes on from one run to the next (a WAL
+    // started over after a checkpoint makes the next run write a snapshot instead).
+    let replicate = |name: &str, syncs: usize, per_sync: usize| {
+        let dir = tmp.path().join(name);
+        fs::create_dir(&dir).unwrap();
+        let db = new_source(&dir);
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        for sync in 0..syncs {
+            write_with(
+                &conn,
+                sync * per_sync,
+                (sync + 1) * per_sync,
+                Duration::ZERO,
+            );
+            crate::replicate::replicate_once(&db, &url);
+        }
+        db
+    };
+    let newest_txid = || -> u64 {
+        let out =
+            multidb_tests::run(multidb_tests::multidb(tmp.path()).args(["ltx", "--json", &url]));
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let files: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).unwrap();
+        let txids = files.iter().map(|f| f["max_txid"].as_u64().unwrap());
+        txids.max().unwrap()
+    };
+    // The follower is frozen while the replica is rewritten, so that it meets the other
+    // history whole (not a first snapshot of it, which nothing continues anyway).
+    let replace = |follower: &Following, name: &str, syncs: usize, per_sync: usize| {
+        follower.freeze();
+        fs::remove_dir_all(&replica).unwrap();
+        let db = replicate(name, syncs, per_sync);
+        assert_eq!(newest_txid(), syncs as u64);
+        assert!(
+            fs::read_dir(replica.join("ltx/0")).unwrap().count() > 0,
+            "no level-0 files: every run wrote a snapshot"
+        );
+        follower.thaw();
+        db
+    };
+
+    replicate("first", 2, 2);
+    let out = tmp.path().join("follower.db");
+    let mut follower = Following::start(&url, &out, &[]);
+    wait_for(&out, 12, &mut follower);
+    let reader = Reader::start(&out);
+
+    // Past OUT's TXID 2: file 3-3 continues TXID 2, but from the other database's state.
+    let longer = replace(&follower, "longer", 4, 2);
+    wait_for_within(&out, 24, &mut follower, WITHIN);
+    assert_eq!(dump(&out), dump(&longer), "OUT after a longer history");
+
+    // To exactly OUT's TXID 4: nothing newer, but the file at TXID 4 ends elsewhere.
+    let same = replace(&follower, "same", 4, 3);
+    wait_for_within(&out, 36, &mut follower, WITHIN);
+    assert_eq!(
+        dump(&out),
+        dump(&same),
+        "OUT after a history as long as its own"
+    );
+
+    let seen = reader.finish();
+    assert!(seen.ends_with(&[24, 36]), "{seen:?}");
+    let log = follower.stop();
+    assert_eq!(
+        log.matches("the replica holds another history").count(),
+        2,
+        "{log}"
+    );
+    assert!(log.contains("stopped following at TXID 4"), "{log}");
 }
