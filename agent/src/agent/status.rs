@@ -378,9 +378,8 @@ pub fn serve_metrics(addr: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::
                 let mut stream = stream;
                 let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
                 let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
-                let mut request = [0u8; 1024];
-                let n = stream.read(&mut request).unwrap_or(0);
-                let line = String::from_utf8_lossy(&request[..n]);
+                let request = read_request_head(&mut stream);
+                let line = String::from_utf8_lossy(&request);
                 let response = if line.starts_with("GET /metrics ") || line.starts_with("GET / ") {
                     let body = metrics.prometheus();
                     format!(
@@ -395,6 +394,22 @@ pub fn serve_metrics(addr: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::
             }
         })?;
     Ok(())
+}
+
+/// The head of an HTTP request (up to its blank line, at most 4 KiB), however many reads it
+/// arrives in: a client may send the request line in pieces, and answering (and closing)
+/// before the head is read would take a request for `/metrics` for another path, or reset
+/// the connection under the client's next write.
+fn read_request_head(stream: &mut impl Read) -> Vec<u8> {
+    let mut head = Vec::with_capacity(256);
+    let mut chunk = [0u8; 1024];
+    while head.len() < 4096 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+        }
+    }
+    head
 }
 
 /// `multidb status`: asks the agent through its socket.
@@ -455,5 +470,33 @@ mod tests {
             MAX_ERRORS - 1
         );
         assert_eq!(m.sync_errors.load(Ordering::Relaxed), MAX_ERRORS as u64 + 6);
+    }
+
+    #[test]
+    fn a_request_head_sent_in_pieces_is_read_whole() {
+        /// Hands out its pieces one read at a time, as a TCP stream may.
+        struct Pieces(Vec<&'static [u8]>);
+        impl Read for Pieces {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0.is_empty() {
+                    return Ok(0);
+                }
+                let piece = self.0.remove(0);
+                buf[..piece.len()].copy_from_slice(piece);
+                Ok(piece.len())
+            }
+        }
+        let mut stream = Pieces(vec![
+            b"GET ",
+            b"/metrics",
+            b" HTTP/1.1\r\nHost: x\r\n",
+            b"\r\n",
+        ]);
+        let head = read_request_head(&mut stream);
+        assert!(head.starts_with(b"GET /metrics HTTP/1.1\r\n"));
+        assert!(head.ends_with(b"\r\n\r\n"));
+        // A client that closes early gets what it sent.
+        let mut short = Pieces(vec![b"GET /metr"]);
+        assert_eq!(read_request_head(&mut short), b"GET /metr");
     }
 }
