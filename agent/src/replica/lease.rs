@@ -347,33 +347,27 @@ impl Lease {
                             location: location.clone(),
                             why,
                         })?;
-                    let previous = if current.host_id == me.host_id {
-                        // This host's: a previous run (dead: one agent per state directory),
-                        // unless another process of this host still holds it live (two
-                        // `multidb replicate` runs without a state directory share the
-                        // machine's id).
-                        let remaining = current.remaining();
-                        if !remaining.is_zero()
-                            && current.pid != me.pid
-                            && current.hostname == me.hostname
-                            && process_alive(current.pid)
-                        {
-                            return Err(LeaseError::Held {
-                                location,
-                                holder: current.describe(),
-                                remaining,
-                            });
-                        }
+                    // A live lease is refused when it is another host's, or this host's but
+                    // held by another running process (two `multidb replicate` runs without a
+                    // state directory share the machine's id). This host's otherwise is a
+                    // previous run's (dead: one agent per state directory), adopted.
+                    let ours = current.host_id == me.host_id;
+                    let remaining = current.remaining();
+                    let live_elsewhere = !remaining.is_zero()
+                        && (!ours
+                            || (current.pid != me.pid
+                                && current.hostname == me.hostname
+                                && process_alive(current.pid)));
+                    if live_elsewhere {
+                        return Err(LeaseError::Held {
+                            location,
+                            holder: current.describe(),
+                            remaining,
+                        });
+                    }
+                    let previous = if ours {
                         Previous::Ours
                     } else {
-                        let remaining = current.remaining();
-                        if !remaining.is_zero() {
-                            return Err(LeaseError::Held {
-                                location,
-                                holder: current.describe(),
-                                remaining,
-                            });
-                        }
                         Previous::Foreign
                     };
                     (Some(stored.tag), previous)

@@ -256,6 +256,27 @@ fn assert_history_restores(by: &Host, history: &History, scratch: &Path) {
     }
 }
 
+/// The latest restore from `by`'s configuration holds exactly its database's rows.
+fn assert_latest_restores_to_its_database(by: &Host, scratch: &Path, why: &str) {
+    static LATEST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = LATEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let latest = scratch.join(format!("latest-{n}-{}.db", by.name));
+    let out = by.restore(None, &latest);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(rows(&latest), rows(&by.db), "{why}");
+}
+
+/// A commit on a host whose lease another host holds now: `multidb_wait` answers 0.
+fn assert_not_acknowledged(host: &Host, v: &str, who: &str) {
+    let (wait, status) = host.commit(v, 5000);
+    assert_eq!(
+        wait,
+        "0",
+        "{who} is not acknowledged: {status}\n{}",
+        host.log()
+    );
+}
+
 /// The refused side: `multidb_wait` 0 at once, the reason in `multidb_status()`, the error in
 /// `multidb status`, counted as refused.
 fn assert_refused_by_lease(host: &Host, v: &str) {
@@ -331,9 +352,7 @@ fn two_hosts(replica: &str, url: &str, env: &[(&'static str, String)], lease: &d
     history.push((txid_of(&status), rows(&b.db)));
     write_history(&b, "b", 2, &mut history);
     assert_history_restores(&b, &history, tmp.path());
-    let latest = tmp.path().join("latest-b.db");
-    assert_eq!(b.restore(None, &latest).code, 0);
-    assert_eq!(rows(&latest), rows(&b.db), "the latest state is host B's");
+    assert_latest_restores_to_its_database(&b, tmp.path(), "the latest state is host B's");
     assert_history_restores(&a, &history, tmp.path());
 
     eprintln!("{:?}: B took over after a clean stop", started.elapsed());
@@ -373,21 +392,9 @@ fn two_hosts(replica: &str, url: &str, env: &[(&'static str, String)], lease: &d
         assert!(Instant::now() < deadline, "A never noticed: {}", a.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (wait, status) = a.commit("a-fenced", 5000);
-    assert_eq!(
-        wait,
-        "0",
-        "the old holder is not acknowledged: {status}\n{}",
-        a.log()
-    );
+    assert_not_acknowledged(&a, "a-fenced", "the old holder");
     assert_history_restores(&b, &history, tmp.path());
-    let latest = tmp.path().join("latest-b2.db");
-    assert_eq!(b.restore(None, &latest).code, 0);
-    assert_eq!(
-        rows(&latest),
-        rows(&b.db),
-        "nothing of host A's after the release"
-    );
+    assert_latest_restores_to_its_database(&b, tmp.path(), "nothing of host A's after the release");
 
     eprintln!(
         "{:?}: B took the lease with release --force",
@@ -404,22 +411,14 @@ fn two_hosts(replica: &str, url: &str, env: &[(&'static str, String)], lease: &d
     );
     history.push((txid_of(&status), rows(&a.db)));
     b.signal(libc::SIGCONT);
-    let (wait, status) = b.commit("b-resumed", 5000);
-    assert_eq!(
-        wait,
-        "0",
-        "the resumed old holder is not acknowledged: {status}\n{}",
-        b.log()
-    );
+    assert_not_acknowledged(&b, "b-resumed", "the resumed old holder");
     assert_eq!(lease()["pid"], a.agent.as_ref().unwrap().id());
     write_history(&a, "a-owner", 2, &mut history);
     assert_history_restores(&a, &history, tmp.path());
-    let latest = tmp.path().join("latest-a3.db");
-    assert_eq!(a.restore(None, &latest).code, 0);
-    assert_eq!(
-        rows(&latest),
-        rows(&a.db),
-        "nothing of the resumed host B's in the replica"
+    assert_latest_restores_to_its_database(
+        &a,
+        tmp.path(),
+        "nothing of the resumed host B's in the replica",
     );
     assert_eq!(a.stop(libc::SIGTERM), Some(0), "{}", a.log());
     assert_eq!(b.stop(libc::SIGTERM), Some(0), "{}", b.log());
