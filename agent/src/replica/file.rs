@@ -44,8 +44,10 @@ fn link_new(from: &Path, to: &Path) -> io::Result<bool> {
 }
 
 /// The lock around a lease's compare-and-swap on a directory replica: a directory made with
-/// `mkdir` (atomic, on NFS too) beside the lease, removed when dropped. One left by a process
-/// killed while holding it is broken after [`LEASE_LOCK_STALE`].
+/// `mkdir` (atomic, on NFS too) beside the lease, removed when dropped. Inside, an `owner`
+/// file names the holder's kernel (boot id and pid namespace) and pid: a lock whose holder
+/// ran on this kernel and is gone (killed while holding it) is broken at once; any other
+/// is broken once it is [`LEASE_LOCK_STALE`] old.
 struct LeaseLock {
     path: PathBuf,
 }
@@ -55,16 +57,46 @@ struct LeaseLock {
 const LEASE_LOCK_STALE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a writer waits for another's lease lock before the write fails (and is retried
-/// by its caller: a renewal at the keeper's next look).
-const LEASE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// by its caller): longer than [`LEASE_LOCK_STALE`], so a lock left by a dead holder on
+/// another host never fails a write, only delays it.
+const LEASE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(7);
+
+/// This process as a lease lock's owner: `<boot id> <pid namespace> <pid>`. Two processes
+/// with the same boot id and pid namespace see each other's pids.
+fn lock_owner() -> String {
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let ns = fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    format!("{} {} {}\n", boot.trim(), ns, std::process::id())
+}
+
+/// Whether `owner` (a lock's `owner` file) names a process of this kernel that is gone.
+fn owner_is_gone(owner: &str, ours: &str) -> bool {
+    let mut theirs = owner.split_whitespace();
+    let mut here = ours.split_whitespace();
+    let (Some(boot), Some(ns), Some(pid)) = (theirs.next(), theirs.next(), theirs.next()) else {
+        return false;
+    };
+    let same_kernel = !boot.is_empty() && here.next() == Some(boot) && here.next() == Some(ns);
+    same_kernel
+        && pid
+            .parse::<u32>()
+            .is_ok_and(|pid| !super::lease::process_alive(pid))
+}
 
 impl LeaseLock {
     fn take(root: &Path) -> io::Result<LeaseLock> {
         let path = root.join(format!("{}.lock", super::lease::LEASE_NAME));
+        let owner = lock_owner();
         let deadline = std::time::Instant::now() + LEASE_LOCK_WAIT;
         loop {
             match fs::DirBuilder::new().mode(0o700).create(&path) {
-                Ok(()) => return Ok(LeaseLock { path }),
+                Ok(()) => {
+                    // Killed before this lands, the lock has no owner and ages out.
+                    let _ = fs::write(path.join("owner"), &owner);
+                    return Ok(LeaseLock { path });
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(e),
             }
@@ -72,7 +104,9 @@ impl LeaseLock {
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok());
-            if age.is_some_and(|age| age >= LEASE_LOCK_STALE) {
+            let dead = fs::read_to_string(path.join("owner"))
+                .is_ok_and(|theirs| owner_is_gone(&theirs, &owner));
+            if dead || age.is_some_and(|age| age >= LEASE_LOCK_STALE) {
                 // Renamed away before it is removed: of two processes breaking it, one wins.
                 let aside = root.join(format!(
                     ".{}.lock.{:016x}.stale",
@@ -81,6 +115,7 @@ impl LeaseLock {
                 ));
                 if fs::rename(&path, &aside).is_ok() {
                     tracing::warn!(lock = %path.display(), "broke a lease lock left by a process that died holding it");
+                    let _ = fs::remove_file(aside.join("owner"));
                     let _ = fs::remove_dir(&aside);
                 }
                 continue;
@@ -101,6 +136,7 @@ impl LeaseLock {
 
 impl Drop for LeaseLock {
     fn drop(&mut self) {
+        let _ = fs::remove_file(self.path.join("owner"));
         let _ = fs::remove_dir(&self.path);
     }
 }
@@ -418,18 +454,51 @@ mod tests {
     fn a_lease_lock_left_by_a_dead_process_is_broken() {
         let tmp = tempfile::tempdir().unwrap();
         let replica = FileReplica::new(tmp.path().join("r"));
-        let tag = replica.write_lease(b"v0", None).unwrap().unwrap();
+        let mut tag = replica.write_lease(b"v0", None).unwrap().unwrap();
         let lock = tmp.path().join("r").join("multidb.lease.lock");
+        // A lock of a live holder of this kernel (this process) is waited for until it is
+        // old enough to have been left by a hung holder, then broken.
         fs::create_dir(&lock).unwrap();
-        // A fresh lock is waited for, then the write fails and may be retried.
-        let busy = replica.write_lease(b"v1", Some(&tag)).unwrap_err();
+        fs::write(lock.join("owner"), lock_owner()).unwrap();
+        let started = std::time::Instant::now();
+        tag = replica.write_lease(b"v1", Some(&tag)).unwrap().unwrap();
+        let waited = started.elapsed();
         assert!(
-            busy.to_string().contains("held by another writer"),
-            "{busy}"
+            waited >= LEASE_LOCK_STALE - std::time::Duration::from_millis(500)
+                && waited < LEASE_LOCK_WAIT,
+            "{waited:?}"
         );
+        assert!(!lock.exists());
+        // Fresh, but its holder ran on this kernel and is gone (a child that has exited and
+        // been reaped): broken at once.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let ours = lock_owner();
+        let mut fields = ours.split_whitespace();
+        let owner = format!(
+            "{} {} {gone}\n",
+            fields.next().unwrap(),
+            fields.next().unwrap()
+        );
+        fs::create_dir(&lock).unwrap();
+        fs::write(lock.join("owner"), &owner).unwrap();
+        let started = std::time::Instant::now();
+        tag = replica.write_lease(b"v2", Some(&tag)).unwrap().unwrap();
+        assert!(
+            started.elapsed() < LEASE_LOCK_STALE,
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!lock.exists());
+        // Another kernel's pid says nothing here: the lock ages out instead.
+        fs::create_dir(&lock).unwrap();
+        fs::write(lock.join("owner"), format!("other-boot ns {gone}\n")).unwrap();
+        assert!(!owner_is_gone(&format!("other-boot ns {gone}"), &ours));
+        assert!(owner_is_gone(&owner, &ours));
+        assert!(!owner_is_gone(&ours, &ours));
         let old = std::time::SystemTime::now() - LEASE_LOCK_STALE * 2;
         fs::File::open(&lock).unwrap().set_modified(old).unwrap();
-        assert!(replica.write_lease(b"v1", Some(&tag)).unwrap().is_some());
-        assert!(!lock.exists());
+        assert!(replica.write_lease(b"v3", Some(&tag)).unwrap().is_some());
     }
 }

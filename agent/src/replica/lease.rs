@@ -124,7 +124,7 @@ fn machine_id() -> String {
 
 /// Whether a process with this pid runs on this machine (a zombie or another user's process
 /// counts: only "no such process" says it is gone).
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
