@@ -60,6 +60,9 @@ pub const LAG_WARNING: Duration = Duration::from_secs(60);
 /// A database refused because its replica holds another database is tried again after
 /// this long (the user may have fixed the location), not at every write.
 const IDENTITY_RETRY: Duration = Duration::from_secs(60);
+
+/// A database refused again for the reason last logged is logged again after this.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 /// A database refused because another host holds its replica's lease is looked at again
 /// after the lease's remaining time, but at most this long after (a holder that stops
 /// cleanly releases early) and only at its next write: one lease read per write spell.
@@ -443,6 +446,7 @@ pub fn run(options: Options, metrics: Arc<Metrics>) -> Result<(), AgentError> {
         ring_tx,
         ring_warned: false,
         refused: HashMap::new(),
+        refusals_logged: HashMap::new(),
         leases: leases.clone(),
         maintenance: maintenance_tx,
         maintaining: HashSet::new(),
@@ -557,9 +561,12 @@ struct Scheduler<'a> {
     /// Hands a new ring to the reader.
     ring_tx: Sender<Arc<RingFile>>,
     ring_warned: bool,
-    /// Databases under the pattern that are not replicated: a [`reason`] code, the message,
-    /// and when it was decided.
+    /// Databases under the pattern that are not replicated: a [`reason`] code and when it
+    /// was decided (the message goes to the log, the metrics and `multidb status`).
     refused: HashMap<DbId, Refusal>,
+    /// The last refusal logged for each database: its reason code and when, so the same
+    /// reason is logged at most once per [`REFUSAL_LOG_EVERY`] across promotions.
+    refusals_logged: HashMap<DbId, (u32, Instant)>,
     /// This agent's leases on replica locations.
     leases: LeaseKeeper,
     maintenance: Sender<MaintenanceJob>,
@@ -589,7 +596,6 @@ struct Scheduler<'a> {
 /// Why a database is not replicated.
 struct Refusal {
     code: u32,
-    message: String,
     since: Instant,
     /// Not looked at again before this (a lease refusal: when the lease may have ended).
     retry_at: Option<Instant>,

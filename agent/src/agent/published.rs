@@ -86,7 +86,8 @@ impl Scheduler<'_> {
     }
 
     /// Stops replicating `id` (if it is hot) and publishes why, for `multidb_wait`,
-    /// `multidb_status()`, `multidb status` and the metrics. Warns once per database.
+    /// `multidb_status()`, `multidb status` and the metrics, and logs it (a repeated reason at
+    /// most once per [`REFUSAL_LOG_EVERY`]).
     pub(super) fn refuse(&mut self, id: DbId, code: u32, message: String) {
         let (dev, ino) = self.arena.inode(id);
         if let Some(hot) = self.hot.remove(&id) {
@@ -105,21 +106,24 @@ impl Scheduler<'_> {
         }
         self.waiting_set.remove(&id);
         self.waiting.retain(|&(w, _)| w != id);
-        let repeated = self
-            .refused
-            .get(&id)
-            .is_some_and(|r| r.code == code && r.message == message);
-        if !repeated {
+        // The same reason again (its message may differ in a figure, such as how long a lease
+        // went unrenewed) is logged once a minute at most, even though the database is
+        // promoted and refused again at each commit: a full disk or an unreachable store would
+        // otherwise log a line per commit.
+        let now = Instant::now();
+        let logged = self.refusals_logged.get(&id).is_some_and(|&(logged, at)| {
+            logged == code && now.duration_since(at) < REFUSAL_LOG_EVERY
+        });
+        if !logged {
             tracing::warn!(db = %self.arena.path(id), reason = %message, "not replicated");
+            self.refusals_logged.insert(id, (code, now));
         }
-        self.metrics
-            .record_refusal(&self.arena.path(id), message.clone());
+        self.metrics.record_refusal(&self.arena.path(id), message);
         self.refused.insert(
             id,
             Refusal {
                 code,
-                message,
-                since: Instant::now(),
+                since: now,
                 retry_at: None,
                 deferred_ns: None,
             },

@@ -152,6 +152,7 @@ impl Scheduler<'_> {
                 }
             }
             self.refused.retain(|id, _| self.arena.is_live(*id));
+            self.refusals_logged.retain(|id, _| self.arena.is_live(*id));
             self.maintaining.retain(|id| self.arena.is_live(*id));
             self.waiting.retain(|&(id, _)| self.arena.is_live(id));
             self.waiting_set = self.waiting.iter().map(|&(id, _)| id).collect();

@@ -307,6 +307,8 @@ pub struct Lease {
     /// When the last successful renewal was sent ([`mono_ns`]).
     renewed_ns: AtomicU64,
     lost: AtomicBool,
+    /// Renewals that failed in a row, for the log: the 1st, 2nd, 4th, 8th… are logged.
+    failed_renewals: std::sync::atomic::AtomicU32,
     /// Since when no writer holds it ([`mono_ns`]; 0 while one does), for the keeper.
     idle_since_ns: AtomicU64,
     /// What the lease said when this process took it: every writer that shares it must
@@ -396,6 +398,7 @@ impl Lease {
             ttl,
             tag: Mutex::new(tag),
             renewed_ns: AtomicU64::new(sent),
+            failed_renewals: std::sync::atomic::AtomicU32::new(0),
             lost: AtomicBool::new(false),
             idle_since_ns: AtomicU64::new(0),
             previous,
@@ -729,11 +732,23 @@ fn renew_all(due: &[Arc<Lease>]) {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let renew_some = || {
         while let Some(lease) = due.get(next.fetch_add(1, Ordering::Relaxed)) {
-            if let Err(e) = lease.renew() {
-                if lease.lost() {
+            match lease.renew() {
+                Ok(()) => {
+                    let failed = lease.failed_renewals.swap(0, Ordering::Relaxed);
+                    if failed > 0 {
+                        tracing::info!(replica = %lease.location(), failed, "lease renewed again");
+                    }
+                }
+                Err(e) if lease.lost() => {
                     tracing::error!(replica = %lease.location(), error = %e, "lease lost: another writer took the location; this agent stops writing it");
-                } else {
-                    tracing::warn!(replica = %lease.location(), error = %e, "renewing a lease failed; trying again");
+                }
+                Err(e) => {
+                    // A store that stays down fails every renewal at each tick: the log
+                    // gets the 1st, 2nd, 4th, 8th… in a row.
+                    let failed = lease.failed_renewals.fetch_add(1, Ordering::Relaxed) + 1;
+                    if failed.is_power_of_two() {
+                        tracing::warn!(replica = %lease.location(), error = %e, failed, "renewing a lease failed; trying again");
+                    }
                 }
             }
         }

@@ -406,11 +406,47 @@ fn apply(
     Ok(Ok((header, trailer.post_apply_checksum)))
 }
 
-/// `PRAGMA integrity_check` on the restored file.
+/// `PRAGMA integrity_check` on a database others may open too (through SQLite's locks).
 pub(crate) fn integrity_check(path: &Path) -> anyhow::Result<()> {
-    let conn = rusqlite::Connection::open(path)?;
-    conn.pragma_update_and_check(None, "mmap_size", CHECK_MMAP_BYTES, |r| r.get::<_, i64>(0))?;
-    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    let conn = rusqlite::Connection::open(path)
+        .with_context(|| format!("opening {} for PRAGMA integrity_check", path.display()))?;
+    check_integrity(&conn, path)
+}
+
+/// `PRAGMA integrity_check` on a restore's own temporary, which no one else opens: read-only
+/// and `immutable`, so the check writes nothing (no `-wal` or `-shm` beside it; on a full
+/// disk it still runs).
+fn integrity_check_unshared(path: &Path) -> anyhow::Result<()> {
+    // Not UTF-8: a URI cannot name it; the check goes through the locks instead.
+    let Some(name) = path.to_str() else {
+        return integrity_check(path);
+    };
+    // `file://` with an empty authority before an absolute path.
+    let mut uri = String::from(if name.starts_with('/') {
+        "file://"
+    } else {
+        "file:"
+    });
+    for c in name.chars() {
+        match c {
+            '%' | '?' | '#' => uri.push_str(&format!("%{:02X}", c as u32)),
+            _ => uri.push(c),
+        }
+    }
+    uri.push_str("?immutable=1");
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+        | rusqlite::OpenFlags::SQLITE_OPEN_URI
+        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = rusqlite::Connection::open_with_flags(&uri, flags)
+        .with_context(|| format!("opening {} for PRAGMA integrity_check", path.display()))?;
+    check_integrity(&conn, path)
+}
+
+fn check_integrity(conn: &rusqlite::Connection, path: &Path) -> anyhow::Result<()> {
+    let check: String = conn
+        .pragma_update_and_check(None, "mmap_size", CHECK_MMAP_BYTES, |r| r.get::<_, i64>(0))
+        .and_then(|_| conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)))
+        .with_context(|| format!("PRAGMA integrity_check on {}", path.display()))?;
     if check != "ok" {
         bail!("restored database fails PRAGMA integrity_check: {check}");
     }
@@ -677,7 +713,7 @@ fn restore_into(
     // succeed before the rename, in either order.
     let (synced, checked) = std::thread::scope(|scope| {
         let sync = scope.spawn(|| out.sync_all());
-        let checked = integrity_check(&tmp);
+        let checked = integrity_check_unshared(&tmp);
         tracing::debug!(
             ms = started.elapsed().as_millis() as u64,
             "integrity checked"

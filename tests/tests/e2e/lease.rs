@@ -23,18 +23,23 @@ const TENANT: &str = "p1/databases/userdb/branches/main/tenants/acme.db";
 const TEMPLATE: &str = "{{project}}/{{database}}/{{branch}}/{{tenant}}";
 
 /// One "host": a data root, a state directory, a ring and a configuration, all its own.
-struct Host {
+pub(crate) struct Host {
     name: &'static str,
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     config: PathBuf,
     ring: PathBuf,
-    db: PathBuf,
+    pub(crate) db: PathBuf,
     env: Vec<(&'static str, String)>,
     agent: Option<Child>,
 }
 
 impl Host {
-    fn new(root: &Path, name: &'static str, replica: &str, env: &[(&'static str, String)]) -> Host {
+    pub(crate) fn new(
+        root: &Path,
+        name: &'static str,
+        replica: &str,
+        env: &[(&'static str, String)],
+    ) -> Host {
         let dir = root.join(name);
         let db = dir.join("data").join(TENANT);
         std::fs::create_dir_all(db.parent().unwrap()).unwrap();
@@ -63,7 +68,7 @@ impl Host {
         }
     }
 
-    fn start(&mut self) {
+    pub(crate) fn start(&mut self) {
         let log = std::fs::File::create(self.dir.join("agent.log")).unwrap();
         let child = Command::new(multidb_bin())
             .current_dir(&self.dir)
@@ -90,18 +95,18 @@ impl Host {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
-    fn command(&self) -> Command {
+    pub(crate) fn command(&self) -> Command {
         let mut command = multidb(&self.dir);
         command.envs(self.env.iter().map(|(k, v)| (*k, v.as_str())));
         command.arg("--config").arg(&self.config);
         command
     }
 
-    fn status(&self) -> Option<Value> {
+    pub(crate) fn status(&self) -> Option<Value> {
         let out = run(self.command().args(["status", "--json"]));
         (out.code == 0)
             .then(|| serde_json::from_str(&out.stdout).ok())
@@ -125,7 +130,7 @@ impl Host {
 
     /// Commits row `v` with libmultidb loaded and returns `multidb_wait(timeout_ms)` and
     /// `multidb_status()` after it.
-    fn commit(&self, v: &str, timeout_ms: u64) -> (String, Value) {
+    pub(crate) fn commit(&self, v: &str, timeout_ms: u64) -> (String, Value) {
         let out = run(Command::new("sqlite3")
             .env("MULTIDB_RING", &self.ring)
             .arg("-bail")
@@ -162,7 +167,7 @@ impl Host {
         unreachable!()
     }
 
-    fn restore(&self, txid: Option<u64>, out: &Path) -> Run {
+    pub(crate) fn restore(&self, txid: Option<u64>, out: &Path) -> Run {
         let mut command = self.command();
         command.arg("restore").arg("-o").arg(out);
         if let Some(txid) = txid {
@@ -190,7 +195,7 @@ impl Drop for Host {
     }
 }
 
-fn rows(db: &Path) -> Vec<String> {
+pub(crate) fn rows(db: &Path) -> Vec<String> {
     let out = run(Command::new("sqlite3")
         .arg(db)
         .arg("SELECT v FROM t ORDER BY id"));

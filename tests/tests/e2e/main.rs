@@ -7,6 +7,7 @@ mod cli;
 mod extension;
 mod fleet;
 mod follow;
+mod full_disk;
 mod hostile;
 mod integrity;
 mod lease;

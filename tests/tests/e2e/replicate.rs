@@ -339,6 +339,22 @@ fn a_transaction_larger_than_64_mb_replicates_and_restores() {
     assert_restores_equal(&db, &url);
 }
 
+/// `file` decodes to its end with every checksum right: no half-written or corrupt file.
+pub fn assert_complete_ltx(file: &Path) {
+    let bytes = fs::read(file).unwrap();
+    let mut decoder =
+        Decoder::new(bytes.as_slice()).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let mut page = vec![0u8; decoder.header().page_size as usize];
+    while decoder
+        .next_page(&mut page)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .is_some()
+    {}
+    decoder
+        .finish()
+        .unwrap_or_else(|e| panic!("{} is half-written or corrupt: {e}", file.display()));
+}
+
 /// Every `.ltx` file in a file replica, with its path.
 fn replica_files(root: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
@@ -480,18 +496,7 @@ fn sigkill_at_random_points_loses_nothing_and_leaves_no_half_file() {
     });
     replicate_once(&db, &url);
     for file in replica_files(&replica) {
-        let bytes = fs::read(&file).unwrap();
-        let mut decoder =
-            Decoder::new(bytes.as_slice()).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        let mut page = vec![0u8; decoder.header().page_size as usize];
-        while decoder
-            .next_page(&mut page)
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
-            .is_some()
-        {}
-        decoder
-            .finish()
-            .unwrap_or_else(|e| panic!("{} is half-written or corrupt: {e}", file.display()));
+        assert_complete_ltx(&file);
     }
     assert_restores_equal(&db, &url);
 }
