@@ -337,7 +337,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Parse { path, json } => {
             let config = load_config(&cli)?;
-            listing::parse(&config, path, *json)?;
+            let path = absolute_for(&config.multi_db.pattern, path);
+            listing::parse(&config, &path, *json)?;
         }
         Command::Generate(args) => {
             let layout = Layout {

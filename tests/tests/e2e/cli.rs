@@ -96,6 +96,16 @@ fn parse_prints_fields_or_why_a_path_does_not_match() {
     let out = run(multidb(dir).args(["parse", "--json", &path]));
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(v["fields"]["database"], "crm");
+    // A path relative to the working directory, as `restore` and `release` take it.
+    let out = run(multidb(dir).args([
+        "parse",
+        "--json",
+        "./data/p9/databases/crm/branches/dev/tenants/hooli.db",
+    ]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["path"], path.as_str());
+    assert_eq!(v["fields"]["tenant"], "hooli");
 
     let bad = format!(
         "{}/data/p9/dbs/crm/branches/dev/tenants/hooli.db",
