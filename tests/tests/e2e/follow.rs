@@ -507,3 +507,59 @@ fn follow_restores_afresh_when_another_history_replaces_the_replica() {
     );
     assert!(log.contains("stopped following at TXID 4"), "{log}");
 }
+
+/// A follower killed (`SIGKILL`) at random moments while the source keeps writing, on either
+/// side of a step's commit: each new follower resumes OUT instead of refusing it as changed by
+/// someone else, a reader of OUT never sees a torn state, and at the end OUT equals the
+/// source.
+#[test]
+fn follow_killed_at_random_moments_resumes_every_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let replica = tmp.path().join("replica");
+    let url = format!("file://{}", replica.display());
+    let db = new_source(tmp.path());
+    let out = tmp.path().join("follower.db");
+    let replicating = Replicating::start(&db, &url);
+    write_transactions(&db, 0, 3, Duration::ZERO);
+    wait_for_replica(tmp.path(), &url, &[]);
+    let mut follower = Following::start(&url, &out, &[]);
+    wait_for_file(&out, &mut follower);
+    let reader = Reader::start(&out);
+    let writer = {
+        let db = db.clone();
+        std::thread::spawn(move || write_transactions(&db, 3, 150, Duration::from_millis(20)))
+    };
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..12 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(100 + seed % 500));
+        if let Ok(Some(status)) = follower.child.try_wait() {
+            panic!(
+                "round {round}: the follower exited with {status}: {}",
+                follower.log()
+            );
+        }
+        follower.child.kill().unwrap();
+        follower.child.wait().unwrap();
+        follower = Following::start(&url, &out, &[]);
+    }
+    writer.join().unwrap();
+    wait_for(&out, 450, &mut follower);
+    // The last follower has resumed too (OUT may have been complete before it started).
+    let deadline = Instant::now() + CATCH_UP;
+    while follower.log().matches("resumed TXID").count() < 12 {
+        assert!(
+            Instant::now() < deadline,
+            "every new follower resumes OUT: {}",
+            follower.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seen = reader.finish();
+    assert!(seen.len() >= 5, "OUT was seen at only {seen:?} rows");
+    follower.stop();
+    assert_eq!(dump(&out), dump(&db), "OUT after the kills");
+    replicating.stop();
+}
