@@ -751,7 +751,11 @@ impl<'a> Follower<'a> {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let fresh = parent.join(format!(".multidb-follow-{}.db", std::process::id()));
+        // Named after OUT, not this process: a follower killed here leaves it for the next
+        // one to remove.
+        let mut name = self.output.file_name().unwrap_or_default().to_os_string();
+        name.push(".multidb-follow-fresh");
+        let fresh = parent.join(name);
         let _ = std::fs::remove_file(&fresh);
         let restored = restore::restore(self.replica, Target::Latest, &fresh, false);
         let result = restored.and_then(|r| self.copy_from(&fresh, r.txid, chain.len()));

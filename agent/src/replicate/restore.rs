@@ -16,7 +16,6 @@
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Write};
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -599,23 +598,13 @@ pub fn restore_listed(
     }
     let chain = plan(files, target)?;
     let txid = chain.last().map_or(0, |f| f.max_txid);
-    // Numbered as well as named by the process: restores running side by side in one process
-    // each need a work directory of their own.
-    static WORK_DIRS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = WORK_DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let parent = output
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    // A short name of its own, not the output's name plus a suffix: an output name near
-    // NAME_MAX (255 bytes) must still leave room for the temporary one.
-    let work = parent.join(format!(".multidb-restore-{}-{n}", std::process::id()));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&work)
-        .with_context(|| format!("creating {}", work.display()))?;
-    let result = restore_into(replica, &chain, output, &work, mode, progress);
-    let _ = std::fs::remove_dir_all(&work);
+    let work = super::workdir::WorkDir::create(parent)?;
+    let result = restore_into(replica, &chain, output, work.path(), mode, progress);
+    drop(work);
     result.map(|pages| Restored {
         txid,
         files: chain.len(),

@@ -660,3 +660,67 @@ fn a_writer_that_never_pauses_keeps_the_wal_bounded() {
     );
     assert_restores_equal(&db, &url);
 }
+
+/// `multidb restore` killed (`SIGKILL`) while it builds the database: its work directory
+/// stays behind, the output does not exist, and the next restore into the same directory
+/// removes that work directory and restores in full.
+#[test]
+fn a_killed_restore_leaves_no_output_and_the_next_one_clears_its_work_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = new_db(tmp.path(), "app.db");
+    let url = url_of(&tmp.path().join("replica"));
+    shell(
+        &db,
+        "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 40000) \
+         INSERT INTO items(name, qty, blob) SELECT 'r' || i, i, randomblob(1000) FROM c;\n",
+    );
+    replicate_once(&db, &url);
+    let outputs = tmp.path().join("outputs");
+    fs::create_dir(&outputs).unwrap();
+    let work_dirs = || -> Vec<PathBuf> {
+        fs::read_dir(&outputs)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(".multidb-restore-")
+            })
+            .collect()
+    };
+    // Killed while its work directory exists (a fast machine may finish first: try again).
+    let mut killed_in_flight = None;
+    for attempt in 0..20 {
+        let out = outputs.join(format!("killed-{attempt}.db"));
+        let mut child = multidb(tmp.path())
+            .args(["restore", "-o"])
+            .arg(&out)
+            .arg(&url)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        while work_dirs().is_empty() && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20 * (attempt % 5)));
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        if status.code().is_none() && !work_dirs().is_empty() {
+            assert!(!out.exists(), "a killed restore left {}", out.display());
+            killed_in_flight = Some(out);
+            break;
+        }
+        let _ = fs::remove_file(&out);
+    }
+    assert!(
+        killed_in_flight.is_some(),
+        "no restore was killed in flight in 20 tries"
+    );
+    let left = work_dirs();
+    let out = outputs.join("next.db");
+    let run = restore(&url, &out, &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(work_dirs(), Vec::<PathBuf>::new(), "left behind: {left:?}");
+    assert_eq!(dump(&out), dump(&db));
+}
