@@ -375,7 +375,12 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             )
             .context("starting the lease keeper")?;
             let (client, previous) = leases.lease(&replica).map_err(anyhow::Error::from)?;
-            let tmp = tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
+            // A work directory of this run's own below it: one a killed run left is removed.
+            let base = tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
+            std::fs::create_dir_all(&base)
+                .with_context(|| format!("creating {}", base.display()))?;
+            let work = crate::replicate::workdir::WorkDir::create(&base, "replicate")?;
+            let tmp = work.path().to_path_buf();
             let options = crate::replicate::RunOptions {
                 once: *once,
                 poll: *poll,

@@ -41,7 +41,7 @@ mod ship;
 pub mod sqlfile;
 pub mod state;
 pub mod wal;
-mod workdir;
+pub mod workdir;
 
 pub use run::{run_with, RunOptions};
 

@@ -602,7 +602,7 @@ pub fn restore_listed(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let work = super::workdir::WorkDir::create(parent)?;
+    let work = super::workdir::WorkDir::create(parent, "restore")?;
     let result = restore_into(replica, &chain, output, work.path(), mode, progress);
     drop(work);
     result.map(|pages| Restored {

@@ -1,9 +1,10 @@
-//! A restore's work directory beside its output, `.multidb-restore-<pid>-<n>`: downloads and
-//! the database being built live there until the finished file is linked into place, and it
-//! is removed when the restore ends. A process killed meanwhile leaves it behind, so each one
-//! holds an `flock` on a `.lock` file inside for as long as it lives (the kernel drops it
-//! when the process dies, in any pid namespace, and NFS carries it across hosts): the next
-//! restore into the same directory removes those whose lock it can take.
+//! A command's work directory, `.multidb-<kind>-<pid>-<n>`: a restore's beside its output
+//! (downloads and the database being built live there until the finished file is linked into
+//! place), `multidb replicate`'s in the temporary directory (LTX files before they are
+//! shipped). It is removed when the work ends. A process killed meanwhile leaves it behind,
+//! so each one holds an `flock` on a `.lock` file inside for as long as it lives (the kernel
+//! drops it when the process dies, in any pid namespace, and NFS carries it across hosts):
+//! the next command of the same kind there removes those whose lock it can take.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -16,7 +17,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-const PREFIX: &str = ".multidb-restore-";
 const LOCK: &str = ".lock";
 
 /// A work directory without a lock file is removed once this old: its creator died between
@@ -31,17 +31,18 @@ pub struct WorkDir {
 }
 
 impl WorkDir {
-    /// Creates a work directory in `parent`, first removing any a dead process left there
-    /// (once per directory and process).
-    pub fn create(parent: &Path) -> anyhow::Result<WorkDir> {
-        sweep_once(parent);
+    /// Creates a work directory for `kind` of work in `parent`, first removing any a dead
+    /// process left there (once per directory and process).
+    pub fn create(parent: &Path, kind: &str) -> anyhow::Result<WorkDir> {
+        let prefix = format!(".multidb-{kind}-");
+        sweep_once(parent, &prefix);
         // Numbered as well as named by the process: restores running side by side in one
         // process each need a work directory of their own.
         static WORK_DIRS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = WORK_DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // A short name of its own, not the output's name plus a suffix: an output name near
         // NAME_MAX (255 bytes) must still leave room for the temporary one.
-        let path = parent.join(format!("{PREFIX}{}-{n}", std::process::id()));
+        let path = parent.join(format!("{prefix}{}-{n}", std::process::id()));
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
@@ -80,27 +81,28 @@ fn flock(file: &File, how: libc::c_int) -> io::Result<()> {
 
 /// [`sweep`] on `parent` unless this process has swept it already: `restore --all` restores
 /// many databases into one directory, and one look per directory is enough.
-fn sweep_once(parent: &Path) {
+fn sweep_once(parent: &Path, prefix: &str) {
     static SWEPT: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
     let first = SWEPT
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get_or_insert_with(HashSet::new)
-        .insert(parent.to_path_buf());
+        .insert(parent.join(prefix));
     if first {
-        sweep(parent);
+        sweep(parent, prefix);
     }
 }
 
-/// Removes the work directories in `parent` that no live process holds; returns how many.
-fn sweep(parent: &Path) -> usize {
+/// Removes the work directories named `prefix…` in `parent` that no live process holds;
+/// returns how many.
+fn sweep(parent: &Path, prefix: &str) -> usize {
     let Ok(entries) = fs::read_dir(parent) else {
         return 0;
     };
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        if !name.to_str().is_some_and(|n| n.starts_with(PREFIX)) {
+        if !name.to_str().is_some_and(|n| n.starts_with(prefix)) {
             continue;
         }
         if !entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -123,7 +125,7 @@ fn sweep(parent: &Path) -> usize {
             Err(_) => None,
         };
         if stale.is_some() && fs::remove_dir_all(&dir).is_ok() {
-            tracing::info!(dir = %dir.display(), "removed a restore's work directory left by a process that died");
+            tracing::info!(dir = %dir.display(), "removed a work directory left by a process that died");
             removed += 1;
         }
     }
@@ -134,10 +136,19 @@ fn sweep(parent: &Path) -> usize {
 mod tests {
     use super::*;
 
+    const PREFIX: &str = ".multidb-test-";
+
     #[test]
-    fn a_dead_restore_s_work_directory_is_removed_and_a_live_one_kept() {
+    fn a_dead_process_s_work_directory_is_removed_and_a_live_one_kept() {
         let tmp = tempfile::tempdir().unwrap();
-        let live = WorkDir::create(tmp.path()).unwrap();
+        let live = WorkDir::create(tmp.path(), "test").unwrap();
+        assert!(live
+            .path()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with(PREFIX));
         std::fs::write(live.path().join("restored.db"), b"x").unwrap();
         // Left by a process that died: its lock file is there, nobody holds it.
         let dead = tmp.path().join(format!("{PREFIX}999999-0"));
@@ -147,16 +158,21 @@ mod tests {
         // Just made by a process that has not locked it yet: kept for a while.
         let young = tmp.path().join(format!("{PREFIX}999998-0"));
         fs::create_dir(&young).unwrap();
-        // Someone else's file with the prefix: not a directory, kept.
+        // Someone else's file with the prefix: not a directory, kept; another kind's dead
+        // directory: left to that kind.
         fs::write(tmp.path().join(format!("{PREFIX}file")), b"").unwrap();
-        assert_eq!(sweep(tmp.path()), 1);
+        let other = tmp.path().join(".multidb-other-999999-0");
+        fs::create_dir(&other).unwrap();
+        fs::write(other.join(LOCK), b"").unwrap();
+        assert_eq!(sweep(tmp.path(), PREFIX), 1);
         assert!(!dead.exists());
         assert!(young.exists());
         assert!(live.path().join("restored.db").exists());
         assert!(tmp.path().join(format!("{PREFIX}file")).exists());
+        assert!(other.exists());
         let old = std::time::SystemTime::now() - UNLOCKED_STALE * 2;
         File::open(&young).unwrap().set_modified(old).unwrap();
-        assert_eq!(sweep(tmp.path()), 1);
+        assert_eq!(sweep(tmp.path(), PREFIX), 1);
         assert!(!young.exists());
         let path = live.path().to_path_buf();
         drop(live);

@@ -464,6 +464,7 @@ fn sigkill_at_random_points_loses_nothing_and_leaves_no_half_file() {
     let db = new_db(tmp.path(), "app.db");
     let replica = tmp.path().join("replica");
     let url = url_of(&replica);
+    let work = tmp.path().join("work").display().to_string();
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         let writer = scope.spawn(|| {
@@ -483,7 +484,7 @@ fn sigkill_at_random_points_loses_nothing_and_leaves_no_half_file() {
         });
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         for _ in 0..20 {
-            let replicating = Replicating::start(&db, &url);
+            let replicating = Replicating::start_with(&db, &url, &["--tmp-dir", &work], &[]);
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
@@ -494,7 +495,17 @@ fn sigkill_at_random_points_loses_nothing_and_leaves_no_half_file() {
         let written = writer.join().unwrap();
         assert!(written > 100, "the writer kept writing: {written}");
     });
-    replicate_once(&db, &url);
+    // The next run removes the work directories the killed ones left, and its own.
+    let out = run(multidb(tmp.path())
+        .args(["replicate", "--once", "--tmp-dir", &work])
+        .arg(&db)
+        .arg(&url));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let left: Vec<_> = fs::read_dir(&work)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "left in the temporary directory: {left:?}");
     for file in replica_files(&replica) {
         assert_complete_ltx(&file);
     }
