@@ -40,7 +40,7 @@ impl Fault {
             // costs only the backoff time to find out.
             S3Error::Atto(_) | S3Error::Io(_) => Fault {
                 retryable: true,
-                ..Fault::message(error.to_string())
+                ..Fault::message(transport_detail(&error.to_string()))
             },
             other => Fault::message(other.to_string()),
         }
@@ -76,6 +76,20 @@ impl Fault {
     }
 }
 
+/// A transport error as a user reads it: a read that timed out surfaces from the socket as
+/// `EAGAIN` ("Resource temporarily unavailable"), which says nothing about a store that
+/// accepted the connection and never answered.
+fn transport_detail(text: &str) -> String {
+    let timed_out = text.contains("(os error 11)")
+        || text.contains("(os error 110)")
+        || text.to_ascii_lowercase().contains("timed out");
+    if timed_out {
+        format!("timed out: the store sent no answer within 30 s ({text})")
+    } else {
+        text.to_string()
+    }
+}
+
 /// The text of the first `<tag>…</tag>` in an S3 error body. Only `Code` and `Message` are
 /// read: other elements (`StringToSign`, `AWSAccessKeyId`, …) may carry credentials.
 pub(super) fn xml_text<'a>(body: &'a str, tag: &str) -> Option<&'a str> {
@@ -100,3 +114,21 @@ pub(super) fn backoff(retry: u32, random: u64) -> Duration {
 }
 
 pub(super) use crate::time::random_u64;
+
+#[cfg(test)]
+mod tests {
+    use super::transport_detail;
+
+    #[test]
+    fn a_read_that_timed_out_says_so() {
+        let eagain = "attohttpc: Io Error: Resource temporarily unavailable (os error 11)";
+        let text = transport_detail(eagain);
+        assert!(
+            text.starts_with("timed out: the store sent no answer within 30 s")
+                && text.contains(eagain),
+            "{text}"
+        );
+        let refused = "attohttpc: Io Error: Connection refused (os error 111)";
+        assert_eq!(transport_detail(refused), refused);
+    }
+}
