@@ -102,6 +102,23 @@ pub enum ReplicateError {
     #[error("{db}: the database file was replaced or removed at its path")]
     Replaced { db: String },
 }
+impl ReplicateError {
+    /// A failed write of the temporary LTX file `tmp`, with the file named.
+    fn naming_staged(self, tmp: &Path) -> ReplicateError {
+        match self {
+            ReplicateError::Ltx {
+                db,
+                op,
+                error: ltx::LtxError::Write { error },
+            } => ReplicateError::Io {
+                db,
+                op,
+                error: io::Error::new(error.kind(), format!("{}: {error}", tmp.display())),
+            },
+            other => other,
+        }
+    }
+}
 
 /// What one [`Replicator::cycle`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,6 +353,17 @@ impl Replicator {
             op,
             error: source,
         }
+    }
+
+    /// An error encoding the temporary LTX file `tmp`; a failed write names the file (a full
+    /// disk must say which disk).
+    fn staged_err<'a>(
+        &self,
+        op: &'static str,
+        tmp: &'a Path,
+    ) -> impl FnOnce(ltx::LtxError) -> ReplicateError + 'a {
+        let ltx_err = self.ltx_err(op);
+        move |source| ltx_err(source).naming_staged(tmp)
     }
 
     fn replica_err(&self) -> impl FnOnce(ReplicaError) -> ReplicateError {

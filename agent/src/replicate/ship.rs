@@ -89,7 +89,7 @@ impl Replicator {
                     grown.next();
                     self.read_db_page(pgno, &mut page)?;
                 }
-                write(pgno, &page, &mut state).map_err(self.ltx_err("encode"))?;
+                write(pgno, &page, &mut state).map_err(self.staged_err("encode", &tmp))?;
             }
             Ok(())
         })();
@@ -114,7 +114,7 @@ impl Replicator {
     pub(super) fn create_ltx(
         &self,
         mut header: Header,
-    ) -> Result<(PathBuf, Encoder<BufWriter<File>>), ReplicateError> {
+    ) -> Result<(Staged, Encoder<BufWriter<File>>), ReplicateError> {
         if self.litestream_compatible {
             header.flags |= ltx::HEADER_FLAG_NO_CHECKSUM;
             header.pre_apply_checksum = 0;
@@ -134,7 +134,8 @@ impl Replicator {
         let out = BufWriter::new(
             crate::replica::create_new(&tmp, mode).map_err(self.io_err("create temporary LTX"))?,
         );
-        let encoder = Encoder::new(out, header).map_err(self.ltx_err("encode"))?;
+        let tmp = Staged(tmp);
+        let encoder = Encoder::new(out, header).map_err(self.staged_err("encode", &tmp))?;
         Ok((tmp, encoder))
     }
 
@@ -150,8 +151,12 @@ impl Replicator {
         let header = *encoder.header();
         let result = (|| {
             let post_apply = (!self.litestream_compatible).then_some(post_apply);
-            let (out, _) = encoder.finish(post_apply).map_err(self.ltx_err("finish"))?;
-            let bytes = finish_file(out, tmp).map_err(self.io_err("write temporary LTX"))?;
+            let (out, _) = encoder
+                .finish(post_apply)
+                .map_err(self.staged_err("finish", tmp))?;
+            let bytes = finish_file(out, tmp).map_err(|e| {
+                self.staged_err("write temporary LTX", tmp)(ltx::LtxError::Write { error: e })
+            })?;
             self.replica
                 .put(level, header.min_txid, header.max_txid, tmp)
                 .map_err(self.replica_err())?;
@@ -260,8 +265,9 @@ impl Replicator {
         };
         let (tmp, mut encoder) = self.create_ltx(header)?;
         let wal_file = wal.map(|(f, _)| f);
-        let (sums, checksum) =
-            self.page_sums_of(page_size, pages, wal_file, &overlay, Some(&mut encoder))?;
+        let (sums, checksum) = self
+            .page_sums_of(page_size, pages, wal_file, &overlay, Some(&mut encoder))
+            .map_err(|e| e.naming_staged(&tmp))?;
         let bytes = self.upload(SNAPSHOT_LEVEL, encoder, &tmp, checksum)?;
         self.state = Some(State {
             txid,
@@ -280,5 +286,24 @@ impl Replicator {
             snapshot_reason: Some(reason),
             wal_offset: pos.offset,
         })
+    }
+}
+
+/// A temporary LTX file being written, removed when dropped: a sync that fails half-way
+/// (a full disk, a page that cannot be read) leaves nothing behind in the temporary
+/// directory, where each retry would otherwise add another partial file. After a directory
+/// replica's `put` renamed it into place there is nothing left to remove.
+pub(super) struct Staged(PathBuf);
+
+impl std::ops::Deref for Staged {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }

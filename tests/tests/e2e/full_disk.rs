@@ -130,6 +130,50 @@ fn count_big(db: &Path) -> String {
     out.stdout
 }
 
+/// A host (see `lease.rs`) whose tenant is replicated to the directory `replica`.
+fn host_replicating_to(root: &Path, replica: &Path) -> Host {
+    Host::new(
+        root,
+        "host",
+        &format!(
+            "    type: file\n    path: \"{}/{{{{project}}}}/{{{{database}}}}/{{{{branch}}}}/{{{{tenant}}}}\"\n",
+            replica.display()
+        ),
+        &[],
+    )
+}
+
+/// Commits until one is acknowledged once there is room again: syncs that kept failing back
+/// off (up to 30 s) and a fenced writer looks at its lease again after 5 s, so the next
+/// attempt may be that far away.
+fn commit_until_acknowledged_after_room(host: &Host) {
+    let room = Instant::now();
+    for n in 0.. {
+        let (wait, status) = host.commit(&format!("room-again-{n}"), 3_000);
+        if wait == "1" {
+            break;
+        }
+        assert!(
+            room.elapsed() < Duration::from_secs(120),
+            "not acknowledged 120 s after room came back: {status}\n{}",
+            host.log()
+        );
+    }
+    eprintln!(
+        "acknowledged again {:?} after room came back",
+        room.elapsed()
+    );
+}
+
+/// The latest restore holds every row of the host's database.
+fn assert_restores_to_its_database(host: &Host, scratch: &Path) {
+    let restored = scratch.join("restored.db");
+    let out = host.restore(None, &restored);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(rows(&restored), rows(&host.db));
+    assert_eq!(count_big(&restored), count_big(&host.db));
+}
+
 /// The agent's replica directory fills up: commits after the one that does not fit are not
 /// acknowledged, `multidb status` names the cause, no temporary or half file is left in the
 /// replica; with room again every commit reaches it, and the restore equals the source.
@@ -140,15 +184,7 @@ fn a_full_replica_disk_holds_acknowledgements_and_loses_nothing() {
         return;
     };
     let replica = disk.path.join("r");
-    let mut host = Host::new(
-        tmp.path(),
-        "host",
-        &format!(
-            "    type: file\n    path: \"{}/{{{{project}}}}/{{{{database}}}}/{{{{branch}}}}/{{{{tenant}}}}\"\n",
-            replica.display()
-        ),
-        &[],
-    );
+    let mut host = host_replicating_to(tmp.path(), &replica);
     host.start();
     for n in 0..3 {
         let (wait, status) = host.commit(&format!("fits-{n}"), 10_000);
@@ -200,24 +236,7 @@ fn a_full_replica_disk_holds_acknowledgements_and_loses_nothing() {
     // Room again: everything arrives, nothing was lost on the way.
     fs::remove_file(&filler).unwrap();
     disk.resize("64m");
-    // Syncs that kept failing back off (up to 30 s) and a fenced writer looks at its lease
-    // again after 5 s: the next attempt may be that far away.
-    let room = Instant::now();
-    for n in 0.. {
-        let (wait, status) = host.commit(&format!("room-again-{n}"), 3_000);
-        if wait == "1" {
-            break;
-        }
-        assert!(
-            room.elapsed() < Duration::from_secs(120),
-            "not acknowledged 120 s after room came back: {status}\n{}",
-            host.log()
-        );
-    }
-    eprintln!(
-        "acknowledged again {:?} after room came back",
-        room.elapsed()
-    );
+    commit_until_acknowledged_after_room(&host);
     assert_replica_holds_only_complete_files(&location);
     // Renewals failed at every keeper tick (~0.3 s with this TTL) for seconds: logged at the
     // 1st, 2nd, 4th… failure in a row, and once when they work again.
@@ -228,11 +247,7 @@ fn a_full_replica_disk_holds_acknowledgements_and_loses_nothing() {
         "{failed} renewal failures logged: {log}"
     );
     assert!(log.contains("lease renewed again"), "{log}");
-    let restored = tmp.path().join("restored.db");
-    let out = host.restore(None, &restored);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    assert_eq!(rows(&restored), rows(&host.db));
-    assert_eq!(count_big(&restored), count_big(&host.db));
+    assert_restores_to_its_database(&host, tmp.path());
 }
 
 /// `multidb restore` and `multidb restore --all` onto a full disk: a non-zero exit naming the
@@ -334,4 +349,55 @@ fn a_restore_onto_a_full_disk_fails_cleanly_and_a_rerun_completes() {
         let restored = out_root.join(db.file_name().unwrap());
         assert_eq!(count_big(&restored), count_big(db), "{}", db.display());
     }
+}
+
+/// The agent's own disk (its state directory, where LTX files are written before they are
+/// shipped) fills up: nothing is acknowledged, the error names the temporary file, failed
+/// attempts leave no partial files behind (each retry would otherwise add one and fill the
+/// disk further), and with room again the replica catches up.
+#[test]
+fn a_full_state_disk_leaves_no_partial_files_and_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let replica = tmp.path().join("replica");
+    let mut host = host_replicating_to(tmp.path(), &replica);
+    let Some(disk) = Tmpfs::mount(&host.dir.join("state"), "1m") else {
+        return;
+    };
+    host.start();
+    let (wait, status) = host.commit("fits", 10_000);
+    assert_eq!(wait, "1", "{status}\n{}", host.log());
+
+    grow(&host.db, 2);
+    let (wait, status) = host.commit("after-full", 3_000);
+    assert_eq!(wait, "0", "{status}\n{}", host.log());
+    let staging = disk.path.join("tmp");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let report = host.status().expect("status");
+        let errors = report["errors"].to_string();
+        let failures = host.log().matches("sync failed").count();
+        let left = fs::read_dir(&staging).unwrap().count();
+        assert!(
+            left <= 1,
+            "{left} files in {} after {failures} failed syncs: partial files left behind",
+            staging.display()
+        );
+        if failures >= 4 {
+            assert!(
+                errors.contains("No space left") && errors.contains(&staging.display().to_string()),
+                "the error names the full disk's file: {errors}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 4 failed syncs in 30 s: {}",
+            host.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    disk.resize("64m");
+    commit_until_acknowledged_after_room(&host);
+    assert_restores_to_its_database(&host, tmp.path());
 }
