@@ -47,8 +47,13 @@ impl WorkDir {
             .mode(0o700)
             .create(&path)
             .with_context(|| format!("creating {}", path.display()))?;
-        let lock = File::create(path.join(LOCK))
+        // Locked under another name, then renamed: a sweeper that finds `.lock` always
+        // finds it held (a lock file it could take between our create and our `flock`
+        // would cost a live restore its directory).
+        let fresh = path.join(".lock-new");
+        let lock = crate::replica::create_new(&fresh, 0o600)
             .and_then(|file| flock(&file, libc::LOCK_EX | libc::LOCK_NB).map(|()| file))
+            .and_then(|file| fs::rename(&fresh, path.join(LOCK)).map(|()| file))
             .with_context(|| format!("locking {}", path.display()));
         match lock {
             Ok(lock) => Ok(WorkDir { path, _lock: lock }),
@@ -99,10 +104,15 @@ fn sweep(parent: &Path, prefix: &str) -> usize {
     let Ok(entries) = fs::read_dir(parent) else {
         return 0;
     };
+    let ours = std::process::id().to_string();
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        if !name.to_str().is_some_and(|n| n.starts_with(prefix)) {
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        // This process's own are in use.
+        if rest.split('-').next() == Some(ours.as_str()) {
             continue;
         }
         if !entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -177,5 +187,43 @@ mod tests {
         let path = live.path().to_path_buf();
         drop(live);
         assert!(!path.exists());
+    }
+
+    /// Work directories made side by side while others sweep the same directory (what
+    /// `restore --all` does with many databases in one directory): none is removed while
+    /// its owner uses it. The sweepers here act as another process would (this process's
+    /// own directories are skipped by pid, so they sweep under another prefix's rules by
+    /// taking the lock itself).
+    #[test]
+    fn sweeping_never_takes_a_directory_being_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let sweeper = scope.spawn(|| {
+                let mut taken = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for entry in fs::read_dir(tmp.path()).unwrap().flatten() {
+                        if let Ok(lock) = File::open(entry.path().join(LOCK)) {
+                            if flock(&lock, libc::LOCK_EX | libc::LOCK_NB).is_ok() {
+                                taken += 1;
+                            }
+                        }
+                    }
+                }
+                taken
+            });
+            // Kept until the sweeper stops: a directory removed by its owner releases its
+            // lock, which is not the race under test.
+            let made: Vec<WorkDir> = (0..2000)
+                .map(|_| WorkDir::create(tmp.path(), "test").unwrap())
+                .collect();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(
+                sweeper.join().unwrap(),
+                0,
+                "a live work directory's lock was taken"
+            );
+            assert!(made.iter().all(|d| d.path().join(LOCK).exists()));
+        });
     }
 }
