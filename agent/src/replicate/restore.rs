@@ -133,41 +133,54 @@ fn download(
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let done = std::sync::atomic::AtomicUsize::new(0);
+    let remote = chain
+        .iter()
+        .filter(|f| {
+            replica
+                .local_path(f.level, f.min_txid, f.max_txid)
+                .is_none()
+        })
+        .count();
+    // Threads only when more than one file is fetched and there is enough to fetch.
+    let threads = if remote > 1 && !is_small(chain) {
+        PARALLEL_DOWNLOADS.min(remote)
+    } else {
+        1
+    };
+    let fetch = || -> anyhow::Result<()> {
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(f) = chain.get(i) else { return Ok(()) };
+            if replica
+                .local_path(f.level, f.min_txid, f.max_txid)
+                .is_some()
+            {
+                progress(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+                continue;
+            }
+            let mut out = io::BufWriter::new(File::create(&paths[i])?);
+            replica
+                .get(f.level, f.min_txid, f.max_txid, &mut out)
+                .with_context(|| {
+                    format!(
+                        "downloading {}",
+                        replica.location(f.level, f.min_txid, f.max_txid)
+                    )
+                })?;
+            out.flush()?;
+            progress(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+        }
+    };
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        let workers: Vec<_> = (0..PARALLEL_DOWNLOADS.min(chain.len()))
-            .map(|_| {
-                scope.spawn(|| -> anyhow::Result<()> {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(f) = chain.get(i) else { return Ok(()) };
-                        if replica
-                            .local_path(f.level, f.min_txid, f.max_txid)
-                            .is_some()
-                        {
-                            progress(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
-                            continue;
-                        }
-                        let mut out = io::BufWriter::new(File::create(&paths[i])?);
-                        replica
-                            .get(f.level, f.min_txid, f.max_txid, &mut out)
-                            .with_context(|| {
-                                format!(
-                                    "downloading {}",
-                                    replica.location(f.level, f.min_txid, f.max_txid)
-                                )
-                            })?;
-                        out.flush()?;
-                        progress(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
-                    }
-                })
-            })
-            .collect();
+        let workers: Vec<_> = (1..threads).map(|_| scope.spawn(fetch)).collect();
+        // The calling thread fetches too: with one thread, nothing is started.
+        let here = fetch();
         for worker in workers {
             worker
                 .join()
                 .map_err(|_| anyhow::anyhow!("download thread panicked"))??;
         }
-        Ok(())
+        here
     })?;
     Ok(paths)
 }
@@ -191,6 +204,17 @@ enum Chunk {
 /// 1 GiB restore up to twice as slow, 4 MiB ones three to four times; 128 to 512 KiB measured
 /// alike.
 const RUN_BYTES: usize = 512 * 1024;
+/// A restore whose replica files hold at most this many bytes is small: it runs on the calling
+/// thread alone (no download, writing or fsync threads), in runs of [`SMALL_RUN_BYTES`].
+/// Starting those threads cost more than the whole restore of a few-KiB database, which is
+/// what `restore --all` mostly meets.
+const SMALL_RESTORE_BYTES: u64 = 1 << 20;
+const SMALL_RUN_BYTES: usize = 64 * 1024;
+
+fn is_small(chain: &[FileInfo]) -> bool {
+    chain.iter().map(|f| f.size).sum::<u64>() <= SMALL_RESTORE_BYTES
+}
+
 /// Runs in flight between the two threads (bounded: memory stays a few MiB).
 const RUNS_IN_FLIGHT: usize = 4;
 /// Input buffered per LTX file: few read calls, and most payloads decompress straight out of
@@ -209,9 +233,8 @@ const CHECK_MMAP_BYTES: i64 = 1 << 40;
 
 /// The decoding side: decodes pages straight into runs (one write per run rather than per
 /// page), keeps their checksums and hands the runs to [`write_runs`] on the other core.
-struct Applier {
-    tx: std::sync::mpsc::SyncSender<Chunk>,
-    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+struct Applier<'a> {
+    sink: Sink<'a>,
     page_size: usize,
     /// [`RUN_BYTES`] long; the first `filled` bytes hold pages `run_start`...
     run: Vec<u8>,
@@ -223,11 +246,26 @@ struct Applier {
     db_pages: u32,
 }
 
+/// Where an [`Applier`]'s runs go.
+enum Sink<'a> {
+    /// To [`write_runs`] on another thread, and buffers back for reuse.
+    Thread {
+        tx: std::sync::mpsc::SyncSender<Chunk>,
+        spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    },
+    /// Written here: a small restore, where starting threads would cost more than the
+    /// overlap saves. The buffer of the last run written is kept for the next.
+    Direct {
+        out: &'a File,
+        spare: Option<Vec<u8>>,
+    },
+}
+
 fn writer_gone() -> io::Error {
     io::Error::other("the restore's writing thread stopped")
 }
 
-impl Applier {
+impl Applier<'_> {
     /// Room for the next page, at the end of the current run.
     fn slot(&mut self, page_size: usize) -> io::Result<&mut [u8]> {
         if page_size != self.page_size || self.filled + page_size > self.run.len() {
@@ -260,17 +298,33 @@ impl Applier {
     }
 
     fn fresh_run(&mut self) -> Vec<u8> {
-        self.spare.try_recv().unwrap_or_else(|_| vec![0; RUN_BYTES])
+        let len = self.run.len();
+        let spare = match &mut self.sink {
+            Sink::Thread { spare, .. } => spare.try_recv().ok(),
+            Sink::Direct { spare, .. } => spare.take(),
+        };
+        spare.unwrap_or_else(|| vec![0; len])
     }
 
     fn send_run(&mut self, data: Vec<u8>) -> io::Result<()> {
-        let chunk = Chunk::Run {
-            start: self.run_start,
-            page_size: self.page_size,
-            data,
-            len: std::mem::take(&mut self.filled),
-        };
-        self.tx.send(chunk).map_err(|_| writer_gone())
+        let len = std::mem::take(&mut self.filled);
+        match &mut self.sink {
+            Sink::Thread { tx, .. } => {
+                let chunk = Chunk::Run {
+                    start: self.run_start,
+                    page_size: self.page_size,
+                    data,
+                    len,
+                };
+                tx.send(chunk).map_err(|_| writer_gone())
+            }
+            Sink::Direct { out, spare } => {
+                let offset = u64::from(self.run_start - 1) * self.page_size as u64;
+                out.write_all_at(&data[..len], offset)?;
+                *spare = Some(data);
+                Ok(())
+            }
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -286,9 +340,12 @@ impl Applier {
         self.flush()?;
         self.sums.truncate(commit as usize);
         self.db_pages = commit;
-        self.tx
-            .send(Chunk::End { commit, page_size })
-            .map_err(|_| writer_gone())
+        match &self.sink {
+            Sink::Thread { tx, .. } => tx
+                .send(Chunk::End { commit, page_size })
+                .map_err(|_| writer_gone()),
+            Sink::Direct { out, .. } => out.set_len(u64::from(commit) * u64::from(page_size)),
+        }
     }
 }
 
@@ -362,7 +419,7 @@ pub(crate) fn database_checksum(sums: &[u64]) -> u64 {
 /// a local I/O failure, the inner one a corrupt file.
 fn apply(
     path: &Path,
-    applier: &mut Applier,
+    applier: &mut Applier<'_>,
 ) -> io::Result<Result<(ltx::Header, u64), ltx::LtxError>> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
@@ -637,56 +694,76 @@ fn restore_into(
         .with_context(|| format!("creating {}", tmp.display()))?;
     let mut checksum = None;
     let mut header = None;
-    let (tx, rx) = std::sync::mpsc::sync_channel(RUNS_IN_FLIGHT);
-    let (spare_tx, spare_rx) = std::sync::mpsc::sync_channel(RUNS_IN_FLIGHT);
-    let out_ref = &out;
-    let (applied, written) = std::thread::scope(|scope| {
-        let writer = scope.spawn(move || write_runs(out_ref, rx, spare_tx));
+    let mut apply_all = |applier: &mut Applier<'_>| -> anyhow::Result<Vec<u64>> {
+        for (i, (f, path)) in chain.iter().zip(&paths).enumerate() {
+            if show {
+                eprint!("\rapplying {}/{total}", i + 1);
+            }
+            let location = replica.location(f.level, f.min_txid, f.max_txid);
+            let (h, post) = apply(path, applier)
+                .with_context(|| format!("writing {}", tmp.display()))?
+                .with_context(|| format!("replica file {location} is corrupt"))?;
+            if h.min_txid != f.min_txid || h.max_txid != f.max_txid {
+                bail!(
+                    "replica file {location} is corrupt: its header says TXIDs {}-{}",
+                    h.min_txid,
+                    h.max_txid
+                );
+            }
+            if let Some(previous) = checksum {
+                if h.tracks_checksums() && h.pre_apply_checksum != previous {
+                    bail!("replica file {location} does not continue the chain: pre-apply checksum {:016x}, expected {previous:016x}", h.pre_apply_checksum);
+                }
+            }
+            checksum = Some(post);
+            header = Some(h);
+        }
+        if show {
+            eprintln!();
+        }
+        Ok(std::mem::take(&mut applier.sums))
+    };
+    let small = is_small(chain);
+    let (applied, written) = if small {
         let mut applier = Applier {
-            tx,
-            spare: spare_rx,
+            sink: Sink::Direct {
+                out: &out,
+                spare: None,
+            },
             page_size: 0,
-            run: vec![0; RUN_BYTES],
+            run: vec![0; SMALL_RUN_BYTES],
             filled: 0,
             run_start: 0,
             sums: Vec::new(),
             db_pages: 0,
         };
-        let applied = (|| -> anyhow::Result<Vec<u64>> {
-            for (i, (f, path)) in chain.iter().zip(&paths).enumerate() {
-                if show {
-                    eprint!("\rapplying {}/{total}", i + 1);
-                }
-                let location = replica.location(f.level, f.min_txid, f.max_txid);
-                let (h, post) = apply(path, &mut applier)
-                    .with_context(|| format!("writing {}", tmp.display()))?
-                    .with_context(|| format!("replica file {location} is corrupt"))?;
-                if h.min_txid != f.min_txid || h.max_txid != f.max_txid {
-                    bail!(
-                        "replica file {location} is corrupt: its header says TXIDs {}-{}",
-                        h.min_txid,
-                        h.max_txid
-                    );
-                }
-                if let Some(previous) = checksum {
-                    if h.tracks_checksums() && h.pre_apply_checksum != previous {
-                        bail!("replica file {location} does not continue the chain: pre-apply checksum {:016x}, expected {previous:016x}", h.pre_apply_checksum);
-                    }
-                }
-                checksum = Some(post);
-                header = Some(h);
-            }
-            Ok(std::mem::take(&mut applier.sums))
-        })();
-        if show {
-            eprintln!();
-        }
-        drop(applier); // closes the channel: the writer finishes
-        let written = writer
-            .join()
-            .map_err(|_| anyhow::anyhow!("the restore's writing thread panicked"));
-        (applied, written)
-    });
+        (apply_all(&mut applier), Ok(Ok(())))
+    } else {
+        let (tx, rx) = std::sync::mpsc::sync_channel(RUNS_IN_FLIGHT);
+        let (spare_tx, spare_rx) = std::sync::mpsc::sync_channel(RUNS_IN_FLIGHT);
+        let out_ref = &out;
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(move || write_runs(out_ref, rx, spare_tx));
+            let mut applier = Applier {
+                sink: Sink::Thread {
+                    tx,
+                    spare: spare_rx,
+                },
+                page_size: 0,
+                run: vec![0; RUN_BYTES],
+                filled: 0,
+                run_start: 0,
+                sums: Vec::new(),
+                db_pages: 0,
+            };
+            let applied = apply_all(&mut applier);
+            drop(applier); // closes the channel: the writer finishes
+            let written = writer
+                .join()
+                .map_err(|_| anyhow::anyhow!("the restore's writing thread panicked"));
+            (applied, written)
+        })
+    };
     written?.with_context(|| format!("writing {}", tmp.display()))?;
     let sums = applied?;
     let header = header.context("empty chain")?;
@@ -699,16 +776,20 @@ fn restore_into(
         );
     }
     // The check reads what the page cache holds while the fsync puts it on disk; both must
-    // succeed before the rename, in either order.
-    let (synced, checked) = std::thread::scope(|scope| {
-        let sync = scope.spawn(|| out.sync_all());
-        let checked = integrity_check_unshared(&tmp);
-        tracing::debug!(
-            ms = started.elapsed().as_millis() as u64,
-            "integrity checked"
-        );
-        (sync.join(), checked)
-    });
+    // succeed before the rename, in either order (one after the other for a small one).
+    let (synced, checked) = if small {
+        (Ok(out.sync_all()), integrity_check_unshared(&tmp))
+    } else {
+        std::thread::scope(|scope| {
+            let sync = scope.spawn(|| out.sync_all());
+            let checked = integrity_check_unshared(&tmp);
+            tracing::debug!(
+                ms = started.elapsed().as_millis() as u64,
+                "integrity checked"
+            );
+            (sync.join(), checked)
+        })
+    };
     synced
         .map_err(|_| anyhow::anyhow!("the restore's fsync thread panicked"))?
         .with_context(|| format!("syncing {}", tmp.display()))?;
