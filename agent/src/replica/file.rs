@@ -62,13 +62,16 @@ const LEASE_LOCK_STALE: std::time::Duration = std::time::Duration::from_secs(5);
 const LEASE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(7);
 
 /// This process as a lease lock's owner: `<boot id> <pid namespace> <pid>`. Two processes
-/// with the same boot id and pid namespace see each other's pids.
-fn lock_owner() -> String {
-    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let ns = fs::read_link("/proc/self/ns/pid")
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    format!("{} {} {}\n", boot.trim(), ns, std::process::id())
+/// with the same boot id and pid namespace see each other's pids. Read once per process.
+fn lock_owner() -> &'static str {
+    static OWNER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    OWNER.get_or_init(|| {
+        let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let ns = fs::read_link("/proc/self/ns/pid")
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        format!("{} {} {}\n", boot.trim(), ns, std::process::id())
+    })
 }
 
 /// Whether `owner` (a lock's `owner` file) names a process of this kernel that is gone.
@@ -94,7 +97,7 @@ impl LeaseLock {
             match fs::DirBuilder::new().mode(0o700).create(&path) {
                 Ok(()) => {
                     // Killed before this lands, the lock has no owner and ages out.
-                    let _ = fs::write(path.join("owner"), &owner);
+                    let _ = fs::write(path.join("owner"), owner);
                     return Ok(LeaseLock { path });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -105,7 +108,7 @@ impl LeaseLock {
                 .ok()
                 .and_then(|t| t.elapsed().ok());
             let dead = fs::read_to_string(path.join("owner"))
-                .is_ok_and(|theirs| owner_is_gone(&theirs, &owner));
+                .is_ok_and(|theirs| owner_is_gone(&theirs, owner));
             if dead || age.is_some_and(|age| age >= LEASE_LOCK_STALE) {
                 // Renamed away before it is removed: of two processes breaking it, one wins.
                 let aside = root.join(format!(
@@ -494,9 +497,9 @@ mod tests {
         // Another kernel's pid says nothing here: the lock ages out instead.
         fs::create_dir(&lock).unwrap();
         fs::write(lock.join("owner"), format!("other-boot ns {gone}\n")).unwrap();
-        assert!(!owner_is_gone(&format!("other-boot ns {gone}"), &ours));
-        assert!(owner_is_gone(&owner, &ours));
-        assert!(!owner_is_gone(&ours, &ours));
+        assert!(!owner_is_gone(&format!("other-boot ns {gone}"), ours));
+        assert!(owner_is_gone(&owner, ours));
+        assert!(!owner_is_gone(ours, ours));
         let old = std::time::SystemTime::now() - LEASE_LOCK_STALE * 2;
         fs::File::open(&lock).unwrap().set_modified(old).unwrap();
         assert!(replica.write_lease(b"v3", Some(&tag)).unwrap().is_some());

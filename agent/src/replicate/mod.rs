@@ -113,11 +113,16 @@ impl ReplicateError {
             } => ReplicateError::Io {
                 db,
                 op,
-                error: io::Error::new(error.kind(), format!("{}: {error}", tmp.display())),
+                error: naming(error, tmp),
             },
             other => other,
         }
     }
+}
+
+/// `error` with the file it happened to in its message, its kind kept.
+fn naming(error: io::Error, path: &Path) -> io::Error {
+    io::Error::new(error.kind(), format!("{}: {error}", path.display()))
 }
 
 /// What one [`Replicator::cycle`] did.

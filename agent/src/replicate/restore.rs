@@ -122,28 +122,22 @@ fn download(
     progress: &(dyn Fn(usize) + Sync),
 ) -> anyhow::Result<Vec<PathBuf>> {
     // Files of a local replica are read in place; others are downloaded into `dir`.
-    let paths: Vec<PathBuf> = chain
+    let (paths, remote): (Vec<PathBuf>, Vec<bool>) = chain
         .iter()
         .enumerate()
-        .map(|(i, f)| {
-            replica
-                .local_path(f.level, f.min_txid, f.max_txid)
-                .unwrap_or_else(|| dir.join(format!("{i:08}.ltx")))
-        })
-        .collect();
+        .map(
+            |(i, f)| match replica.local_path(f.level, f.min_txid, f.max_txid) {
+                Some(path) => (path, false),
+                None => (dir.join(format!("{i:08}.ltx")), true),
+            },
+        )
+        .unzip();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let remote = chain
-        .iter()
-        .filter(|f| {
-            replica
-                .local_path(f.level, f.min_txid, f.max_txid)
-                .is_none()
-        })
-        .count();
+    let fetched = remote.iter().filter(|r| **r).count();
     // Threads only when more than one file is fetched and there is enough to fetch.
-    let threads = if remote > 1 && !is_small(chain) {
-        PARALLEL_DOWNLOADS.min(remote)
+    let threads = if fetched > 1 && !is_small(chain) {
+        PARALLEL_DOWNLOADS.min(fetched)
     } else {
         1
     };
@@ -151,23 +145,18 @@ fn download(
         loop {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let Some(f) = chain.get(i) else { return Ok(()) };
-            if replica
-                .local_path(f.level, f.min_txid, f.max_txid)
-                .is_some()
-            {
-                progress(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
-                continue;
+            if remote[i] {
+                let mut out = io::BufWriter::new(File::create(&paths[i])?);
+                replica
+                    .get(f.level, f.min_txid, f.max_txid, &mut out)
+                    .with_context(|| {
+                        format!(
+                            "downloading {}",
+                            replica.location(f.level, f.min_txid, f.max_txid)
+                        )
+                    })?;
+                out.flush()?;
             }
-            let mut out = io::BufWriter::new(File::create(&paths[i])?);
-            replica
-                .get(f.level, f.min_txid, f.max_txid, &mut out)
-                .with_context(|| {
-                    format!(
-                        "downloading {}",
-                        replica.location(f.level, f.min_txid, f.max_txid)
-                    )
-                })?;
-            out.flush()?;
             progress(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
         }
     };
@@ -236,7 +225,8 @@ const CHECK_MMAP_BYTES: i64 = 1 << 40;
 struct Applier<'a> {
     sink: Sink<'a>,
     page_size: usize,
-    /// [`RUN_BYTES`] long; the first `filled` bytes hold pages `run_start`...
+    /// [`RUN_BYTES`] long ([`SMALL_RUN_BYTES`] for a small restore); the first `filled`
+    /// bytes hold pages `run_start`...
     run: Vec<u8>,
     filled: usize,
     run_start: u32,
@@ -265,7 +255,20 @@ fn writer_gone() -> io::Error {
     io::Error::other("the restore's writing thread stopped")
 }
 
-impl Applier<'_> {
+impl<'a> Applier<'a> {
+    /// An applier handing runs of up to `run_bytes` to `sink`.
+    fn new(sink: Sink<'a>, run_bytes: usize) -> Applier<'a> {
+        Applier {
+            sink,
+            page_size: 0,
+            run: vec![0; run_bytes],
+            filled: 0,
+            run_start: 0,
+            sums: Vec::new(),
+            db_pages: 0,
+        }
+    }
+
     /// Room for the next page, at the end of the current run.
     fn slot(&mut self, page_size: usize) -> io::Result<&mut [u8]> {
         if page_size != self.page_size || self.filled + page_size > self.run.len() {
@@ -725,18 +728,11 @@ fn restore_into(
     };
     let small = is_small(chain);
     let (applied, written) = if small {
-        let mut applier = Applier {
-            sink: Sink::Direct {
-                out: &out,
-                spare: None,
-            },
-            page_size: 0,
-            run: vec![0; SMALL_RUN_BYTES],
-            filled: 0,
-            run_start: 0,
-            sums: Vec::new(),
-            db_pages: 0,
+        let sink = Sink::Direct {
+            out: &out,
+            spare: None,
         };
+        let mut applier = Applier::new(sink, SMALL_RUN_BYTES);
         (apply_all(&mut applier), Ok(Ok(())))
     } else {
         let (tx, rx) = std::sync::mpsc::sync_channel(RUNS_IN_FLIGHT);
@@ -744,18 +740,11 @@ fn restore_into(
         let out_ref = &out;
         std::thread::scope(|scope| {
             let writer = scope.spawn(move || write_runs(out_ref, rx, spare_tx));
-            let mut applier = Applier {
-                sink: Sink::Thread {
-                    tx,
-                    spare: spare_rx,
-                },
-                page_size: 0,
-                run: vec![0; RUN_BYTES],
-                filled: 0,
-                run_start: 0,
-                sums: Vec::new(),
-                db_pages: 0,
+            let sink = Sink::Thread {
+                tx,
+                spare: spare_rx,
             };
+            let mut applier = Applier::new(sink, RUN_BYTES);
             let applied = apply_all(&mut applier);
             drop(applier); // closes the channel: the writer finishes
             let written = writer
@@ -795,11 +784,6 @@ fn restore_into(
         .with_context(|| format!("syncing {}", tmp.display()))?;
     tracing::debug!(ms = started.elapsed().as_millis() as u64, "synced");
     checked?;
-    for sidecar in ["-wal", "-shm"] {
-        let mut p = tmp.as_os_str().to_owned();
-        p.push(sidecar);
-        let _ = std::fs::remove_file(PathBuf::from(p));
-    }
     // A link, not a rename: it fails rather than replace whatever appeared at `output`
     // meanwhile (a file, or a symlink planted to make us write elsewhere). The temporary
     // name goes with the work directory.

@@ -95,7 +95,7 @@ impl Replicator {
         })();
         self.page = page;
         result?;
-        let bytes = self.upload(0, encoder, &tmp, state.db_checksum)?;
+        let bytes = self.upload(0, encoder, tmp, state.db_checksum)?;
         state.txid = txid;
         state.pos = committed.end;
         state.db_pages = new_pages;
@@ -140,30 +140,26 @@ impl Replicator {
     }
 
     /// Finishes the file, syncs it and stores it in the replica at `level`; the temporary
-    /// file is gone afterwards either way. Returns the file's size.
+    /// file is gone afterwards either way (the guard is dropped here). Returns the file's
+    /// size.
     pub(super) fn upload(
         &self,
         level: u8,
         encoder: Encoder<BufWriter<File>>,
-        tmp: &Path,
+        tmp: Staged,
         post_apply: u64,
     ) -> Result<u64, ReplicateError> {
         let header = *encoder.header();
-        let result = (|| {
-            let post_apply = (!self.litestream_compatible).then_some(post_apply);
-            let (out, _) = encoder
-                .finish(post_apply)
-                .map_err(self.staged_err("finish", tmp))?;
-            let bytes = finish_file(out, tmp).map_err(|e| {
-                self.staged_err("write temporary LTX", tmp)(ltx::LtxError::Write { error: e })
-            })?;
-            self.replica
-                .put(level, header.min_txid, header.max_txid, tmp)
-                .map_err(self.replica_err())?;
-            Ok(bytes)
-        })();
-        let _ = std::fs::remove_file(tmp);
-        result
+        let post_apply = (!self.litestream_compatible).then_some(post_apply);
+        let (out, _) = encoder
+            .finish(post_apply)
+            .map_err(self.staged_err("finish", &tmp))?;
+        let bytes = finish_file(out, &tmp)
+            .map_err(|e| self.io_err("write temporary LTX")(naming(e, &tmp)))?;
+        self.replica
+            .put(level, header.min_txid, header.max_txid, &tmp)
+            .map_err(self.replica_err())?;
+        Ok(bytes)
     }
 
     pub(super) fn read_db_page(&self, pgno: u32, page: &mut [u8]) -> Result<(), ReplicateError> {
@@ -268,7 +264,7 @@ impl Replicator {
         let (sums, checksum) = self
             .page_sums_of(page_size, pages, wal_file, &overlay, Some(&mut encoder))
             .map_err(|e| e.naming_staged(&tmp))?;
-        let bytes = self.upload(SNAPSHOT_LEVEL, encoder, &tmp, checksum)?;
+        let bytes = self.upload(SNAPSHOT_LEVEL, encoder, tmp, checksum)?;
         self.state = Some(State {
             txid,
             pos,

@@ -108,8 +108,9 @@ fn fill(path: &Path) {
     let _ = file.sync_all();
 }
 
-/// Adds `megabytes` of random rows to `db` with the plain `sqlite3` shell (no extension).
-fn grow(db: &Path, megabytes: usize) {
+/// Adds `rows` random rows of 1,000 bytes to `db` with the plain `sqlite3` shell (no
+/// extension).
+fn grow(db: &Path, rows: usize) {
     let out = run(Command::new("sqlite3")
         .arg(db)
         .arg(".timeout 5000")
@@ -117,7 +118,7 @@ fn grow(db: &Path, megabytes: usize) {
             "CREATE TABLE IF NOT EXISTS big(b BLOB); \
          WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {}) \
          INSERT INTO big SELECT randomblob(1000) FROM c;",
-            megabytes * 1000
+            rows
         )));
     assert_eq!(out.code, 0, "{}", out.stderr);
 }
@@ -193,7 +194,7 @@ fn a_full_replica_disk_holds_acknowledgements_and_loses_nothing() {
 
     // 2 MB of rows do not fit in 1 MiB: neither they nor the commit after them are
     // acknowledged.
-    grow(&host.db, 2);
+    grow(&host.db, 2000);
     let (wait, status) = host.commit("after-full", 3_000);
     assert_eq!(
         wait,
@@ -276,12 +277,7 @@ fn a_restore_onto_a_full_disk_fails_cleanly_and_a_rerun_completes() {
             .arg(db)
             .arg("PRAGMA journal_mode=WAL;"));
         assert_eq!(out.code, 0, "{}", out.stderr);
-        grow(db, 0);
-        let out = run(Command::new("sqlite3").arg(db).arg(
-            "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 600) \
-             INSERT INTO big SELECT randomblob(1000) FROM c;",
-        ));
-        assert_eq!(out.code, 0, "{}", out.stderr);
+        grow(db, 600);
         let url = format!(
             "file://{}",
             replicas
@@ -367,7 +363,7 @@ fn a_full_state_disk_leaves_no_partial_files_and_names_the_file() {
     let (wait, status) = host.commit("fits", 10_000);
     assert_eq!(wait, "1", "{status}\n{}", host.log());
 
-    grow(&host.db, 2);
+    grow(&host.db, 2000);
     let (wait, status) = host.commit("after-full", 3_000);
     assert_eq!(wait, "0", "{status}\n{}", host.log());
     let staging = disk.path.join("tmp");
