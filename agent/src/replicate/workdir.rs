@@ -2,9 +2,11 @@
 //! (downloads and the database being built live there until the finished file is linked into
 //! place), `multidb replicate`'s in the temporary directory (LTX files before they are
 //! shipped). It is removed when the work ends. A process killed meanwhile leaves it behind,
-//! so each one holds an `flock` on a `.lock` file inside for as long as it lives (the kernel
-//! drops it when the process dies, in any pid namespace, and NFS carries it across hosts):
-//! the next command of the same kind there removes those whose lock it can take.
+//! so each one holds an `flock` on a lock file beside it, `.multidb-<kind>-<pid>-<n>.lock`,
+//! for as long as it lives (the kernel drops it when the process dies, in any pid namespace,
+//! and NFS carries it across hosts): the next command of the same kind there removes those
+//! whose lock it can take. The lock is held before the directory exists and released after
+//! it is gone, so a directory is never seen without its lock, however early its maker dies.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -12,20 +14,27 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
 
+/// The lock file's suffix, and the name it is made under before it is held.
 const LOCK: &str = ".lock";
+const LOCK_NEW: &str = ".lock-new";
 
-/// A work directory without a lock file is removed once this old: its creator died between
-/// `mkdir` and creating the lock (or was a version without locks).
+/// A directory without its lock is removed once this old (not made by this code, or its
+/// lock was removed by hand).
 const UNLOCKED_STALE: Duration = Duration::from_secs(60);
+
+/// The number of the next work directory this process makes.
+static WORK_DIRS: AtomicU64 = AtomicU64::new(0);
 
 /// A work directory of this process, removed when dropped.
 pub struct WorkDir {
     path: PathBuf,
+    lock_path: PathBuf,
     /// Holds the `flock` that says this directory is in use.
     _lock: File,
 }
@@ -37,31 +46,63 @@ impl WorkDir {
         let prefix = format!(".multidb-{kind}-");
         sweep_once(parent, &prefix);
         // Numbered as well as named by the process: restores running side by side in one
-        // process each need a work directory of their own.
-        static WORK_DIRS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = WORK_DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // A short name of its own, not the output's name plus a suffix: an output name near
-        // NAME_MAX (255 bytes) must still leave room for the temporary one.
-        let path = parent.join(format!("{prefix}{}-{n}", std::process::id()));
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
-        // Locked under another name, then renamed: a sweeper that finds `.lock` always
-        // finds it held (a lock file it could take between our create and our `flock`
-        // would cost a live restore its directory).
-        let fresh = path.join(".lock-new");
-        let lock = crate::replica::create_new(&fresh, 0o600)
-            .and_then(|file| flock(&file, libc::LOCK_EX | libc::LOCK_NB).map(|()| file))
-            .and_then(|file| fs::rename(&fresh, path.join(LOCK)).map(|()| file))
-            .with_context(|| format!("locking {}", path.display()));
-        match lock {
-            Ok(lock) => Ok(WorkDir { path, _lock: lock }),
-            Err(e) => {
-                let _ = fs::remove_dir_all(&path);
+        // process each need a work directory of their own. A name already taken (a dead
+        // process with this pid, as in a container whose pids repeat, whose lock a live
+        // sweeper holds) or a lock a sweeper took before it was held (see `sweep`) moves on
+        // to the next number.
+        let mut tries = 0;
+        loop {
+            let n = WORK_DIRS.fetch_add(1, Ordering::Relaxed);
+            // A short name of its own, not the output's name plus a suffix: an output name
+            // near NAME_MAX (255 bytes) must still leave room for the temporary one.
+            let path = parent.join(format!("{prefix}{}-{n}", std::process::id()));
+            match Self::create_at(path) {
                 Err(e)
+                    if tries < 100
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::AlreadyExists
+                                | io::ErrorKind::NotFound
+                                | io::ErrorKind::WouldBlock
+                        ) =>
+                {
+                    tries += 1
+                }
+                made => {
+                    return made.with_context(|| {
+                        format!("creating a work directory in {}", parent.display())
+                    })
+                }
             }
         }
+    }
+
+    fn create_at(path: PathBuf) -> io::Result<WorkDir> {
+        let lock_path = with_suffix(&path, LOCK);
+        // Locked under another name, then renamed: a sweeper that finds the lock always
+        // finds it held (a lock file it could take between our create and our `flock`
+        // would cost a live restore its directory).
+        let fresh = with_suffix(&path, LOCK_NEW);
+        let file = crate::replica::create_new(&fresh, 0o600)?;
+        let lock = flock(&file, libc::LOCK_EX | libc::LOCK_NB)
+            .and_then(|()| rename_new(&fresh, &lock_path))
+            .map(|()| file);
+        let lock = match lock {
+            Ok(lock) => lock,
+            Err(e) => {
+                let _ = fs::remove_file(&fresh);
+                return Err(e);
+            }
+        };
+        if let Err(e) = fs::DirBuilder::new().mode(0o700).create(&path) {
+            let _ = fs::remove_file(&lock_path);
+            return Err(e);
+        }
+        Ok(WorkDir {
+            path,
+            lock_path,
+            _lock: lock,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -71,8 +112,23 @@ impl WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
+        // The directory first, while the lock still says it is in use.
         let _ = fs::remove_dir_all(&self.path);
+        let _ = fs::remove_file(&self.lock_path);
     }
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Renames `from` to `to` unless `to` exists (`AlreadyExists` then): a lock a sweeper holds
+/// for a dead process of the same pid must not be replaced.
+fn rename_new(from: &Path, to: &Path) -> io::Result<()> {
+    fs::hard_link(from, to)?;
+    fs::remove_file(from)
 }
 
 fn flock(file: &File, how: libc::c_int) -> io::Result<()> {
@@ -98,44 +154,63 @@ fn sweep_once(parent: &Path, prefix: &str) {
     }
 }
 
-/// Removes the work directories named `prefix…` in `parent` that no live process holds;
-/// returns how many.
+fn older_than(path: &Path, age: Duration) -> bool {
+    fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|elapsed| elapsed >= age)
+}
+
+/// Removes the work directories named `prefix…` in `parent` that no live process holds
+/// (their lock can be taken; this process's own are held through other descriptors, which
+/// `flock` keeps apart), with their locks; returns how many directories.
 fn sweep(parent: &Path, prefix: &str) -> usize {
     let Ok(entries) = fs::read_dir(parent) else {
         return 0;
     };
-    let ours = std::process::id().to_string();
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+        let Some(name) = name.to_str().filter(|n| n.starts_with(prefix)) else {
             continue;
         };
-        // This process's own are in use.
-        if rest.split('-').next() == Some(ours.as_str()) {
-            continue;
-        }
-        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let dir = entry.path();
-        let stale = match File::open(dir.join(LOCK)) {
-            // Taken: its holder is gone. Kept until the directory is removed, so no other
-            // sweeper takes it meanwhile.
-            Ok(lock) => flock(&lock, libc::LOCK_EX | libc::LOCK_NB)
-                .ok()
-                .map(|()| Some(lock)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let age = fs::symlink_metadata(&dir)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok());
-                age.is_some_and(|age| age >= UNLOCKED_STALE).then_some(None)
+        let path = entry.path();
+        if let Some(dir) = name.strip_suffix(LOCK) {
+            let Ok(lock) = File::open(&path) else {
+                continue;
+            };
+            // Taken: its holder is gone. Kept until both are removed, so no other sweeper
+            // takes it meanwhile.
+            if flock(&lock, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+                continue;
             }
-            Err(_) => None,
-        };
-        if stale.is_some() && fs::remove_dir_all(&dir).is_ok() {
-            tracing::info!(dir = %dir.display(), "removed a work directory left by a process that died");
+            let dir = parent.join(dir);
+            let gone = match fs::remove_dir_all(&dir) {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), "removed a work directory left by a process that died");
+                    removed += 1;
+                    true
+                }
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
+            };
+            if gone {
+                let _ = fs::remove_file(&path);
+            }
+        } else if name.ends_with(LOCK_NEW) {
+            // Not held: its maker died before holding it, or is about to hold it and, when it
+            // finds it gone or taken, tries the next name (`WorkDir::create`).
+            if File::open(&path)
+                .is_ok_and(|lock| flock(&lock, libc::LOCK_EX | libc::LOCK_NB).is_ok())
+            {
+                let _ = fs::remove_file(&path);
+            }
+        } else if entry.file_type().is_ok_and(|t| t.is_dir())
+            && !with_suffix(&path, LOCK).exists()
+            && older_than(&path, UNLOCKED_STALE)
+            && fs::remove_dir_all(&path).is_ok()
+        {
+            tracing::info!(dir = %path.display(), "removed a work directory without a lock");
             removed += 1;
         }
     }
@@ -159,13 +234,20 @@ mod tests {
             .to_str()
             .unwrap()
             .starts_with(PREFIX));
+        assert!(with_suffix(live.path(), LOCK).exists());
         std::fs::write(live.path().join("restored.db"), b"x").unwrap();
         // Left by a process that died: its lock file is there, nobody holds it.
         let dead = tmp.path().join(format!("{PREFIX}999999-0"));
         fs::create_dir(&dead).unwrap();
-        fs::write(dead.join(LOCK), b"").unwrap();
+        fs::write(with_suffix(&dead, LOCK), b"").unwrap();
         fs::write(dead.join("restored.db"), b"half").unwrap();
-        // Just made by a process that has not locked it yet: kept for a while.
+        // Died after removing its directory, before removing its lock.
+        let lock_alone = with_suffix(&tmp.path().join(format!("{PREFIX}999997-0")), LOCK);
+        fs::write(&lock_alone, b"").unwrap();
+        // Died between creating its lock and holding it.
+        let never_held = with_suffix(&tmp.path().join(format!("{PREFIX}999996-0")), LOCK_NEW);
+        fs::write(&never_held, b"").unwrap();
+        // A directory without a lock (not made by this code): kept for a while.
         let young = tmp.path().join(format!("{PREFIX}999998-0"));
         fs::create_dir(&young).unwrap();
         // Someone else's file with the prefix: not a directory, kept; another kind's dead
@@ -173,11 +255,15 @@ mod tests {
         fs::write(tmp.path().join(format!("{PREFIX}file")), b"").unwrap();
         let other = tmp.path().join(".multidb-other-999999-0");
         fs::create_dir(&other).unwrap();
-        fs::write(other.join(LOCK), b"").unwrap();
+        fs::write(with_suffix(&other, LOCK), b"").unwrap();
         assert_eq!(sweep(tmp.path(), PREFIX), 1);
         assert!(!dead.exists());
+        assert!(!with_suffix(&dead, LOCK).exists());
+        assert!(!lock_alone.exists());
+        assert!(!never_held.exists());
         assert!(young.exists());
         assert!(live.path().join("restored.db").exists());
+        assert!(with_suffix(live.path(), LOCK).exists());
         assert!(tmp.path().join(format!("{PREFIX}file")).exists());
         assert!(other.exists());
         let old = std::time::SystemTime::now() - UNLOCKED_STALE * 2;
@@ -187,6 +273,42 @@ mod tests {
         let path = live.path().to_path_buf();
         drop(live);
         assert!(!path.exists());
+        assert!(!with_suffix(&path, LOCK).exists());
+    }
+
+    /// A dead process's directory named with this process's pid (pids repeat, in a
+    /// container most of all) is swept, not skipped as this process's own; and names still
+    /// held (a sweeper holding a dead one's lock) are passed over for the next number.
+    #[test]
+    fn a_dead_process_with_this_pid_does_not_block_a_new_work_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let name = |n: u64| {
+            tmp.path()
+                .join(format!(".multidb-pid-{}-{n}", std::process::id()))
+        };
+        let dead = name(1_000_000);
+        fs::create_dir(&dead).unwrap();
+        fs::write(with_suffix(&dead, LOCK), b"").unwrap();
+        assert_eq!(sweep(tmp.path(), ".multidb-pid-"), 1);
+        assert!(!dead.exists());
+        // The next names, each with its lock held (by this test, through its own
+        // descriptor).
+        let next = WORK_DIRS.load(Ordering::Relaxed);
+        let held: Vec<File> = (next..next + 8)
+            .map(|n| {
+                fs::create_dir(name(n)).unwrap();
+                let lock = File::create(with_suffix(&name(n), LOCK)).unwrap();
+                flock(&lock, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+                fs::write(name(n).join("theirs"), b"").unwrap();
+                lock
+            })
+            .collect();
+        let made = WorkDir::create(tmp.path(), "pid").unwrap();
+        assert!(made.path().exists());
+        for n in next..next + 8 {
+            assert!(name(n).join("theirs").exists(), "{n} was taken");
+        }
+        drop(held);
     }
 
     /// Work directories made side by side while others sweep the same directory (what
@@ -199,18 +321,34 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let stop = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|scope| {
+            // Counts the locks it could take and the directories it saw without a lock.
             let sweeper = scope.spawn(|| {
-                let mut taken = 0;
+                let (mut taken, mut unlocked) = (0, 0);
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     for entry in fs::read_dir(tmp.path()).unwrap().flatten() {
-                        if let Ok(lock) = File::open(entry.path().join(LOCK)) {
-                            if flock(&lock, libc::LOCK_EX | libc::LOCK_NB).is_ok() {
-                                taken += 1;
+                        let path = entry.path();
+                        if path.to_string_lossy().ends_with(LOCK) {
+                            if let Ok(lock) = File::open(&path) {
+                                if flock(&lock, libc::LOCK_EX | libc::LOCK_NB).is_ok() {
+                                    taken += 1;
+                                }
                             }
+                        } else if path.is_dir() && !with_suffix(&path, LOCK).exists() {
+                            unlocked += 1;
                         }
                     }
                 }
-                taken
+                (taken, unlocked)
+            });
+            // The real sweep beside it: this process's own locks are held through other
+            // descriptors, so it must remove nothing (a `.lock-new` it takes makes the
+            // maker try the next name).
+            let real = scope.spawn(|| {
+                let mut removed = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    removed += sweep(tmp.path(), PREFIX);
+                }
+                removed
             });
             // Kept until the sweeper stops: a directory removed by its owner releases its
             // lock, which is not the race under test.
@@ -220,10 +358,13 @@ mod tests {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             assert_eq!(
                 sweeper.join().unwrap(),
-                0,
-                "a live work directory's lock was taken"
+                (0, 0),
+                "a live work directory's lock was taken, or one was seen without its lock"
             );
-            assert!(made.iter().all(|d| d.path().join(LOCK).exists()));
+            assert_eq!(real.join().unwrap(), 0, "the sweep removed a live one");
+            assert!(made
+                .iter()
+                .all(|d| d.path().is_dir() && with_suffix(d.path(), LOCK).exists()));
         });
     }
 }

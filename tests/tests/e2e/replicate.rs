@@ -672,9 +672,10 @@ fn a_writer_that_never_pauses_keeps_the_wal_bounded() {
     assert_restores_equal(&db, &url);
 }
 
-/// `multidb restore` killed (`SIGKILL`) while it builds the database: its work directory
-/// stays behind, the output does not exist, and the next restore into the same directory
-/// removes that work directory and restores in full.
+/// `multidb restore` killed (`SIGKILL`) at many moments while it builds the database,
+/// from the first file it makes on: its work directory (and lock) stays behind, the output
+/// is absent or complete, never partial, and the next restore into the same directory
+/// removes every leftover and restores in full.
 #[test]
 fn a_killed_restore_leaves_no_output_and_the_next_one_clears_its_work_directory() {
     let tmp = tempfile::tempdir().unwrap();
@@ -700,9 +701,11 @@ fn a_killed_restore_leaves_no_output_and_the_next_one_clears_its_work_directory(
             })
             .collect()
     };
-    // Killed while its work directory exists (a fast machine may finish first: try again).
-    let mut killed_in_flight = None;
-    for attempt in 0..20 {
+    // Killed once its first file exists, then 20, 40, … ms later (a fast machine may finish
+    // first).
+    let mut killed_in_flight = 0;
+    for attempt in 0..12 {
+        let left_before = work_dirs().len();
         let out = outputs.join(format!("killed-{attempt}.db"));
         let mut child = multidb(tmp.path())
             .args(["restore", "-o"])
@@ -711,23 +714,24 @@ fn a_killed_restore_leaves_no_output_and_the_next_one_clears_its_work_directory(
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        while work_dirs().is_empty() && child.try_wait().unwrap().is_none() {
+        while work_dirs().len() <= left_before && child.try_wait().unwrap().is_none() {
             std::thread::sleep(Duration::from_millis(1));
         }
-        std::thread::sleep(Duration::from_millis(20 * (attempt % 5)));
+        std::thread::sleep(Duration::from_millis(20 * (attempt % 6)));
         child.kill().unwrap();
         let status = child.wait().unwrap();
-        if status.code().is_none() && !work_dirs().is_empty() {
-            assert!(!out.exists(), "a killed restore left {}", out.display());
-            killed_in_flight = Some(out);
-            break;
+        if status.code().is_none() {
+            killed_in_flight += 1;
         }
-        let _ = fs::remove_file(&out);
+        if out.exists() {
+            assert_eq!(
+                dump(&out),
+                dump(&db),
+                "a killed restore left a partial {out:?}"
+            );
+        }
     }
-    assert!(
-        killed_in_flight.is_some(),
-        "no restore was killed in flight in 20 tries"
-    );
+    assert!(killed_in_flight > 0, "no restore was killed in flight");
     let left = work_dirs();
     let out = outputs.join("next.db");
     let run = restore(&url, &out, &[]);
