@@ -96,7 +96,14 @@ impl S3Server {
                 let log = fs::read_to_string(&log_path).unwrap_or_default();
                 return Err(format!("it exited with {status} on port {port}:\n{log}"));
             }
-            if server.request("GET", "/", "").is_ok() {
+            // Ours only when our own log shows the request: another test's server may have
+            // taken the port between our probe and moto's bind, and would answer too.
+            if server.request("GET", "/", "").is_ok()
+                && server
+                    .requests()
+                    .iter()
+                    .any(|r| r.contains("\"GET / HTTP/1.1\""))
+            {
                 return Ok(server);
             }
             if Instant::now() > deadline {

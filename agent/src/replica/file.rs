@@ -453,6 +453,47 @@ mod tests {
         assert_eq!(replica.write_lease(b"new", None).unwrap(), None);
     }
 
+    /// A lock a live holder keeps taking (here: kept fresh) is never broken: the write
+    /// waits [`LEASE_LOCK_WAIT`], then fails with an error that names the lock, and the lease
+    /// is left as it was.
+    #[test]
+    fn a_lease_lock_a_live_holder_keeps_fails_the_write_after_the_wait() {
+        let tmp = tempfile::tempdir().unwrap();
+        let replica = FileReplica::new(tmp.path().join("r"));
+        let tag = replica.write_lease(b"v0", None).unwrap().unwrap();
+        let lock = tmp.path().join("r").join("multidb.lease.lock");
+        fs::create_dir(&lock).unwrap();
+        fs::write(lock.join("owner"), lock_owner()).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let started = std::time::Instant::now();
+        let result = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let now = std::time::SystemTime::now();
+                    fs::File::open(&lock).unwrap().set_modified(now).unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            });
+            let result = replica.write_lease(b"v1", Some(&tag));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            result
+        });
+        let waited = started.elapsed();
+        let error = result.expect_err("written under another writer's lock");
+        let message = format!("{:#}", anyhow::Error::from(error));
+        assert!(
+            message.contains("held by another writer of the lease")
+                && message.contains(&lock.display().to_string()),
+            "{message}"
+        );
+        assert!(waited >= LEASE_LOCK_WAIT, "{waited:?}");
+        assert!(lock.exists(), "a live holder's lock was broken");
+        assert_eq!(
+            fs::read(tmp.path().join("r").join(super::super::lease::LEASE_NAME)).unwrap(),
+            b"v0"
+        );
+    }
+
     #[test]
     fn a_lease_lock_left_by_a_dead_process_is_broken() {
         let tmp = tempfile::tempdir().unwrap();

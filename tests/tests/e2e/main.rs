@@ -2,7 +2,6 @@
 
 mod agent;
 mod attacks;
-mod checkpoint;
 mod cli;
 mod extension;
 mod fleet;

@@ -2,7 +2,10 @@
 //! built library: like stock SQLite without an agent, the agent's job while it replicates a
 //! hot database, with a hard cap.
 //!
-//! One test only: it sets `MULTIDB_RING` for this process, which every hooked connection reads.
+//! A test binary of its own, with one test: it sets `MULTIDB_RING` for this process, which
+//! every hooked connection reads, and loading the library registers it as an auto-extension,
+//! so every connection the process opens afterwards is hooked too. In the shared e2e binary
+//! that would reach other tests' in-process connections.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -48,7 +51,7 @@ fn insert(conn: &Connection, n: usize) {
 fn checkpoints_follow_the_policy() {
     let tmp = tempfile::tempdir().unwrap();
     let ring_path = tmp.path().join("multidb.ring");
-    // SAFETY: no other test in this binary reads or writes MULTIDB_RING in-process.
+    // SAFETY: the only test in this binary; nothing else reads or writes the environment.
     unsafe { std::env::set_var("MULTIDB_RING", &ring_path) };
 
     // No agent: the WAL stays bounded exactly as stock SQLite bounds it.
