@@ -94,11 +94,10 @@ fn holder(file: &mut File) -> Option<u32> {
         let mut text = String::new();
         let _ = file.rewind();
         let _ = file.read_to_string(&mut text);
+        // One check for "a live process" across the crate: it also refuses pid 0 and pids
+        // past `pid_t` (a garbage file), which `kill` would take for process groups.
         if let Ok(pid) = text.trim().parse::<u32>() {
-            // SAFETY: signal 0 only checks that the process exists.
-            let alive = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
-                || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-            if alive {
+            if crate::replica::lease::process_alive(pid) {
                 return Some(pid);
             }
         }

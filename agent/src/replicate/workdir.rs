@@ -154,6 +154,18 @@ fn sweep_once(parent: &Path, prefix: &str) {
     }
 }
 
+/// The lock file at `path`, locked, when no process holds it and `path` still names the
+/// file that was locked: a lock opened just before its owner removed it, and taken just
+/// after, is another file than one a new process (with the same pid and number) has made at
+/// that name since.
+fn take_if_unheld(path: &Path) -> Option<File> {
+    use std::os::unix::fs::MetadataExt;
+    let lock = File::open(path).ok()?;
+    flock(&lock, libc::LOCK_EX | libc::LOCK_NB).ok()?;
+    let (held, named) = (lock.metadata().ok()?, fs::metadata(path).ok()?);
+    (held.dev() == named.dev() && held.ino() == named.ino()).then_some(lock)
+}
+
 fn older_than(path: &Path, age: Duration) -> bool {
     fs::symlink_metadata(path)
         .and_then(|m| m.modified())
@@ -177,14 +189,11 @@ fn sweep(parent: &Path, prefix: &str) -> usize {
         };
         let path = entry.path();
         if let Some(dir) = name.strip_suffix(LOCK) {
-            let Ok(lock) = File::open(&path) else {
-                continue;
-            };
             // Taken: its holder is gone. Kept until both are removed, so no other sweeper
             // takes it meanwhile.
-            if flock(&lock, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+            let Some(_lock) = take_if_unheld(&path) else {
                 continue;
-            }
+            };
             let dir = parent.join(dir);
             let gone = match fs::remove_dir_all(&dir) {
                 Ok(()) => {
@@ -200,9 +209,7 @@ fn sweep(parent: &Path, prefix: &str) -> usize {
         } else if name.ends_with(LOCK_NEW) {
             // Not held: its maker died before holding it, or is about to hold it and, when it
             // finds it gone or taken, tries the next name (`WorkDir::create`).
-            if File::open(&path)
-                .is_ok_and(|lock| flock(&lock, libc::LOCK_EX | libc::LOCK_NB).is_ok())
-            {
+            if take_if_unheld(&path).is_some() {
                 let _ = fs::remove_file(&path);
             }
         } else if entry.file_type().is_ok_and(|t| t.is_dir())
