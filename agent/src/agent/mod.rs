@@ -51,6 +51,7 @@ use jobs::{Done, Event, Job, JobKind, JobState, MaintenanceJob, Signal};
 use multidb::ring::{self as layout, reason, Record, Status};
 use scheduler::{
     backoff, modified_since, oldest_ns, refused_entry, sync_time, Hot, Refusal, Scheduler,
+    IDENTITY_RETRY, REFUSAL_LOG_EVERY, RESCAN_AFTER_UNKNOWN, TICK,
 };
 
 /// Sync workers. A sync waits mostly on I/O (two fsyncs to a directory, a PUT to S3), so
@@ -63,23 +64,13 @@ pub const MAINTENANCE_WORKERS: usize = 4;
 /// Past this age of the oldest unreplicated commit the agent logs a warning (once per
 /// episode): replication has stalled, not just slowed.
 pub const LAG_WARNING: Duration = Duration::from_secs(60);
-/// A database refused because its replica holds another database is tried again after
-/// this long (the user may have fixed the location), not at every write.
-const IDENTITY_RETRY: Duration = Duration::from_secs(60);
-
-/// A database refused again for the reason last logged is logged again after this.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// How long SIGTERM waits for the final syncs before exiting anyway.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-/// The scheduler's longest sleep: how often gauges and idle demotions are looked at.
-const TICK: Duration = Duration::from_millis(250);
 /// Events queued between the ring reader and the scheduler. When full the reader waits, the
 /// ring fills and counts drops, and the next scan recovers them.
 const EVENT_QUEUE: usize = 65_536;
 
-/// A commit from an inode the arena does not know asks for a rescan, at most this often.
-const RESCAN_AFTER_UNKNOWN: Duration = Duration::from_secs(1);
 /// Descriptors per hot database: SQLite's database, `-wal` and `-shm` (pages are read
 /// through SQLite's own descriptor, see `sqlfile`).
 const FDS_PER_HOT: u64 = 3;

@@ -1,10 +1,20 @@
 //! The scheduler's state: the hot set (one [`Hot`] per database being replicated), the
 //! databases refused and why, the queues of written databases waiting for a slot, and the
-//! timing rules it applies (when a sync starts, how failures back off). Its behaviour is in
-//! the sibling modules (`tiers`, `recovery`, `watch`, `published`) as `impl Scheduler`.
+//! timing rules it applies (how often it wakes, when a refusal is looked at or logged again,
+//! when a sync starts, how failures back off). Its behaviour is in the sibling modules
+//! (`tiers`, `recovery`, `watch`, `published`) as `impl Scheduler`.
 
 use super::*;
 
+/// A database refused because its replica holds another database is tried again after
+/// this long (the user may have fixed the location), not at every write.
+pub(super) const IDENTITY_RETRY: Duration = Duration::from_secs(60);
+/// A database refused again for the reason last logged is logged again after this.
+pub(super) const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+/// The scheduler's longest sleep: how often gauges and idle demotions are looked at.
+pub(super) const TICK: Duration = Duration::from_millis(250);
+/// A commit from an inode the arena does not know asks for a rescan, at most this often.
+pub(super) const RESCAN_AFTER_UNKNOWN: Duration = Duration::from_secs(1);
 /// Longest retry delay after failed syncs of one database.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
