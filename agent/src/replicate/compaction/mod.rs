@@ -51,6 +51,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::ltx::{self, LtxError};
 use crate::replica::{FileInfo, ReplicaClient, ReplicaError, SNAPSHOT_LEVEL};
 use crate::replicate::restore::{self, Target};
+use pass::Maintenance;
 
 /// Level 1 compaction interval: Litestream v0.5's default for level 1 (`30s`).
 pub const LEVEL1_INTERVAL: Duration = Duration::from_secs(30);
@@ -300,16 +301,6 @@ fn expired(files: &[FileInfo], base_max: u64) -> impl Iterator<Item = &FileInfo>
     files
         .iter()
         .filter(move |f| f.max_txid <= base_max && f.max_txid != newest)
-}
-
-/// One call's state: the listings made so far (each level at most once) and the report.
-struct Maintenance<'a> {
-    replica: &'a dyn ReplicaClient,
-    tmp_dir: &'a Path,
-    now: SystemTime,
-    policy: &'a Policy,
-    listed: [Option<Vec<FileInfo>>; SNAPSHOT_LEVEL as usize + 1],
-    report: Report,
 }
 
 #[cfg(test)]

@@ -1,8 +1,18 @@
-//! The steps of one maintenance pass on a [`Maintenance`]: listing each level at most once,
-//! compacting a due level, writing a periodic snapshot, enforcing retention, and deleting
-//! what retention no longer needs (lower levels first, snapshots last).
+//! One maintenance pass: its state ([`Maintenance`]) and its steps, listing each level at
+//! most once, compacting a due level, writing a periodic snapshot, enforcing retention, and
+//! deleting what retention no longer needs (lower levels first, snapshots last).
 
 use super::*;
+
+/// One call's state: the listings made so far (each level at most once) and the report.
+pub(super) struct Maintenance<'a> {
+    pub(super) replica: &'a dyn ReplicaClient,
+    pub(super) tmp_dir: &'a Path,
+    pub(super) now: SystemTime,
+    pub(super) policy: &'a Policy,
+    pub(super) listed: [Option<Vec<FileInfo>>; SNAPSHOT_LEVEL as usize + 1],
+    pub(super) report: Report,
+}
 
 impl Maintenance<'_> {
     /// The files at `level`, listed on first use and kept up to date with what this call
