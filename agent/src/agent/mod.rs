@@ -24,11 +24,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
 
+mod jobs;
 pub mod lock;
 mod published;
 mod reader;
 mod recovery;
 pub mod ring;
+mod scheduler;
 pub mod status;
 mod tiers;
 mod watch;
@@ -45,7 +47,12 @@ use crate::replicate::state::{StateStore, HOT_STAMP};
 use crate::replicate::{
     ReplicateError, Replicator, Synced, CHECKPOINT_INTERVAL, MAINTENANCE_INTERVAL,
 };
+use jobs::{Done, Event, Job, JobKind, JobState, MaintenanceJob, Signal};
 use multidb::ring::{self as layout, reason, Record, Status};
+use scheduler::{
+    backoff, modified_since, oldest_ns, refused_entry, sync_time, Hot, Refusal, Scheduler,
+    IDENTITY_RETRY, REFUSAL_LOG_EVERY, RESCAN_AFTER_UNKNOWN, TICK,
+};
 
 /// Sync workers. A sync waits mostly on I/O (two fsyncs to a directory, a PUT to S3), so
 /// many more workers than cores keep 1,000 hot databases at one sync per second each: with 8,
@@ -57,27 +64,13 @@ pub const MAINTENANCE_WORKERS: usize = 4;
 /// Past this age of the oldest unreplicated commit the agent logs a warning (once per
 /// episode): replication has stalled, not just slowed.
 pub const LAG_WARNING: Duration = Duration::from_secs(60);
-/// A database refused because its replica holds another database is tried again after
-/// this long (the user may have fixed the location), not at every write.
-const IDENTITY_RETRY: Duration = Duration::from_secs(60);
 
-/// A database refused again for the reason last logged is logged again after this.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
-/// A database refused because another host holds its replica's lease is looked at again
-/// after the lease's remaining time, but at most this long after (a holder that stops
-/// cleanly releases early) and only at its next write: one lease read per write spell.
-const LEASE_RECHECK: Duration = Duration::from_secs(5);
 /// How long SIGTERM waits for the final syncs before exiting anyway.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-/// The scheduler's longest sleep: how often gauges and idle demotions are looked at.
-const TICK: Duration = Duration::from_millis(250);
 /// Events queued between the ring reader and the scheduler. When full the reader waits, the
 /// ring fills and counts drops, and the next scan recovers them.
 const EVENT_QUEUE: usize = 65_536;
-/// Longest retry delay after failed syncs of one database.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// A commit from an inode the arena does not know asks for a rescan, at most this often.
-const RESCAN_AFTER_UNKNOWN: Duration = Duration::from_secs(1);
+
 /// Descriptors per hot database: SQLite's database, `-wal` and `-shm` (pages are read
 /// through SQLite's own descriptor, see `sqlfile`).
 const FDS_PER_HOT: u64 = 3;
@@ -94,184 +87,6 @@ pub struct Options {
     pub baseline: bool,
     /// Returns true to stop: every hot database gets a final sync, then [`run`] returns.
     pub stop: Arc<dyn Fn() -> bool + Send + Sync>,
-}
-
-enum Event {
-    Commit {
-        dev: u64,
-        ino: u64,
-        time_ns: u64,
-    },
-    Register {
-        dev: u64,
-        ino: u64,
-        path: Vec<u8>,
-    },
-    /// A change in a watched leaf directory (inotify).
-    Fs(watch::FsEvent),
-}
-
-/// What told the scheduler a database was written.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Signal {
-    /// A commit record from the ring.
-    Commit,
-    /// A scan or `-wal` poll saw the files change (maybe the agent's own checkpoint).
-    Detected,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum JobKind {
-    Sync,
-    /// Final sync, checkpoint, close.
-    Demote,
-}
-
-struct Job {
-    id: DbId,
-    kind: JobKind,
-    path: PathBuf,
-    url: ReplicaUrl,
-    fields: Fields,
-    replicator: Option<Replicator>,
-    checkpoint_due: bool,
-    started_ns: u64,
-}
-
-/// Compaction, snapshots and retention of one replica, on a maintenance worker.
-struct MaintenanceJob {
-    id: DbId,
-    path: String,
-    url: ReplicaUrl,
-    leases: LeaseKeeper,
-}
-
-struct Done {
-    id: DbId,
-    kind: JobKind,
-    replicator: Option<Replicator>,
-    result: Result<Option<Synced>, String>,
-    started_ns: u64,
-    checkpointed: bool,
-    /// The `-wal` stamp taken before a demotion's final sync.
-    stamp: WalStamp,
-    wal_frames: u64,
-    txid: u64,
-    /// The database is not to be replicated (not in WAL mode, or its replica holds another
-    /// database): a [`reason`] code and the message.
-    refusal: Option<(u32, String)>,
-    /// The file at the path is not the one the job's replicator had open.
-    replaced: bool,
-    /// With a refusal: when to look again at the earliest (another host's lease expires).
-    retry_after: Option<Duration>,
-    /// (device, inode) of the file the replicator reads.
-    file_id: Option<(u64, u64)>,
-}
-
-impl Done {
-    fn new(job: &Job) -> Done {
-        Done {
-            id: job.id,
-            kind: job.kind,
-            replicator: None,
-            result: Ok(None),
-            started_ns: job.started_ns,
-            checkpointed: false,
-            stamp: WalStamp::NONE,
-            wal_frames: 0,
-            txid: 0,
-            refusal: None,
-            replaced: false,
-            retry_after: None,
-            file_id: None,
-        }
-    }
-
-    /// Classifies a failed open or sync.
-    fn failed(&mut self, e: &ReplicateError) {
-        self.result = Err(e.to_string());
-        match e {
-            ReplicateError::NotWal { .. } => self.refusal = Some((reason::NOT_WAL, e.to_string())),
-            ReplicateError::Identity { .. } => {
-                self.refusal = Some((reason::IDENTITY, e.to_string()))
-            }
-            ReplicateError::Replaced { .. } => self.replaced = true,
-            ReplicateError::Leased { error, .. } => {
-                let transient = matches!(
-                    error,
-                    LeaseError::Replica(_)
-                        | LeaseError::Contended { .. }
-                        | LeaseError::Stopped { .. }
-                );
-                if !transient {
-                    self.refusal = Some((reason::LEASED, e.to_string()));
-                    self.retry_after = Some(
-                        error
-                            .remaining()
-                            .unwrap_or(LEASE_RECHECK)
-                            .min(LEASE_RECHECK),
-                    );
-                }
-            }
-            ReplicateError::Replica {
-                error: crate::replica::ReplicaError::LeaseLost { .. },
-                ..
-            } => {
-                // The replicator goes with its lost lease; the next write asks for the lease
-                // again, which another host holds now or which this one takes back.
-                self.refusal = Some((reason::LEASED, e.to_string()));
-                self.retry_after = Some(Duration::ZERO);
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Who has a hot database's replicator: the scheduler (idle, with the replicator once a job
-/// opened it) or a worker (running: the job owns it and hands it back in [`Done`]). A running
-/// database has no replicator here, so nothing can touch one a worker uses.
-// Inline, as the `Option<Replicator>` it replaces was: one per hot database, and a box would
-// cost an allocation per job for no saving.
-#[allow(clippy::large_enum_variant)]
-enum JobState {
-    Idle(Option<Replicator>),
-    Running,
-}
-
-impl JobState {
-    fn running(&self) -> bool {
-        matches!(self, JobState::Running)
-    }
-}
-
-/// A hot database, as the scheduler tracks it.
-struct Hot {
-    path: String,
-    url: ReplicaUrl,
-    fields: Fields,
-    dev: u64,
-    ino: u64,
-    /// Whether a worker has the database now; while it is idle, its open replicator.
-    job: JobState,
-    /// Commits seen that no finished or running sync covers.
-    dirty: bool,
-    /// When the oldest commit not yet in the replica was made (ns), 0 if none.
-    pending_since_ns: u64,
-    /// `pending_since_ns` of the commits the running job covers.
-    in_flight_since_ns: u64,
-    last_write: Instant,
-    last_sync_start: Option<Instant>,
-    due: Option<Instant>,
-    demoting: bool,
-    wal_stamp: WalStamp,
-    last_checkpoint: Instant,
-    last_maintenance_start: Instant,
-    /// New files in the replica since the last maintenance pass was queued.
-    written_since_maintenance: bool,
-    failures: u32,
-    txid: u64,
-    wal_frames: u64,
-    last_sync_ns: u64,
 }
 
 /// Why the agent could not start, or stopped with work undone.
@@ -548,120 +363,9 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-struct Scheduler<'a> {
-    config: &'a Config,
-    template: crate::config::ReplicaTemplate,
-    arena: &'a mut Arena,
-    /// The ring, shared with the reader thread.
-    ring_file: Arc<RingFile>,
-    /// Rings replaced under the agent: kept mapped, as producers may still write to them.
-    old_rings: Vec<Arc<RingFile>>,
-    ring_path: PathBuf,
-    ring_slots: (u32, u32),
-    /// Hands a new ring to the reader.
-    ring_tx: Sender<Arc<RingFile>>,
-    ring_warned: bool,
-    /// Databases under the pattern that are not replicated: a [`reason`] code and when it
-    /// was decided (the message goes to the log, the metrics and `multidb status`).
-    refused: HashMap<DbId, Refusal>,
-    /// The last refusal logged for each database: its reason code and when, so the same
-    /// reason is logged at most once per [`REFUSAL_LOG_EVERY`] across promotions.
-    refusals_logged: HashMap<DbId, (u32, Instant)>,
-    /// This agent's leases on replica locations.
-    leases: LeaseKeeper,
-    maintenance: Sender<MaintenanceJob>,
-    /// Databases with a maintenance pass queued or running.
-    maintaining: HashSet<DbId>,
-    lag_warned: bool,
-    store: &'a StateStore,
-    metrics: &'a Metrics,
-    jobs: Sender<Job>,
-    hot: HashMap<DbId, Hot>,
-    /// Written databases waiting for a hot slot, oldest first, with when they were written.
-    waiting: VecDeque<(DbId, u64)>,
-    waiting_set: HashSet<DbId>,
-    /// Status-table entries of demoted databases, oldest first (kept so `multidb_wait` and
-    /// `multidb_status()` still answer for them, evicted when the table fills).
-    cold_entries: VecDeque<(u64, u64)>,
-    last_scan: Instant,
-    last_scan_ms: u64,
-    rescan_soon: Option<Instant>,
-    last_wal_poll: Instant,
-    /// inotify watches on leaf directories.
-    watches: watch::Watches,
-    /// Recently demoted databases: what their demotion left on disk.
-    echoes: HashMap<DbId, watch::Echo>,
-}
-
-/// Why a database is not replicated.
-struct Refusal {
-    code: u32,
-    since: Instant,
-    /// Not looked at again before this (a lease refusal: when the lease may have ended).
-    retry_at: Option<Instant>,
-    /// The oldest commit not in the replica (ns) of a database refused for a lease: promoted
-    /// again once `retry_at` passes, so commits made while another host held the lease are
-    /// replicated when it ends, with or without another write.
-    deferred_ns: Option<u64>,
-}
-
-/// Whether the database file or its `-wal` was modified at or after `since_ns`.
-fn modified_since(db: &str, since_ns: u64) -> bool {
-    let mtime =
-        |path: &str| std::fs::metadata(path).map_or(0, |m| crate::discover::arena::mtime_ns(&m));
-    mtime(db).max(mtime(&format!("{db}-wal"))) >= since_ns
-}
-
-/// The status entry of a database the agent does not replicate, and why (a `reason` code).
-fn refused_entry(dev: u64, ino: u64, code: u32) -> Status {
-    Status {
-        dev,
-        ino,
-        tier: Tier::Refused,
-        reason: code,
-        ..Status::default()
-    }
-}
-
-/// The oldest of some "since" times (ns), ignoring zeros (none); 0 when all are zero.
-fn oldest_ns(times: impl IntoIterator<Item = u64>) -> u64 {
-    times.into_iter().filter(|&t| t != 0).min().unwrap_or(0)
-}
-
-/// When a sync should start for a commit seen now: at once after a quiet spell, otherwise
-/// one `sync_interval` after the previous sync started.
-fn sync_time(last_start: Option<Instant>, interval: Duration) -> Instant {
-    let now = Instant::now();
-    match last_start {
-        Some(start) if now.duration_since(start) < interval => start + interval,
-        _ => now,
-    }
-}
-
-/// Capped exponential backoff with jitter for a database whose syncs keep failing.
-fn backoff(failures: u32) -> Duration {
-    crate::time::backoff(
-        failures.saturating_add(1),
-        Duration::from_millis(100),
-        MAX_BACKOFF,
-        crate::time::random_u64(),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn first_commit_after_quiet_goes_at_once_then_batches() {
-        let interval = Duration::from_secs(1);
-        let now = Instant::now();
-        assert!(sync_time(None, interval) <= Instant::now());
-        let long_ago = now - Duration::from_secs(5);
-        assert!(sync_time(Some(long_ago), interval) <= Instant::now());
-        let just_now = Instant::now();
-        assert_eq!(sync_time(Some(just_now), interval), just_now + interval);
-    }
 
     #[test]
     fn a_panicking_sync_is_that_database_s_failure_not_the_worker_s() {
@@ -694,22 +398,5 @@ mod tests {
             "{error}"
         );
         assert!(done.replicator.is_none());
-    }
-
-    #[test]
-    fn oldest_ignores_the_zeros() {
-        assert_eq!(oldest_ns([0, 5, 3, 0]), 3);
-        assert_eq!(oldest_ns([0, 0]), 0);
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        // The first failure waits 100-200 ms, later ones double, never past the cap.
-        for _ in 0..100 {
-            assert!(backoff(1) >= Duration::from_millis(100));
-            assert!(backoff(1) <= Duration::from_millis(200));
-            assert!(backoff(30) >= MAX_BACKOFF / 2);
-            assert!(backoff(30) <= MAX_BACKOFF);
-        }
     }
 }

@@ -12,6 +12,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_yaml::Value;
+mod replica;
+mod yaml;
+
+use replica::replica_template;
+pub use replica::{ReplicaKind, ReplicaTemplate};
+pub use yaml::parse_duration;
+use yaml::{duration_value, listen_addr, locate, too_deep, yaml_error};
 
 use crate::discover::pattern::{Pattern, Template};
 
@@ -89,60 +96,6 @@ struct RawReplica {
     endpoint: Option<String>,
     force_path_style: Option<bool>,
     litestream_compatible: Option<bool>,
-}
-
-/// Where replicas go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ReplicaKind {
-    File,
-    S3,
-}
-
-/// The replica of each database: the template expanded with its fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplicaTemplate {
-    pub kind: ReplicaKind,
-    /// `file`: absolute directory; `s3`: key prefix.
-    pub path: Template,
-    pub bucket: Option<String>,
-    pub region: Option<String>,
-    pub endpoint: Option<String>,
-    pub force_path_style: bool,
-    /// Write LTX files as Litestream 0.5.17 does, without database checksums, so its restore
-    /// accepts them (its issue #1427); restores of such files verify less (see the README).
-    pub litestream_compatible: bool,
-}
-
-impl ReplicaTemplate {
-    /// The replica of the database whose pattern fields are `fields`.
-    pub fn url_for(
-        &self,
-        fields: &crate::discover::pattern::Fields,
-    ) -> Result<crate::replica::ReplicaUrl, crate::discover::pattern::TemplateError> {
-        let path = self.path.expand(fields)?;
-        // The whole location, not its parts: values that are each harmless can still meet
-        // literal text in a `..`, or leave a `.` or an empty component that a file system or
-        // an S3 server folds into another database's location.
-        if let Some(why) = crate::replica::location_fault(&path) {
-            return Err(crate::discover::pattern::TemplateError::new(format!(
-                "replica location `{path}` of the database with {fields} {why}"
-            )));
-        }
-        Ok(match self.kind {
-            ReplicaKind::File => crate::replica::ReplicaUrl::File(PathBuf::from(path)),
-            ReplicaKind::S3 => crate::replica::ReplicaUrl::S3(crate::replica::s3::S3Location {
-                bucket: self.bucket.clone().unwrap_or_default(),
-                prefix: path,
-                region: self
-                    .region
-                    .clone()
-                    .unwrap_or_else(|| "us-east-1".to_string()),
-                endpoint: self.endpoint.clone(),
-                force_path_style: self.force_path_style,
-            }),
-        })
-    }
 }
 
 /// The validated `multi_db:` block.
@@ -357,266 +310,6 @@ impl Config {
     }
 }
 
-fn replica_template(
-    r: RawReplica,
-    pattern: &Pattern,
-    at: &dyn Fn(&[&str], &str) -> ConfigError,
-) -> Result<ReplicaTemplate, ConfigError> {
-    let field = |name: &'static str| ["multi_db", "replica_template", name];
-    let kind = match r.kind.as_deref() {
-        None | Some("file") => ReplicaKind::File,
-        Some("s3") => ReplicaKind::S3,
-        Some(other) => {
-            return Err(at(
-                &field("type"),
-                &format!("unknown replica type `{other}`; expected `file` or `s3`"),
-            ))
-        }
-    };
-    let Some(path_text) = r.path else {
-        return Err(at(
-            &["multi_db", "replica_template"],
-            "missing field `path`",
-        ));
-    };
-    let path = Template::new(&path_text, pattern.names())
-        .map_err(|e| at(&field("path"), &e.to_string()))?;
-    // A template whose literal text is not canonical would refuse every database: say so now.
-    let sample = crate::discover::pattern::Fields(
-        pattern
-            .names()
-            .iter()
-            .map(|n| (n.clone(), "x".to_string()))
-            .collect(),
-    );
-    if let Some(why) = path
-        .expand(&sample)
-        .ok()
-        .and_then(|p| crate::replica::location_fault(&p))
-    {
-        return Err(at(&field("path"), &format!("`{path_text}` {why}")));
-    }
-    match kind {
-        ReplicaKind::File => {
-            if !path_text.starts_with('/') {
-                return Err(at(
-                    &field("path"),
-                    "a file replica needs an absolute directory template",
-                ));
-            }
-            if let Some(extra) = [
-                ("bucket", &r.bucket),
-                ("region", &r.region),
-                ("endpoint", &r.endpoint),
-            ]
-            .into_iter()
-            .find(|(_, v)| v.is_some())
-            {
-                return Err(at(&field(extra.0), "only valid for `type: s3`"));
-            }
-        }
-        ReplicaKind::S3 => {
-            if r.bucket.as_deref().is_none_or(str::is_empty) {
-                return Err(at(
-                    &["multi_db", "replica_template"],
-                    "`type: s3` needs a `bucket`",
-                ));
-            }
-            if let Some(bucket) = r.bucket.as_deref().filter(|b| !is_bucket_name(b)) {
-                return Err(at(
-                    &field("bucket"),
-                    &format!("`{}` is not a bucket name: letters, digits, `.`, `-` and `_` only (a key prefix belongs in `path`)", bucket.escape_debug()),
-                ));
-            }
-            if path_text.starts_with('/') {
-                return Err(at(
-                    &field("path"),
-                    "an s3 key prefix must not start with `/`",
-                ));
-            }
-            if let Some(endpoint) = &r.endpoint {
-                if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                    return Err(at(
-                        &field("endpoint"),
-                        "expected an http:// or https:// URL",
-                    ));
-                }
-            }
-        }
-    }
-    Ok(ReplicaTemplate {
-        kind,
-        path,
-        bucket: r.bucket,
-        region: r.region,
-        // A custom endpoint (MinIO, R2, a local server) almost always wants path-style keys.
-        force_path_style: r.force_path_style.unwrap_or(r.endpoint.is_some()),
-        endpoint: r.endpoint,
-        litestream_compatible: r.litestream_compatible.unwrap_or(false),
-    })
-}
-
-/// S3 bucket names are 3 to 63 of lowercase letters, digits, `.` and `-`; S3-compatible
-/// stores and legacy buckets also take uppercase and `_`. Anything else (a `/` above all)
-/// would change which bucket or key a request names.
-fn is_bucket_name(name: &str) -> bool {
-    (1..=255).contains(&name.len())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-        && !matches!(name, "." | "..")
-}
-
-/// `127.0.0.1:9090`, `[::1]:9090` or `:9090` (loopback): metrics are not for the network
-/// unless the operator names a non-loopback address.
-fn listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
-    let full = match text.strip_prefix(':') {
-        Some(port) => format!("127.0.0.1:{port}"),
-        None => text.to_string(),
-    };
-    full.parse().map_err(|_| {
-        format!("`{text}` is not a listen address such as `127.0.0.1:9090` or `:9090`")
-    })
-}
-
-fn duration_value(v: &Value) -> Result<Duration, String> {
-    match v {
-        Value::String(s) => parse_duration(s),
-        Value::Number(_) => Err("needs a unit, as in `30s`, `5m` or `1h`".into()),
-        _ => Err("expected a duration such as `200ms`, `30s`, `5m` or `1h`".into()),
-    }
-}
-
-/// Parses `200ms`, `30s`, `5m`, `1h`, `24h` and sums like `1h30m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("`{text}` is not a duration such as `200ms`, `30s`, `5m` or `1h`");
-    let mut total = Duration::ZERO;
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(1),
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            "d" => Duration::from_secs(86_400),
-            _ => return Err(bad()),
-        };
-        total = unit
-            .checked_mul(u32::try_from(n).map_err(|_| bad())?)
-            .and_then(|d| total.checked_add(d))
-            .ok_or_else(bad)?;
-        rest = &rest[unit_len..];
-    }
-    if total.is_zero() {
-        return Err(format!("`{text}` must be longer than zero"));
-    }
-    Ok(total)
-}
-
-/// Where the text first nests collections deeper than `limit`, as a 1-based line and column.
-/// Counts flow brackets (`[`, `{`) outside quoted scalars and comments, plus the block
-/// levels that indentation and `- ` entries open; an overestimate only refuses files far
-/// deeper than any configuration, an underestimate only leaves the parser to do its work.
-fn too_deep(text: &str, limit: usize) -> Option<(usize, usize)> {
-    let mut indents: Vec<usize> = Vec::new();
-    let mut flow = 0usize;
-    for (number, line) in text.lines().enumerate() {
-        let content = line.trim_start_matches(' ');
-        let mut indent = line.len() - content.len();
-        if flow == 0 && !content.is_empty() && !content.starts_with('#') {
-            while indents.last().is_some_and(|&i| i >= indent) {
-                indents.pop();
-            }
-            indents.push(indent);
-            // `- - - x` opens one sequence per dash on a single line.
-            let mut rest = content;
-            while let Some(after) = rest.strip_prefix("- ") {
-                indent += 2;
-                indents.push(indent);
-                rest = after.trim_start_matches(' ');
-            }
-            if indents.len() > limit {
-                return Some((number + 1, indent + 1));
-            }
-        }
-        let mut quote: Option<char> = None;
-        let mut previous = ' ';
-        for (col, c) in line.char_indices() {
-            match quote {
-                Some(q) if c == q => quote = None,
-                Some(_) => {}
-                None => match c {
-                    '#' if previous == ' ' => break,
-                    '"' | '\'' if matches!(previous, ' ' | '[' | '{' | ',' | ':') => {
-                        quote = Some(c)
-                    }
-                    '[' | '{' => {
-                        flow += 1;
-                        if flow + indents.len() > limit {
-                            return Some((number + 1, col + 1));
-                        }
-                    }
-                    ']' | '}' => flow = flow.saturating_sub(1),
-                    _ => {}
-                },
-            }
-            previous = c;
-        }
-    }
-    None
-}
-
-/// Rewrites the YAML parser's `path: message at line L column C` as `name:L:C: path: message`.
-fn yaml_error(name: &str, e: &serde_yaml::Error) -> ConfigError {
-    let text = e.to_string();
-    let message = match text.rfind(" at line ") {
-        Some(i) => &text[..i],
-        None => &text,
-    };
-    match e.location() {
-        Some(loc) => ConfigError(format!("{name}:{}:{}: {message}", loc.line(), loc.column())),
-        None => ConfigError(format!("{name}: {message}")),
-    }
-}
-
-/// The 1-based line and column of the key at `path` in block-style YAML.
-fn locate(text: &str, path: &[&str]) -> Option<(usize, usize)> {
-    let mut stack: Vec<(usize, &str)> = Vec::new();
-    for (number, line) in text.lines().enumerate() {
-        let content = line.trim_start();
-        if content.is_empty() || content.starts_with('#') {
-            continue;
-        }
-        let indent = line.len() - content.len();
-        let Some((key, _)) = content.split_once(':') else {
-            continue;
-        };
-        let key = key.trim().trim_matches(['"', '\'']);
-        while stack.last().is_some_and(|&(i, _)| i >= indent) {
-            stack.pop();
-        }
-        stack.push((indent, key));
-        if stack.len() == path.len() && stack.iter().map(|(_, k)| *k).eq(path.iter().copied()) {
-            return Some((number + 1, indent + 1));
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,7 +371,7 @@ multi_db:
 
     #[test]
     fn example_file_loads() {
-        let text = include_str!("../../multidb.example.yml");
+        let text = include_str!("../../../multidb.example.yml");
         Config::parse(text, "multidb.example.yml", None).unwrap();
     }
 
@@ -800,17 +493,6 @@ multi_db:
     fn regression_10_max_active_beyond_what_one_agent_can_hold_is_a_config_error() {
         let e = error_of("multi_db:\n  discovery_pattern: \"/d/*.db\"\n  max_active: 1000000000\n");
         assert_eq!(e, "multidb.yml:3:3: multi_db.max_active: 1000000000 is more than 262144, the most hot databases one agent can hold");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
-        for bad in ["", "30", "s", "5x", "1.5s", "-1s", "0s"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
     }
 
     fn error_of(text: &str) -> String {
