@@ -55,8 +55,6 @@ pub(super) fn is_url(source: &str) -> bool {
     source.starts_with("file://") || source.starts_with("s3://")
 }
 
-/// The replica named by `source`: a URL, or a database path expanded through the
-/// configuration's `replica_template`.
 /// Restoring a database by its path: the replica its template names must hold that
 /// database's history (its identity object says whose), never another's.
 pub(super) fn check_replica_identity(
@@ -100,6 +98,8 @@ pub(super) fn source_fields(cli: &Cli, source: &str) -> Option<crate::discover::
     pattern.parse(&absolute_for(pattern, source)).ok()
 }
 
+/// The replica named by `source`: a URL, or a database path expanded through the
+/// configuration's `replica_template`.
 pub(super) fn replica_for(cli: &Cli, source: &str) -> Result<ReplicaUrl, Failure> {
     if is_url(source) {
         return ReplicaUrl::parse(source).map_err(|e| Failure::Usage(e.into()));
