@@ -156,7 +156,15 @@ pub fn restore_with_mode(
     let files = list_all(replica)?;
     if !dry_run {
         let progress = io::stderr().is_terminal();
-        return restore_listed(replica, &files, target, output, mode, progress);
+        return restore_listed(
+            replica,
+            &files,
+            target,
+            output,
+            mode,
+            progress,
+            DirSync::Now,
+        );
     }
     if files.is_empty() {
         return Err(empty_replica(replica));
@@ -178,6 +186,17 @@ pub fn restore_with_mode(
     })
 }
 
+/// Who syncs the directory a restored file is linked into, which makes its name durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirSync {
+    /// The restore, before it returns.
+    Now,
+    /// Its caller, once for many restores into one directory (`restore --all`). Until then a
+    /// crash may lose the name, never leave part of a database under it: the file is synced
+    /// before it is linked.
+    Caller,
+}
+
 /// Restores into `output` (which must not exist) from `files`, a listing of the replica
 /// already made (by [`list_all`], or by a walk over many replicas that saw every file, so
 /// that no request lists this one again). `progress` prints the download and apply counts to
@@ -189,6 +208,7 @@ pub fn restore_listed(
     output: &Path,
     mode: u32,
     progress: bool,
+    dir_sync: DirSync,
 ) -> anyhow::Result<Restored> {
     if files.is_empty() {
         return Err(empty_replica(replica));
@@ -200,7 +220,15 @@ pub fn restore_listed(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let work = super::workdir::WorkDir::create(parent, "restore")?;
-    let result = restore_into(replica, &chain, output, work.path(), mode, progress);
+    let result = restore_into(
+        replica,
+        &chain,
+        output,
+        work.path(),
+        mode,
+        progress,
+        dir_sync,
+    );
     drop(work);
     result.map(|pages| Restored {
         txid,
@@ -216,6 +244,7 @@ fn restore_into(
     work: &Path,
     mode: u32,
     show: bool,
+    dir_sync: DirSync,
 ) -> anyhow::Result<u32> {
     let total = chain.len();
     let progress = |n: usize| {
@@ -326,8 +355,12 @@ fn restore_into(
     // name goes with the work directory.
     std::fs::hard_link(&tmp, output)
         .with_context(|| format!("moving the restored database to {}", output.display()))?;
-    if let Some(dir) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        File::open(dir)?.sync_all()?;
+    if dir_sync == DirSync::Now {
+        if let Some(dir) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(dir)
+                .and_then(|dir| dir.sync_all())
+                .with_context(|| format!("syncing the directory {}", dir.display()))?;
+        }
     }
     Ok(header.commit)
 }
