@@ -97,17 +97,15 @@ pub fn restore_all(
         report,
     );
     let dirs = to_sync.into_inner().unwrap_or_else(|e| e.into_inner());
-    for dir in dirs {
-        if let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
-            report(EntryResult {
-                path: dir.display().to_string(),
-                output: None,
-                outcome: Outcome::Failed(format!(
-                    "syncing this directory failed ({e}): the databases restored into it \
-                     may be lost in a crash; run again to check"
-                )),
-            });
-        }
+    for (dir, e) in sync_directories(dirs, options.jobs) {
+        report(EntryResult {
+            path: dir.display().to_string(),
+            output: None,
+            outcome: Outcome::Failed(format!(
+                "syncing this directory failed ({e}): what was restored below it may not \
+                 survive a crash; run restore --all again, which checks and syncs it"
+            )),
+        });
     }
     walked
 }
@@ -200,25 +198,19 @@ fn restore_database(
         Some(listing) => listing.files,
         None => restore::list_all(client.as_ref()).map_err(|e| format!("{e:#}"))?,
     };
-    if exists(output) {
-        return verify_existing(client.as_ref(), &files, options.target, output);
-    }
     let parent = output
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    // The directories this restore makes: each one's name is in its parent, which is synced
-    // with the rest.
-    let mut dirs = vec![parent.to_path_buf()];
-    let mut made = parent;
-    while made.symlink_metadata().is_err() {
-        match made.parent().filter(|p| !p.as_os_str().is_empty()) {
-            Some(up) => {
-                dirs.push(up.to_path_buf());
-                made = up;
-            }
-            None => break,
-        }
+    // Recorded before anything is made, whatever becomes of this restore: a directory made
+    // here is another restore's too. A file found restored by an earlier run has its
+    // directories synced again, in case that run was killed before it synced them.
+    to_sync
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(directories_to_sync(parent, root));
+    if exists(output) {
+        return verify_existing(client.as_ref(), &files, options.target, output);
     }
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -238,12 +230,61 @@ fn restore_database(
         DirSync::Caller,
     )
     .map_err(|e| crate_error_chain(&e))?;
-    to_sync
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .extend(dirs);
     Ok(Outcome::Restored {
         txid: restored.txid,
+    })
+}
+
+/// The directories whose entries a restore into `parent` may change, each synced once at
+/// the end: `parent` and every directory up to `root` (any of them may be created, which
+/// writes its name into the one above), and above `root` those missing now plus the first
+/// that exists.
+fn directories_to_sync(parent: &Path, root: &Path) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    let mut at = parent;
+    loop {
+        dirs.push(at.to_path_buf());
+        let below_root = at != root && at.starts_with(root);
+        if at == Path::new(".") || (!below_root && at.symlink_metadata().is_ok()) {
+            break;
+        }
+        match at.parent() {
+            Some(up) if up.as_os_str().is_empty() => at = Path::new("."),
+            Some(up) => at = up,
+            None => break,
+        }
+    }
+    dirs
+}
+
+/// Syncs each of `dirs` once, on `jobs` threads (a journaling file system commits
+/// concurrent syncs together); returns those that failed, with why.
+fn sync_directories(dirs: BTreeSet<PathBuf>, jobs: usize) -> Vec<(PathBuf, std::io::Error)> {
+    let dirs: Vec<PathBuf> = dirs.into_iter().collect();
+    let per_job = dirs.len().div_ceil(jobs.max(1)).max(1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = dirs
+            .chunks(per_job)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .filter_map(|dir| {
+                            File::open(dir)
+                                .and_then(|d| d.sync_all())
+                                .err()
+                                // Never made (its restore failed first): nothing to sync.
+                                .filter(|e| e.kind() != std::io::ErrorKind::NotFound)
+                                .map(|e| (dir.clone(), e))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
     })
 }
 
@@ -335,4 +376,41 @@ fn verify_existing(
     Ok(Outcome::AlreadyRestored {
         txid: last.max_txid,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_directories_to_sync_reach_the_root_and_the_first_that_exists_above_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path();
+        // `--to` not made yet: everything below it, itself, and the first that exists.
+        let root = base.join("to");
+        let parent = root.join("p1/userdb/main/tenants");
+        assert_eq!(
+            directories_to_sync(&parent, &root),
+            [
+                parent.clone(),
+                root.join("p1/userdb/main"),
+                root.join("p1/userdb"),
+                root.join("p1"),
+                root.clone(),
+                base.to_path_buf(),
+            ]
+        );
+        // All there: the same up to the root, which ends it.
+        std::fs::create_dir_all(&parent).unwrap();
+        assert_eq!(directories_to_sync(&parent, &root).last(), Some(&root));
+        assert_eq!(directories_to_sync(&parent, &root).len(), 5);
+        // A relative path ends at ".".
+        assert_eq!(
+            directories_to_sync(Path::new("a/b"), Path::new("")),
+            [PathBuf::from("a/b"), PathBuf::from("a"), PathBuf::from(".")]
+        );
+        // Syncing: a directory never made is not a failure.
+        let dirs: BTreeSet<PathBuf> = [parent.clone(), base.join("never-made")].into();
+        assert!(sync_directories(dirs, 3).is_empty());
+    }
 }

@@ -1,12 +1,17 @@
-//! A command's work directory, `.multidb-<kind>-<pid>-<n>`: a restore's beside its output
+//! A command's work directory, `.multidb-<kind>-<pid>-<n>-<random>`: a restore's beside its output
 //! (downloads and the database being built live there until the finished file is linked into
 //! place), `multidb replicate`'s in the temporary directory (LTX files before they are
 //! shipped). It is removed when the work ends. A process killed meanwhile leaves it behind,
-//! so each one holds an `flock` on a lock file beside it, `.multidb-<kind>-<pid>-<n>.lock`,
+//! so each one holds an `flock` on a lock file beside it, `<the directory's name>.lock`,
 //! for as long as it lives (the kernel drops it when the process dies, in any pid namespace,
 //! and NFS carries it across hosts): the next command of the same kind there removes those
 //! whose lock it can take. The lock is held before the directory exists and released after
 //! it is gone, so a directory is never seen without its lock, however early its maker dies.
+//!
+//! A sweep never touches this process's own names: on NFS `flock` is a POSIX lock, which
+//! does not keep two descriptors of one process apart, and closing any descriptor of the
+//! file drops the process's lock on it. The random part keeps names apart across pid
+//! namespaces (containers sharing a volume all run as pid 1 or so).
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -46,16 +51,18 @@ impl WorkDir {
         let prefix = format!(".multidb-{kind}-");
         sweep_once(parent, &prefix);
         // Numbered as well as named by the process: restores running side by side in one
-        // process each need a work directory of their own. A name already taken (a dead
-        // process with this pid, as in a container whose pids repeat, whose lock a live
-        // sweeper holds) or a lock a sweeper took before it was held (see `sweep`) moves on
-        // to the next number.
+        // process each need a work directory of their own. A name already taken, or a lock
+        // a sweeper took before it was held (see `sweep`), moves on to the next number.
         let mut tries = 0;
         loop {
             let n = WORK_DIRS.fetch_add(1, Ordering::Relaxed);
             // A short name of its own, not the output's name plus a suffix: an output name
             // near NAME_MAX (255 bytes) must still leave room for the temporary one.
-            let path = parent.join(format!("{prefix}{}-{n}", std::process::id()));
+            let path = parent.join(format!(
+                "{prefix}{}-{n}-{:08x}",
+                std::process::id(),
+                crate::time::random_u64() as u32
+            ));
             match Self::create_at(path) {
                 Err(e)
                     if tries < 100
@@ -112,9 +119,12 @@ impl WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        // The directory first, while the lock still says it is in use.
-        let _ = fs::remove_dir_all(&self.path);
-        let _ = fs::remove_file(&self.lock_path);
+        // The directory first, while the lock still says it is in use; a directory that
+        // could not be removed keeps its lock file, which the next sweep takes once this
+        // process has gone.
+        if fs::remove_dir_all(&self.path).is_ok() {
+            let _ = fs::remove_file(&self.lock_path);
+        }
     }
 }
 
@@ -159,8 +169,14 @@ fn sweep_once(parent: &Path, prefix: &str) {
 /// after, is another file than one a new process (with the same pid and number) has made at
 /// that name since.
 fn take_if_unheld(path: &Path) -> Option<File> {
-    use std::os::unix::fs::MetadataExt;
-    let lock = File::open(path).ok()?;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    // Open for writing: NFS takes an exclusive `flock` as a POSIX write lock, which needs it.
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
     flock(&lock, libc::LOCK_EX | libc::LOCK_NB).ok()?;
     let (held, named) = (lock.metadata().ok()?, fs::metadata(path).ok()?);
     (held.dev() == named.dev() && held.ino() == named.ino()).then_some(lock)
@@ -175,16 +191,20 @@ fn older_than(path: &Path, age: Duration) -> bool {
 }
 
 /// Removes the work directories named `prefix…` in `parent` that no live process holds
-/// (their lock can be taken; this process's own are held through other descriptors, which
-/// `flock` keeps apart), with their locks; returns how many directories.
+/// (their lock can be taken), with their locks; returns how many directories. This
+/// process's own names are left alone (see the module's doc).
 fn sweep(parent: &Path, prefix: &str) -> usize {
     let Ok(entries) = fs::read_dir(parent) else {
         return 0;
     };
+    let ours = format!("{prefix}{}-", std::process::id());
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(name) = name.to_str().filter(|n| n.starts_with(prefix)) else {
+        let Some(name) = name
+            .to_str()
+            .filter(|n| n.starts_with(prefix) && !n.starts_with(&ours))
+        else {
             continue;
         };
         let path = entry.path();
@@ -283,46 +303,35 @@ mod tests {
         assert!(!with_suffix(&path, LOCK).exists());
     }
 
-    /// A dead process's directory named with this process's pid (pids repeat, in a
-    /// container most of all) is swept, not skipped as this process's own; and names still
-    /// held (a sweeper holding a dead one's lock) are passed over for the next number.
+    /// This process's own names are never swept, even when their lock can be taken: on NFS
+    /// `flock` is a POSIX lock, which a second descriptor of the same process takes, and
+    /// whose close would drop the owner's lock.
     #[test]
-    fn a_dead_process_with_this_pid_does_not_block_a_new_work_directory() {
+    fn this_process_s_own_names_are_never_swept() {
         let tmp = tempfile::tempdir().unwrap();
-        let name = |n: u64| {
-            tmp.path()
-                .join(format!(".multidb-pid-{}-{n}", std::process::id()))
-        };
-        let dead = name(1_000_000);
+        let own = tmp
+            .path()
+            .join(format!(".multidb-pid-{}-7-00000000", std::process::id()));
+        fs::create_dir(&own).unwrap();
+        fs::write(with_suffix(&own, LOCK), b"").unwrap();
+        let dead = tmp.path().join(".multidb-pid-999999-7-00000000");
         fs::create_dir(&dead).unwrap();
         fs::write(with_suffix(&dead, LOCK), b"").unwrap();
         assert_eq!(sweep(tmp.path(), ".multidb-pid-"), 1);
+        assert!(own.exists() && with_suffix(&own, LOCK).exists());
         assert!(!dead.exists());
-        // The next names, each with its lock held (by this test, through its own
-        // descriptor).
-        let next = WORK_DIRS.load(Ordering::Relaxed);
-        let held: Vec<File> = (next..next + 8)
-            .map(|n| {
-                fs::create_dir(name(n)).unwrap();
-                let lock = File::create(with_suffix(&name(n), LOCK)).unwrap();
-                flock(&lock, libc::LOCK_EX | libc::LOCK_NB).unwrap();
-                fs::write(name(n).join("theirs"), b"").unwrap();
-                lock
-            })
-            .collect();
-        let made = WorkDir::create(tmp.path(), "pid").unwrap();
-        assert!(made.path().exists());
-        for n in next..next + 8 {
-            assert!(name(n).join("theirs").exists(), "{n} was taken");
-        }
-        drop(held);
+        // Two made in a row have names of their own.
+        let (a, b) = (
+            WorkDir::create(tmp.path(), "pid").unwrap(),
+            WorkDir::create(tmp.path(), "pid").unwrap(),
+        );
+        assert_ne!(a.path(), b.path());
     }
 
     /// Work directories made side by side while others sweep the same directory (what
     /// `restore --all` does with many databases in one directory): none is removed while
-    /// its owner uses it. The sweepers here act as another process would (this process's
-    /// own directories are skipped by pid, so they sweep under another prefix's rules by
-    /// taking the lock itself).
+    /// its owner uses it. The first sweeper acts as another process would (this process's
+    /// own directories are skipped by pid), taking locks itself.
     #[test]
     fn sweeping_never_takes_a_directory_being_made() {
         let tmp = tempfile::tempdir().unwrap();
@@ -347,9 +356,7 @@ mod tests {
                 }
                 (taken, unlocked)
             });
-            // The real sweep beside it: this process's own locks are held through other
-            // descriptors, so it must remove nothing (a `.lock-new` it takes makes the
-            // maker try the next name).
+            // The real sweep beside it must remove nothing of this process's.
             let real = scope.spawn(|| {
                 let mut removed = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
