@@ -8,10 +8,11 @@
 //! whose lock it can take. The lock is held before the directory exists and released after
 //! it is gone, so a directory is never seen without its lock, however early its maker dies.
 //!
-//! A sweep never touches this process's own names: on NFS `flock` is a POSIX lock, which
-//! does not keep two descriptors of one process apart, and closing any descriptor of the
-//! file drops the process's lock on it. The random part keeps names apart across pid
-//! namespaces (containers sharing a volume all run as pid 1 or so).
+//! A sweep never touches this process's own live work directories (kept in a set while they
+//! live): on NFS `flock` is a POSIX lock, which does not keep two descriptors of one process
+//! apart, and closing any descriptor of the file drops the process's lock on it. One a dead
+//! process with the same pid left (a container runs its commands with the same pids) is
+//! swept like any other. The random part keeps names apart across pid namespaces.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -35,6 +36,18 @@ const UNLOCKED_STALE: Duration = Duration::from_secs(60);
 
 /// The number of the next work directory this process makes.
 static WORK_DIRS: AtomicU64 = AtomicU64::new(0);
+
+/// The paths of this process's work directories from before their lock is made until after
+/// they are removed: a sweep in this process leaves them alone.
+static OURS: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+
+fn ours() -> std::sync::MutexGuard<'static, Option<HashSet<PathBuf>>> {
+    OURS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn is_ours(path: &Path) -> bool {
+    ours().as_ref().is_some_and(|set| set.contains(path))
+}
 
 /// A work directory of this process, removed when dropped.
 pub struct WorkDir {
@@ -85,6 +98,15 @@ impl WorkDir {
     }
 
     fn create_at(path: PathBuf) -> io::Result<WorkDir> {
+        ours().get_or_insert_with(HashSet::new).insert(path.clone());
+        let made = Self::make(path.clone());
+        if made.is_err() {
+            ours().get_or_insert_with(HashSet::new).remove(&path);
+        }
+        made
+    }
+
+    fn make(path: PathBuf) -> io::Result<WorkDir> {
         let lock_path = with_suffix(&path, LOCK);
         // Locked under another name, then renamed: a sweeper that finds the lock always
         // finds it held (a lock file it could take between our create and our `flock`
@@ -125,6 +147,7 @@ impl Drop for WorkDir {
         if fs::remove_dir_all(&self.path).is_ok() {
             let _ = fs::remove_file(&self.lock_path);
         }
+        ours().get_or_insert_with(HashSet::new).remove(&self.path);
     }
 }
 
@@ -192,22 +215,25 @@ fn older_than(path: &Path, age: Duration) -> bool {
 
 /// Removes the work directories named `prefix…` in `parent` that no live process holds
 /// (their lock can be taken), with their locks; returns how many directories. This
-/// process's own names are left alone (see the module's doc).
+/// process's own live ones are left alone (see the module's doc).
 fn sweep(parent: &Path, prefix: &str) -> usize {
     let Ok(entries) = fs::read_dir(parent) else {
         return 0;
     };
-    let ours = format!("{prefix}{}-", std::process::id());
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(name) = name
-            .to_str()
-            .filter(|n| n.starts_with(prefix) && !n.starts_with(&ours))
-        else {
+        let Some(name) = name.to_str().filter(|n| n.starts_with(prefix)) else {
             continue;
         };
         let path = entry.path();
+        let dir = [LOCK_NEW, LOCK]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .map_or_else(|| path.clone(), |dir| parent.join(dir));
+        if is_ours(&dir) {
+            continue;
+        }
         if let Some(dir) = name.strip_suffix(LOCK) {
             // Taken: its holder is gone. Kept until both are removed, so no other sweeper
             // takes it meanwhile.
@@ -303,35 +329,46 @@ mod tests {
         assert!(!with_suffix(&path, LOCK).exists());
     }
 
-    /// This process's own names are never swept, even when their lock can be taken: on NFS
-    /// `flock` is a POSIX lock, which a second descriptor of the same process takes, and
-    /// whose close would drop the owner's lock.
+    /// This process's live work directories are never swept, even when their lock can be
+    /// taken (on NFS `flock` is a POSIX lock, which a second descriptor of the same process
+    /// takes, and whose close would drop the owner's lock); one a dead process with this
+    /// process's pid left (pids repeat in containers) is swept.
     #[test]
-    fn this_process_s_own_names_are_never_swept() {
+    fn this_process_s_live_work_directories_are_never_swept_a_dead_namesake_s_are() {
         let tmp = tempfile::tempdir().unwrap();
-        let own = tmp
-            .path()
-            .join(format!(".multidb-pid-{}-7-00000000", std::process::id()));
-        fs::create_dir(&own).unwrap();
-        fs::write(with_suffix(&own, LOCK), b"").unwrap();
-        let dead = tmp.path().join(".multidb-pid-999999-7-00000000");
-        fs::create_dir(&dead).unwrap();
-        fs::write(with_suffix(&dead, LOCK), b"").unwrap();
+        let pid = std::process::id();
+        // Live, as the set says, with a lock anyone could take (the NFS case).
+        let live = tmp.path().join(format!(".multidb-pid-{pid}-7-00000000"));
+        fs::create_dir(&live).unwrap();
+        fs::write(with_suffix(&live, LOCK), b"").unwrap();
+        ours().get_or_insert_with(HashSet::new).insert(live.clone());
+        // Left by a dead process with this pid.
+        let namesake = tmp.path().join(format!(".multidb-pid-{pid}-7-11111111"));
+        fs::create_dir(&namesake).unwrap();
+        fs::write(with_suffix(&namesake, LOCK), b"").unwrap();
+        let never_held = tmp.path().join(format!(".multidb-pid-{pid}-8-00000000"));
+        fs::write(with_suffix(&never_held, LOCK_NEW), b"").unwrap();
         assert_eq!(sweep(tmp.path(), ".multidb-pid-"), 1);
-        assert!(own.exists() && with_suffix(&own, LOCK).exists());
-        assert!(!dead.exists());
-        // Two made in a row have names of their own.
+        assert!(live.exists() && with_suffix(&live, LOCK).exists());
+        assert!(!namesake.exists() && !with_suffix(&namesake, LOCK).exists());
+        assert!(!with_suffix(&never_held, LOCK_NEW).exists());
+        ours().get_or_insert_with(HashSet::new).remove(&live);
+        // Made and dropped: in the set only while it lives; two in a row differ.
         let (a, b) = (
             WorkDir::create(tmp.path(), "pid").unwrap(),
             WorkDir::create(tmp.path(), "pid").unwrap(),
         );
         assert_ne!(a.path(), b.path());
+        assert!(is_ours(a.path()));
+        let path = a.path().to_path_buf();
+        drop(a);
+        assert!(!is_ours(&path));
     }
 
     /// Work directories made side by side while others sweep the same directory (what
     /// `restore --all` does with many databases in one directory): none is removed while
-    /// its owner uses it. The first sweeper acts as another process would (this process's
-    /// own directories are skipped by pid), taking locks itself.
+    /// its owner uses it. The first sweeper acts as another process would (a sweep skips
+    /// this process's live ones), taking locks itself.
     #[test]
     fn sweeping_never_takes_a_directory_being_made() {
         let tmp = tempfile::tempdir().unwrap();
@@ -356,7 +393,8 @@ mod tests {
                 }
                 (taken, unlocked)
             });
-            // The real sweep beside it must remove nothing of this process's.
+            // The real sweep beside it must remove nothing of this process's (its set says
+            // which are live).
             let real = scope.spawn(|| {
                 let mut removed = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
