@@ -356,11 +356,14 @@ fn restore_into(
     std::fs::hard_link(&tmp, output)
         .with_context(|| format!("moving the restored database to {}", output.display()))?;
     if dir_sync == DirSync::Now {
-        if let Some(dir) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-            File::open(dir)
-                .and_then(|dir| dir.sync_all())
-                .with_context(|| format!("syncing the directory {}", dir.display()))?;
-        }
+        // A bare file name's directory is the working directory.
+        let dir = output
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("syncing the directory {}", dir.display()))?;
     }
     Ok(header.commit)
 }
