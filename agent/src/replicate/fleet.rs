@@ -22,13 +22,16 @@
 //! Anything else there is a failure, left as it is.
 //!
 //! Directories are synced once, not once per database: each restore syncs its file before
-//! linking it, and the directories it linked into or created are synced together before
-//! [`restore_all`] returns (a restore of 2,000 databases into a few directories made 2,000
-//! directory fsyncs, which the file system's journal serialises). A crash before then may
-//! lose names, never leave part of a database; a rerun restores what is missing.
+//! linking it, and every directory from its output's up to the output root (and above the
+//! root, those it may create) is synced once, on the jobs' threads, before [`restore_all`]
+//! returns (a restore of 2,000 databases into a few directories made 2,000 directory fsyncs,
+//! which the file system's journal serialises). A crash before then may lose names, never
+//! leave part of a database; a rerun restores what is missing and syncs again the
+//! directories of what it finds restored.
 
 use std::collections::BTreeSet;
 use std::fs::File;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -212,14 +215,11 @@ fn restore_database(
     if exists(output) {
         return verify_existing(client.as_ref(), &files, options.target, output);
     }
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(parent)
-            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(parent)
+        .map_err(|e| format!("creating {}: {e}", parent.display()))?;
     let restored = restore::restore_listed(
         client.as_ref(),
         &files,

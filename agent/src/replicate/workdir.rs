@@ -14,7 +14,7 @@
 //! process with the same pid left (a container runs its commands with the same pids) is
 //! swept like any other. The random part keeps names apart across pid namespaces.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -39,14 +39,14 @@ static WORK_DIRS: AtomicU64 = AtomicU64::new(0);
 
 /// The paths of this process's work directories from before their lock is made until after
 /// they are removed: a sweep in this process leaves them alone.
-static OURS: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+static OURS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
-fn ours() -> std::sync::MutexGuard<'static, Option<HashSet<PathBuf>>> {
+fn ours() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
     OURS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn is_ours(path: &Path) -> bool {
-    ours().as_ref().is_some_and(|set| set.contains(path))
+    ours().contains(path)
 }
 
 /// A work directory of this process, removed when dropped.
@@ -98,10 +98,10 @@ impl WorkDir {
     }
 
     fn create_at(path: PathBuf) -> io::Result<WorkDir> {
-        ours().get_or_insert_with(HashSet::new).insert(path.clone());
+        ours().insert(path.clone());
         let made = Self::make(path.clone());
         if made.is_err() {
-            ours().get_or_insert_with(HashSet::new).remove(&path);
+            ours().remove(&path);
         }
         made
     }
@@ -147,7 +147,7 @@ impl Drop for WorkDir {
         if fs::remove_dir_all(&self.path).is_ok() {
             let _ = fs::remove_file(&self.lock_path);
         }
-        ours().get_or_insert_with(HashSet::new).remove(&self.path);
+        ours().remove(&self.path);
     }
 }
 
@@ -157,8 +157,8 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Renames `from` to `to` unless `to` exists (`AlreadyExists` then): a lock a sweeper holds
-/// for a dead process of the same pid must not be replaced.
+/// Renames `from` to `to` unless `to` exists (`AlreadyExists` then): a lock already at that
+/// name (a dead namesake's, which a sweeper may hold) must not be replaced.
 fn rename_new(from: &Path, to: &Path) -> io::Result<()> {
     fs::hard_link(from, to)?;
     fs::remove_file(from)
@@ -176,11 +176,10 @@ fn flock(file: &File, how: libc::c_int) -> io::Result<()> {
 /// [`sweep`] on `parent` unless this process has swept it already: `restore --all` restores
 /// many databases into one directory, and one look per directory is enough.
 fn sweep_once(parent: &Path, prefix: &str) {
-    static SWEPT: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+    static SWEPT: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
     let first = SWEPT
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get_or_insert_with(HashSet::new)
         .insert(parent.join(prefix));
     if first {
         sweep(parent, prefix);
@@ -189,8 +188,7 @@ fn sweep_once(parent: &Path, prefix: &str) {
 
 /// The lock file at `path`, locked, when no process holds it and `path` still names the
 /// file that was locked: a lock opened just before its owner removed it, and taken just
-/// after, is another file than one a new process (with the same pid and number) has made at
-/// that name since.
+/// after, is another file than one made at that name since.
 fn take_if_unheld(path: &Path) -> Option<File> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     // Open for writing: NFS takes an exclusive `flock` as a POSIX write lock, which needs it.
@@ -227,20 +225,20 @@ fn sweep(parent: &Path, prefix: &str) -> usize {
             continue;
         };
         let path = entry.path();
-        let dir = [LOCK_NEW, LOCK]
-            .iter()
-            .find_map(|suffix| name.strip_suffix(suffix))
-            .map_or_else(|| path.clone(), |dir| parent.join(dir));
+        // The work directory the entry is, or whose lock (made or being made) it is.
+        let (dir, suffix) = [LOCK_NEW, LOCK]
+            .into_iter()
+            .find_map(|suffix| Some((parent.join(name.strip_suffix(suffix)?), Some(suffix))))
+            .unwrap_or_else(|| (path.clone(), None));
         if is_ours(&dir) {
             continue;
         }
-        if let Some(dir) = name.strip_suffix(LOCK) {
+        if suffix == Some(LOCK) {
             // Taken: its holder is gone. Kept until both are removed, so no other sweeper
             // takes it meanwhile.
             let Some(_lock) = take_if_unheld(&path) else {
                 continue;
             };
-            let dir = parent.join(dir);
             let gone = match fs::remove_dir_all(&dir) {
                 Ok(()) => {
                     tracing::info!(dir = %dir.display(), "removed a work directory left by a process that died");
@@ -252,7 +250,7 @@ fn sweep(parent: &Path, prefix: &str) -> usize {
             if gone {
                 let _ = fs::remove_file(&path);
             }
-        } else if name.ends_with(LOCK_NEW) {
+        } else if suffix == Some(LOCK_NEW) {
             // Not held: its maker died before holding it, or is about to hold it and, when it
             // finds it gone or taken, tries the next name (`WorkDir::create`).
             if take_if_unheld(&path).is_some() {
@@ -341,7 +339,7 @@ mod tests {
         let live = tmp.path().join(format!(".multidb-pid-{pid}-7-00000000"));
         fs::create_dir(&live).unwrap();
         fs::write(with_suffix(&live, LOCK), b"").unwrap();
-        ours().get_or_insert_with(HashSet::new).insert(live.clone());
+        ours().insert(live.clone());
         // Left by a dead process with this pid.
         let namesake = tmp.path().join(format!(".multidb-pid-{pid}-7-11111111"));
         fs::create_dir(&namesake).unwrap();
@@ -352,7 +350,7 @@ mod tests {
         assert!(live.exists() && with_suffix(&live, LOCK).exists());
         assert!(!namesake.exists() && !with_suffix(&namesake, LOCK).exists());
         assert!(!with_suffix(&never_held, LOCK_NEW).exists());
-        ours().get_or_insert_with(HashSet::new).remove(&live);
+        ours().remove(&live);
         // Made and dropped: in the set only while it lives; two in a row differ.
         let (a, b) = (
             WorkDir::create(tmp.path(), "pid").unwrap(),
